@@ -1,0 +1,87 @@
+"""train: fit the teacher CNN into models/teacher.pt, tracked as an MLflow run.
+
+Run: ``dvc repro train`` (or ``python -m flows.train``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.prefect_api import stage_main
+from tasks import tracking
+from tasks import train as t
+from tasks.engine import EpochRecord, FitResult
+from tasks.layout import TEACHER, curve_path, metrics_path
+from tasks.params import AugmentParams, FitParams, MlflowParams, TrainParams, load_params
+
+
+def tracked_fit(
+    fit_model: Callable[[Callable[[EpochRecord], None]], FitResult],
+    *,
+    stage: str,
+    variant: str,
+    data: t.TrainingData,
+    params: FitParams,
+    run_params: dict[str, Any],
+    experiment: str,
+    outputs: tuple[Path, Path, Path],
+) -> dict[str, Any]:
+    """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics."""
+    logger = get_run_logger()
+    checkpoint, metrics, curve = outputs
+    with tracking.start_run(
+        experiment, stage, stage=stage, variant=variant, params=run_params
+    ) as run:
+        run_id = run.info.run_id
+
+        def on_epoch(record: EpochRecord) -> None:
+            tracking.log_epoch(run_id, record)
+            logger.info(t.describe_epoch(record, params.epochs))
+
+        result = fit_model(on_epoch)
+        summary = t.write_model(
+            result, data, params, run_params, checkpoint, metrics, curve, run_id
+        )
+        tracking.log_results(run_id, summary, [checkpoint, curve])
+    logger.info(
+        "%s: best epoch %s of %s, val f1_macro %.4f, %s params",
+        stage, summary["best_epoch"], summary["epochs_run"], summary["val_f1_macro"],
+        summary["params"],
+    )  # fmt: skip
+    return summary
+
+
+@flow(name="train")
+def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: MlflowParams) -> dict:
+    data = t.load_training_data()
+    return tracked_fit(
+        lambda on_epoch: t.fit_teacher(data, train, augment, seed, on_epoch),
+        stage="train",
+        variant="teacher",
+        data=data,
+        params=train,
+        run_params={"seed": seed, **train.flat("train"), **augment.flat("augment")},
+        experiment=mlflow.experiment,
+        outputs=(TEACHER, metrics_path("train"), curve_path("train")),
+    )
+
+
+def main() -> None:
+    def build():
+        p = load_params()
+        return train_flow, {
+            "seed": p.seed,
+            "train": p.train,
+            "augment": p.augment,
+            "mlflow": p.mlflow,
+        }
+
+    stage_main(build)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Self-describing checkpoints: weights plus everything needed to rebuild and use them.
+
+A checkpoint embeds the architecture, class names, the train-split
+normalisation statistics, the params it was trained with and the MLflow run
+that tracked it, so a ``.pt`` file found on its own still says what it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.artifacts import atomic_path
+from tasks.datasets import ChannelStats
+from tasks.models import build_model
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model_name: str
+    width: int
+    dropout: float
+    in_channels: int
+    image_size: int
+    classes: tuple[str, ...]
+    stats: ChannelStats
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    mlflow_run_id: str | None = None
+
+    def build(self) -> nn.Module:
+        """The network with these weights, in eval mode."""
+        model = build_model(
+            self.model_name, self.in_channels, len(self.classes), self.width, self.dropout
+        )
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    payload = asdict(checkpoint)
+    payload["classes"] = list(checkpoint.classes)
+    payload["stats"] = {"mean": list(checkpoint.stats.mean), "std": list(checkpoint.stats.std)}
+    payload["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    # weights_only: a checkpoint is data, never code to execute.
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["classes"] = tuple(payload["classes"])
+    stats = payload["stats"]
+    payload["stats"] = ChannelStats(mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+    return Checkpoint(**payload)

@@ -1,0 +1,22 @@
+"""Every path dvc.yaml declares, in one place (tests/test_dvc_yaml.py keeps the two in step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREPARED_DIR = Path("data/prepared")
+RESAMPLED_DIR = Path("data/resampled")
+TEACHER = Path("models/teacher.pt")
+STUDENT = Path("models/student.pt")
+STUDENT_FP32_ONNX = Path("models/student.onnx")
+STUDENT_INT8 = Path("models/student_int8.onnx")
+DATA_QUALITY = Path("reports/data_quality.json")
+CONFUSION_DIR = Path("reports/confusion")
+
+
+def metrics_path(stage: str) -> Path:
+    return Path("metrics") / f"{stage}.json"
+
+
+def curve_path(stage: str) -> Path:
+    return Path("plots") / f"{stage}_curve.csv"

@@ -1,0 +1,112 @@
+"""The networks, in plain PyTorch (no torchvision here; see ENVIRONMENT.md).
+
+``build_model(name, ...)`` picks one from ``MODELS``; the teacher defaults to
+``resnet`` and the student to ``cnn`` in params.yaml. Both end in global
+average pooling, so any ``data.image_size`` works without changing the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    # No conv bias: the BatchNorm shift that follows makes it redundant.
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) skip.
+
+    He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn_relu(cin, cout, stride),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.skip(x))
+
+
+class Classifier(nn.Module):
+    """features -> global average pool -> dropout -> linear."""
+
+    def __init__(self, features: nn.Module, channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes)
+        )
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+def resnet(in_channels: int, num_classes: int, width: int, dropout: float) -> Classifier:
+    """A small ResNet: stem, then three residual stages at width, 2x and 4x (stride 2 each)."""
+    features = nn.Sequential(
+        conv_bn_relu(in_channels, width),
+        BasicBlock(width, width),
+        BasicBlock(width, 2 * width, stride=2),
+        BasicBlock(2 * width, 4 * width, stride=2),
+    )
+    return Classifier(features, 4 * width, num_classes, dropout)
+
+
+def cnn(in_channels: int, num_classes: int, width: int, dropout: float) -> Classifier:
+    """A plain conv-BN-ReLU stack (width, 2x, 4x; two stride-2 steps): the default student."""
+    features = nn.Sequential(
+        conv_bn_relu(in_channels, width),
+        conv_bn_relu(width, 2 * width, stride=2),
+        conv_bn_relu(2 * width, 4 * width, stride=2),
+    )
+    return Classifier(features, 4 * width, num_classes, dropout)
+
+
+MODELS: dict[str, Callable[[int, int, int, float], Classifier]] = {"resnet": resnet, "cnn": cnn}
+
+
+def build_model(
+    name: str, in_channels: int, num_classes: int, width: int, dropout: float
+) -> Classifier:
+    """The network ``name`` (a key of MODELS), freshly initialised."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
+    return MODELS[name](in_channels, num_classes, width, dropout)
+
+
+def init_weights(model: nn.Module) -> None:
+    """He (Kaiming) init for convs feeding ReLUs, BN as identity, small linear heads."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+            nn.init.zeros_(module.bias)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

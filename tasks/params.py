@@ -1,0 +1,182 @@
+"""The typed, validated view of ``params.yaml``.
+
+``load_params()`` reads the file once and validates *every* section, so a typo
+anywhere fails at the first stage that runs, not after an hour of training.
+Each stage then hands its tasks only the sections it declares in ``dvc.yaml``.
+Errors name the dotted key and, for choices, the valid names::
+
+    ParamsError: params.yaml is invalid:
+      resample.strategy: Input should be 'none', 'random_over', 'random_under' or 'smote'
+      (got 'smtoe')
+
+There are no defaults here on purpose: ``params.yaml`` is the only place a
+number lives. The choice lists below are the keys of the factories in
+``tasks/`` (a test keeps them in step); they live here so that validating
+params never imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_SOURCES = ("digits", "fashion-mnist")
+SamplerName = Literal["none", "random_over", "random_under", "smote"]
+ModelName = Literal["resnet", "cnn"]
+ScheduleName = Literal["onecycle", "cosine"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+CalibrationName = Literal["minmax", "percentile", "entropy"]
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Probability = Fraction
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or holds a bad value."""
+
+
+class Section(BaseModel):
+    """A frozen section of params.yaml that rejects unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def flat(self, prefix: str) -> dict[str, Any]:
+        """``{"train.lr": 0.003, ...}``: the form MLflow params and checkpoints use."""
+        return {f"{prefix}.{key}": value for key, value in self.model_dump(mode="json").items()}
+
+
+class DataParams(Section):
+    source: str
+    fashion_mnist_dir: Path
+    image_size: int = Field(ge=4, le=1024)
+    channels: Literal[1, 3]
+    val_fraction: float = Field(gt=0.0, lt=0.5)
+    test_fraction: float = Field(gt=0.0, lt=0.5)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in BUILTIN_SOURCES or Path(value).is_dir():
+            return value
+        raise ValueError(
+            f"must be one of {', '.join(BUILTIN_SOURCES)} or an existing ImageFolder "
+            "directory (one sub-folder per class)"
+        )
+
+
+class ResampleParams(Section):
+    strategy: SamplerName
+    sampling_strategy: str | float
+    k_neighbors: int = Field(ge=1)
+
+
+class AugmentParams(Section):
+    hflip_p: Probability
+    affine_p: Probability
+    rotate_deg: float = Field(ge=0.0, le=180.0)
+    translate_frac: float = Field(ge=0.0, le=0.5)
+    scale_min: float = Field(gt=0.0)
+    scale_max: float = Field(gt=0.0)
+    brightness_contrast_p: Probability
+    brightness_limit: Fraction
+    contrast_limit: Fraction
+    noise_p: Probability
+    noise_std: Fraction
+    dropout_p: Probability
+    dropout_holes: int = Field(ge=1)
+    dropout_size_frac: float = Field(gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered_scale(self) -> AugmentParams:
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must not exceed scale_max")
+        return self
+
+
+class FitParams(Section):
+    """What a supervised fit needs; the teacher and the student both have it."""
+
+    model: ModelName
+    width: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    schedule: ScheduleName
+    label_smoothing: float = Field(ge=0.0, lt=1.0)
+    grad_clip: float = Field(ge=0.0)  # 0 turns clipping off
+    patience: int = Field(ge=1)
+    num_workers: int = Field(ge=0)
+    device: DeviceName
+    deterministic: bool
+
+
+class TrainParams(FitParams):
+    pass
+
+
+class DistillParams(FitParams):
+    temperature: float = Field(gt=0.0)
+    alpha: float = Field(ge=0.0, le=1.0)
+
+
+class QuantizeParams(Section):
+    calibration_size: int = Field(ge=1)
+    calibration_method: CalibrationName
+    per_channel: bool
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1)
+    num_threads: int = Field(ge=1)
+    latency_warmup: int = Field(ge=0)
+    latency_repeats: int = Field(ge=1)
+
+
+class MlflowParams(Section):
+    experiment: str = Field(min_length=1)
+
+
+class Params(Section):
+    seed: int = Field(ge=0)
+    data: DataParams
+    resample: ResampleParams
+    augment: AugmentParams
+    train: TrainParams
+    distill: DistillParams
+    quantize: QuantizeParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{key}: missing (every key must be set in params.yaml)"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def parse_params(raw: Any, origin: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise ParamsError naming every bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        details = "\n  ".join(_describe(error) for error in exc.errors())
+        raise ParamsError(f"{origin} is invalid:\n  {details}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (the only place the pipeline reads it)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found: run from the repository root") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, origin=str(path))

@@ -1,0 +1,255 @@
+"""Quantize stage: int8 post-training static quantization of the student, as ONNX.
+
+Run with ``dvc repro quantize`` (or ``python -m flows.quantize``). Reads
+``seed`` and ``quantize``; needs ``models/student.pt`` and the prepared data.
+Writes ``models/student.onnx`` (fp32 reference export),
+``models/student_int8.onnx`` (the deployable int8 model) and
+``metrics/quantize.json``.
+
+Why ONNX Runtime rather than ``torch.ao.quantization``: the latter is
+deprecated upstream (its PT2E successor lives in torchao), whereas ONNX with
+QuantizeLinear/DequantizeLinear (QDQ) nodes is a standard, versioned format
+that any ONNX Runtime (server, mobile, browser) runs with integer kernels. It
+was also the fastest int8 path measured on these machines (ENVIRONMENT.md).
+
+Steps: export the fp32 student with the dynamo exporter (BatchNorm folds
+into the convs), let ORT's pre-processing run shape inference and graph
+optimisation, calibrate activation ranges on ``quantize.calibration_size``
+train images (normalised exactly as at inference), then write int8 weights
+(per-channel when ``quantize.per_channel``) and int8 activations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from sklearn.metrics import f1_score
+from torch import nn
+
+from tasks.artifacts import atomic_path, write_json
+from tasks.checkpoints import Checkpoint, load_checkpoint
+from tasks.datasets import Split
+from tasks.orchestration import stage_task
+from tasks.params import QuantizeParams
+from tasks.transforms import normalise
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+
+
+def model_metadata(checkpoint: Checkpoint, **extra: object) -> dict[str, str]:
+    """What an ONNX file needs to describe itself: classes, preprocessing, params."""
+    return {
+        "classes": json.dumps(list(checkpoint.classes)),
+        "mean": json.dumps(list(checkpoint.stats.mean)),
+        "std": json.dumps(list(checkpoint.stats.std)),
+        "image_size": str(checkpoint.image_size),
+        "channels": str(checkpoint.in_channels),
+        "params": json.dumps(checkpoint.params),
+        **{key: json.dumps(value) for key, value in extra.items()},
+    }
+
+
+def _finalise(path: Path, metadata: dict[str, str]) -> None:
+    """Set the model's own metadata and drop the exporter's per-node debug info.
+
+    The dynamo exporter records a stack trace and FX names on every node
+    (over 1 KB each): useful when debugging an export, pure weight in a
+    deployable file, and enough to swamp the int8 savings of a small model.
+    """
+    model = onnx.load(path)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+
+
+def export_onnx(
+    model: nn.Module, input_shape: tuple[int, int, int], path: Path, metadata: dict[str, str]
+) -> Path:
+    """Export ``model`` (eval mode) to one self-contained ONNX file with a dynamic batch."""
+    sample = torch.zeros(2, *input_shape)
+    # The exporter warns about torchvision ops it cannot register; none are used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            model.eval(),
+            (sample,),
+            tmp,
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+        _finalise(tmp, metadata)
+    return path
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """Feeds normalised images to ORT's calibrator in batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 64) -> None:
+        self.images = images
+        self.batch_size = batch_size
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.images):
+            return None
+        batch = self.images[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_onnx(
+    fp32_path: Path, int8_path: Path, calibration: np.ndarray, params: QuantizeParams
+) -> Path:
+    """Static int8 quantization (QDQ; int8 weights and activations) calibrated on images."""
+    metadata = {p.key: p.value for p in onnx.load(fp32_path).metadata_props}
+    with tempfile.TemporaryDirectory() as scratch, atomic_path(int8_path) as tmp:
+        prepared = Path(scratch) / "preprocessed.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(tmp),
+            ArrayCalibrationReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=params.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[params.calibration_method],
+        )
+        _finalise(tmp, {**metadata, "quantization": json.dumps(params.model_dump())})
+    return int8_path
+
+
+def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with a fixed thread count (so latencies compare across variants)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate(
+        [
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+    model.eval()
+    return np.concatenate(
+        [
+            model(torch.from_numpy(images[i : i + batch_size])).numpy()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+@stage_task(name="load-student")
+def load_student(path: Path) -> Checkpoint:
+    return load_checkpoint(path)
+
+
+@stage_task(name="calibration-set")
+def calibration_set(train: Split, checkpoint: Checkpoint, size: int, seed: int) -> np.ndarray:
+    """``size`` train images drawn without replacement, normalised as at inference."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(train), size=min(size, len(train)), replace=False))
+    return normalise(train.images[rows], checkpoint.stats)
+
+
+@stage_task(name="export-onnx")
+def export_student(checkpoint: Checkpoint, path: Path) -> Path:
+    shape = (checkpoint.in_channels, checkpoint.image_size, checkpoint.image_size)
+    return export_onnx(checkpoint.build(), shape, path, model_metadata(checkpoint))
+
+
+@stage_task(name="quantize-int8")
+def quantize(
+    fp32_path: Path, int8_path: Path, calibration: np.ndarray, params: QuantizeParams
+) -> Path:
+    return quantize_onnx(fp32_path, int8_path, calibration, params)
+
+
+@dataclass(frozen=True)
+class QuantizationCheck:
+    """How the int8 model compares with the fp32 student on the validation split."""
+
+    val_f1_macro_fp32: float
+    val_f1_macro_int8: float
+    top1_agreement: float
+    max_abs_logit_diff: float
+
+
+@stage_task(name="check-int8")
+def check_int8(checkpoint: Checkpoint, int8_path: Path, val: Split) -> QuantizationCheck:
+    images = normalise(val.images, checkpoint.stats)
+    fp32 = torch_logits(checkpoint.build(), images, batch_size=256)
+    int8 = onnx_logits(onnx_session(int8_path, threads=1), images, batch_size=256)
+    return QuantizationCheck(
+        val_f1_macro_fp32=float(f1_score(val.labels, fp32.argmax(1), average="macro")),
+        val_f1_macro_int8=float(f1_score(val.labels, int8.argmax(1), average="macro")),
+        top1_agreement=float((fp32.argmax(1) == int8.argmax(1)).mean()),
+        max_abs_logit_diff=float(np.abs(fp32 - int8).max()),
+    )
+
+
+@stage_task(name="write-quantize-metrics")
+def write_metrics(
+    path: Path, student_path: Path, fp32_path: Path, int8_path: Path,
+    check: QuantizationCheck, params: QuantizeParams,
+) -> dict:  # fmt: skip
+    fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    metrics = {
+        "student_pt_bytes": student_path.stat().st_size,
+        "fp32_onnx_bytes": fp32_bytes,
+        "int8_onnx_bytes": int8_bytes,
+        "size_ratio": round(int8_bytes / fp32_bytes, 4),
+        "val_f1_macro_fp32": check.val_f1_macro_fp32,
+        "val_f1_macro_int8": check.val_f1_macro_int8,
+        "val_f1_drop": check.val_f1_macro_fp32 - check.val_f1_macro_int8,
+        "top1_agreement": check.top1_agreement,
+        "max_abs_logit_diff": check.max_abs_logit_diff,
+        "calibration_size": params.calibration_size,
+        "calibration_method": params.calibration_method,
+        "per_channel": params.per_channel,
+    }
+    write_json(path, metrics)
+    return metrics

@@ -1,0 +1,140 @@
+"""MLflow tracking: where runs go and what every run carries.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set (a team's tracking server), else
+``sqlite:///mlflow.db`` at the repository root with artifacts in ``mlruns/``.
+Every run is tagged with ``stage``, ``variant``, the git commit and the hash of
+the prepared data recorded in ``dvc.lock``, so any number in the MLflow UI
+leads back to the code and data that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric
+
+if TYPE_CHECKING:
+    from tasks.engine import EpochRecord
+
+ROOT = Path.cwd()
+
+
+def tracking_uri(root: Path = ROOT) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def use_experiment(name: str, root: Path = ROOT) -> str:
+    """Point MLflow at the tracking URI and experiment ``name``; return its id."""
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local database keeps its artifacts beside it, not wherever the cwd is.
+    location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        location = (root / "mlruns").resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """HEAD's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True
+        ).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def data_hash(lock_path: Path = ROOT / "dvc.lock", out: str = "data/prepared") -> str:
+    """The md5 DVC recorded for the prepared data (``unknown`` before a first ``dvc repro``)."""
+    try:
+        lock = yaml.safe_load(Path(lock_path).read_text()) or {}
+    except FileNotFoundError:
+        return "unknown"
+    for entry in lock.get("stages", {}).get("prepare", {}).get("outs", []):
+        if entry.get("path") == out:
+            return str(entry.get("md5", "unknown"))
+    return "unknown"
+
+
+@contextmanager
+def start_run(
+    experiment: str,
+    run_name: str,
+    *,
+    stage: str,
+    variant: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run carrying the stage, variant, params, git commit and data hash."""
+    experiment_id = use_experiment(experiment)
+    all_tags = {
+        "stage": stage,
+        "variant": variant,
+        "git_commit": git_commit(),
+        "data_hash": data_hash(),
+        **(tags or {}),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
+        mlflow.log_params({key: str(value) for key, value in params.items()})
+        yield run
+
+
+def log_epoch(run_id: str, record: EpochRecord) -> None:
+    """Training curves: every field of the epoch record, stepped by epoch, in one batch."""
+    values = asdict(record)
+    epoch = values.pop("epoch")
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(
+        run_id, metrics=[Metric(key, float(v), now, epoch) for key, v in values.items()]
+    )
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) metrics dict, keys joined with dots, as MLflow wants."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(scalar_metrics(value, prefix=f"{name}."))
+        elif isinstance(value, int | float):  # bool included
+            flat[name] = float(value)
+    return {_metric_key(k): v for k, v in flat.items()}
+
+
+def _metric_key(name: str) -> str:
+    # MLflow keys allow letters, digits, _ - . / and spaces; class names may hold anything.
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def log_results(
+    run_id: str, metrics: Mapping[str, Any], artifacts: list[Path], artifact_path: str | None = None
+) -> None:
+    """Log the numeric metrics and the given files to an existing run."""
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id, metrics=[Metric(k, v, now, 0) for k, v in scalar_metrics(metrics).items()]
+    )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
