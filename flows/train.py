@@ -49,7 +49,7 @@ def tracked_fit(
         tracking.log_results(run_id, summary, [checkpoint, curve])
     logger.info(
         "%s: best epoch %s of %s, val f1_macro %.4f, %s params",
-        stage, summary["best_epoch"], summary["epochs_run"], summary["val_f1_macro"],
+        stage, summary["best_epoch"], summary["epochs_run"], summary["best_val_f1_macro"],
         summary["params"],
     )  # fmt: skip
     return summary

@@ -50,14 +50,19 @@ def use_experiment(name: str, root: Path = ROOT) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+# What `dvc repro` itself rewrites while it runs; changes there do not make a run "dirty".
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")
+
+
 def git_commit(root: Path = ROOT) -> str:
-    """HEAD's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """HEAD's commit, ``-dirty`` when code or params differ from it; ``unknown`` outside git."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
+        excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
         dirty = subprocess.run(
-            ["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True
+            ["git", "diff", "--quiet", "HEAD", "--", ".", *excluded], cwd=root, capture_output=True
         ).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

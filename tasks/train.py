@@ -96,8 +96,8 @@ def fit_teacher(
 def fit_summary(result: FitResult) -> dict[str, float | int | bool]:
     """The numbers metrics/<stage>.json and the checkpoint carry about a fit."""
     return {
-        "val_f1_macro": result.best_val_f1_macro,
-        "val_loss": result.best_val_loss,
+        "best_val_f1_macro": result.best_val_f1_macro,
+        "best_val_loss": result.best_val_loss,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,

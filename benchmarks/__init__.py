@@ -1,0 +1,1 @@
+"""Reproducible measurements; the README's tables quote benchmarks/results/*.json."""

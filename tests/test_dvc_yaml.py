@@ -1,0 +1,107 @@
+"""dvc.yaml is the contract other tools rely on: exact code deps, params keys, declared outputs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import layout
+from tasks.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
+# How a stage reaches Prefect cannot change an output, so these are deliberately not deps.
+NOT_DEPS = {
+    "flows/__init__.py",
+    "tasks/__init__.py",
+    "flows/prefect_api.py",
+    "tasks/orchestration.py",
+}
+
+
+def _module_file(name: str) -> Path | None:
+    """The project file for a dotted module name, None for anything outside flows/ and tasks/."""
+    parts = name.split(".")
+    if parts[0] not in ("flows", "tasks"):
+        return None
+    candidate = ROOT.joinpath(*parts).with_suffix(".py")
+    return candidate if candidate.is_file() else ROOT.joinpath(*parts, "__init__.py")
+
+
+def _project_modules_imported_by(module: str) -> set[str]:
+    """Project files ``module`` imports, transitively, read from the import statements.
+
+    Static analysis is exact here because the project has no dynamic imports,
+    and it costs milliseconds where importing torch/mlflow/prefect costs seconds.
+    """
+    seen: set[Path] = set()
+    pending = [_module_file(module)]
+    while pending:
+        path = pending.pop()
+        if path is None or path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` never run, so they are not deps.
+        type_only = {
+            id(child)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for child in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.Import):
+                pending += [_module_file(alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                pending.append(_module_file(node.module))
+                # `from tasks import train` imports the submodule tasks.train
+                pending += [_module_file(f"{node.module}.{alias.name}") for alias in node.names]
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def test_every_stage_runs_its_prefect_flow():
+    assert tuple(DVC["stages"]) == STAGES
+    for name, stage in DVC["stages"].items():
+        assert stage["cmd"] == f"python -m flows.{name}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_exactly_the_modules_the_flow_imports(stage):
+    declared = {d for d in DVC["stages"][stage]["deps"] if d.endswith(".py")}
+    imported = _project_modules_imported_by(f"flows.{stage}") - NOT_DEPS
+    assert declared == imported
+
+
+def test_params_keys_exist_in_params_yaml():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage in DVC["stages"].values():
+        for key in stage["params"]:
+            node = raw
+            for part in key.split("."):
+                assert part in node, f"{key} is not in params.yaml"
+                node = node[part]
+
+
+def test_declared_outputs_match_the_code_layout():
+    outs = set()
+    for stage in DVC["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                outs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    expected = {
+        layout.PREPARED_DIR, layout.RESAMPLED_DIR, layout.TEACHER, layout.STUDENT,
+        layout.STUDENT_FP32_ONNX, layout.STUDENT_INT8, layout.DATA_QUALITY, layout.CONFUSION_DIR,
+        *(layout.metrics_path(s) for s in STAGES),
+        layout.curve_path("train"), layout.curve_path("distill"),
+    }  # fmt: skip
+    assert {Path(o) for o in outs} == expected
+
+
+def test_the_committed_params_validate():
+    load_params(ROOT / "params.yaml")

@@ -1,0 +1,205 @@
+"""End to end: `dvc repro` on tiny params in a fresh copy of the repository.
+
+Starts a real local Prefect server (the same code path a user's first
+``dvc repro`` takes), runs the whole pipeline, and checks the outputs, the
+MLflow runs, DVC's no-op on a second run, and that a distill param re-runs
+only distill, quantize and evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from flows.prefect_api import local_server_url, start_local_server, stop_local_server
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("teacher", "student", "student_int8")
+CONTRACT_KEYS = (
+    "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
+    "balanced_accuracy", "params", "size_bytes", "latency_ms_b1",
+)  # fmt: skip
+TINY = {
+    "data": {"image_size": 8},
+    "augment": {"affine_p": 0.5},
+    "train": {"width": 8, "epochs": 3, "patience": 2},
+    "distill": {"width": 4, "epochs": 3, "patience": 2},
+    "quantize": {"calibration_size": 64},
+    "evaluate": {"latency_warmup": 1, "latency_repeats": 5},
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real local Prefect server, started the way a stage starts one, stopped afterwards."""
+    state = tmp_path_factory.mktemp("prefect-state")
+    url = start_local_server(state)
+    yield url, state
+    assert stop_local_server(state)
+    assert local_server_url(state) is None
+
+
+def _copy_repo(dest: Path) -> None:
+    """What a fresh clone would hold: tracked files plus new, not-ignored ones."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=repo, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def _set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _dvc(repo: Path, env: dict, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_api):
+    """The tiny pipeline, run once for the module: (repo, env, first dvc repro output)."""
+    url, state = prefect_api
+    repo = tmp_path_factory.mktemp("repo")
+    _copy_repo(repo)
+    _set_params(repo, TINY)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tiny params")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "PREFECT_", "VISIONPIPE_"))
+    }
+    # `python -m flows.<stage>` must find this interpreter, as an activated venv would.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PREFECT_API_URL"] = url
+    env["VISIONPIPE_HOME"] = str(state)
+    return repo, env, _dvc(repo, env, "repro")
+
+
+def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
+    repo, _, output = pipeline
+    assert _ran(output) == ["prepare", "resample", "train", "distill", "quantize", "evaluate"]
+
+    results = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(results) == set(VARIANTS)
+    for variant, metrics in results.items():
+        for key in CONTRACT_KEYS:
+            assert isinstance(metrics[key], int | float) and math.isfinite(metrics[key]), key
+        assert 0.0 <= metrics["f1_macro"] <= 1.0
+        assert metrics["latency_ms_b1"] > 0
+        assert len(metrics["f1_per_class"]) == 10
+        assert (repo / f"reports/confusion/{variant}.png").read_bytes()[:4] == b"\x89PNG"
+        rows = (repo / f"reports/confusion/{variant}.csv").read_text().splitlines()
+        assert rows[0] == "actual,predicted"
+        assert len(rows) - 1 == json.loads((repo / "metrics/prepare.json").read_text())["test_size"]
+
+    assert (
+        results["student_int8"]["size_bytes"] == (repo / "models/student_int8.onnx").stat().st_size
+    )
+    assert results["student"]["params"] < results["teacher"]["params"]
+    assert results["student_int8"]["params"] == results["student"]["params"]
+    assert results["student_int8"]["size_bytes"] < results["student"]["size_bytes"]
+
+
+def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
+    repo, _, _ = pipeline
+    results = json.loads((repo / "metrics/evaluate.json").read_text())
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    data_md5 = next(
+        o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"
+    )
+    commit = _git(repo, "rev-parse", "HEAD")
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["visionpipe"], output_format="list")
+    evaluations = {r.data.tags["variant"]: r for r in runs if r.data.tags["stage"] == "evaluate"}
+    assert set(evaluations) == set(VARIANTS)
+    client = mlflow.MlflowClient()
+    for variant, run in evaluations.items():
+        assert run.info.run_name == variant
+        for key in CONTRACT_KEYS:
+            assert run.data.metrics[key] == pytest.approx(results[variant][key])
+        assert run.data.tags["data_hash"] == data_md5
+        assert run.data.tags["git_commit"] == commit
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert f"{variant}.png" in artifacts
+        assert run.data.params  # the variant's own training params
+
+    fits = {r.data.tags["stage"]: r for r in runs if r.data.tags["stage"] in ("train", "distill")}
+    assert set(fits) == {"train", "distill"}
+    for stage, run in fits.items():
+        history = client.get_metric_history(run.info.run_id, "val_f1_macro")
+        epochs_run = json.loads((repo / f"metrics/{stage}.json").read_text())["epochs_run"]
+        assert [m.step for m in history] == list(range(1, epochs_run + 1))
+    assert fits["train"].data.params["train.width"] == "8"
+
+
+def test_second_repro_is_a_no_op_and_distill_params_rerun_only_downstream(pipeline):
+    repo, env, _ = pipeline
+    assert _ran(_dvc(repo, env, "repro")) == []
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["distill"]["alpha"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_dvc(repo, env, "repro")) == ["distill", "quantize", "evaluate"]
+    assert "up to date" in _dvc(repo, env, "status").lower()
+
+
+def test_the_local_prefect_server_is_reused_not_restarted(prefect_api):
+    url, state = prefect_api
+    assert start_local_server(state) == url
+
+
+def test_a_bad_param_fails_fast_naming_the_key(pipeline):
+    repo, env, _ = pipeline
+    path = repo / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["resample"]["strategy"] = "smtoe"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.prepare"], cwd=repo, env=env, capture_output=True,
+            text=True,
+        )  # fmt: skip
+    finally:
+        path.write_text(original)
+    assert result.returncode == 2
+    assert "resample.strategy" in result.stderr and "random_over" in result.stderr

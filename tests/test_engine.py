@@ -1,0 +1,274 @@
+"""Transforms and the training engine on 8x8 grayscale images, on the CPU."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tasks.datasets import ChannelStats, PreparedData, Split
+from tasks.engine import (
+    FitResult,
+    Objective,
+    cross_entropy_objective,
+    fit,
+    make_loader,
+    predict_logits,
+    select_device,
+)
+from tasks.models import build_model
+from tasks.params import AugmentParams, Params, TrainParams
+from tasks.transforms import build_augment, normalise
+
+CPU = torch.device("cpu")
+SWITCHES = ("hflip_p", "affine_p", "brightness_contrast_p", "noise_p", "dropout_p")
+
+# ---------------------------------------------------------------- transforms
+
+
+def _image(seed: int = 0, channels: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(8, 8, channels), dtype=np.uint8)
+
+
+def _with(augment: AugmentParams, p: float) -> AugmentParams:
+    return augment.model_copy(update=dict.fromkeys(SWITCHES, p))
+
+
+def test_build_augment_keeps_shape_and_dtype(params: Params) -> None:
+    compose = build_augment(params.augment, seed=0)
+    assert isinstance(compose, A.Compose)
+    image = _image()
+    outputs = [compose(image=image)["image"] for _ in range(10)]
+    assert all(out.shape == (8, 8, 1) and out.dtype == np.uint8 for out in outputs)
+    assert any(not np.array_equal(out, image) for out in outputs)  # it does augment
+
+
+def test_build_augment_with_every_transform_on(params: Params) -> None:
+    compose = build_augment(_with(params.augment, 1.0), seed=0)
+    names = [type(t).__name__ for t in compose.transforms]
+    assert names == [
+        "HorizontalFlip",
+        "Affine",
+        "RandomBrightnessContrast",
+        "GaussNoise",
+        "CoarseDropout",
+    ]
+    for channels in (1, 3):
+        out = compose(image=_image(channels=channels))["image"]
+        assert out.shape == (8, 8, channels)
+        assert out.dtype == np.uint8
+
+
+def test_build_augment_leaves_out_p_zero(params: Params) -> None:
+    assert len(build_augment(_with(params.augment, 0.0), seed=0).transforms) == 0
+
+
+def test_build_augment_same_seed_same_outputs(params: Params) -> None:
+    image = _image()
+
+    def draws(seed: int) -> list[np.ndarray]:
+        compose = build_augment(params.augment, seed=seed)
+        return [compose(image=image)["image"] for _ in range(10)]
+
+    first, again, other = draws(5), draws(5), draws(6)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_normalise_standardises_with_train_stats(tiny_prepared: PreparedData) -> None:
+    images, stats = tiny_prepared.train.images, tiny_prepared.stats
+    out = normalise(images, stats)
+    assert out.dtype == np.float32
+    assert out.shape == (len(images), 1, 8, 8)
+    assert out.flags.c_contiguous
+    assert out.mean() == pytest.approx(0.0, abs=1e-5)
+    assert out.std() == pytest.approx(1.0, abs=1e-4)
+    assert normalise(images[0], stats).shape == (1, 8, 8)  # one HWC image -> CHW
+
+
+def test_normalise_channel_order() -> None:
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 51, 102, 255
+    stats = ChannelStats(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.1))
+    out = normalise(image, stats)
+    assert out.shape == (3, 2, 3)
+    expected = [(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (1.0 - 0.3) / 0.1]
+    np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- fit
+
+
+def _fit_params(params: Params, **update: object) -> TrainParams:
+    values = {
+        **params.train.model_dump(),
+        "model": "cnn",
+        "width": 4,
+        "dropout": 0.0,
+        "epochs": 6,
+        "batch_size": 8,
+        "lr": 0.01,
+        "weight_decay": 0.0,
+        "patience": 2,
+        "device": "cpu",
+        "num_workers": 0,
+    }
+    return TrainParams(**{**values, **update})
+
+
+def _bright_vs_dark(n: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    bright = rng.integers(180, 256, size=(n, 8, 8, 1))
+    dark = rng.integers(0, 60, size=(n, 8, 8, 1))
+    images = np.where(labels[:, None, None, None] == 1, bright, dark).astype(np.uint8)
+    return Split(images, labels.astype(np.int64))
+
+
+def _fit(
+    model: nn.Module, objective: Objective, train: Split, val: Split, fit_params: TrainParams
+) -> tuple[FitResult, torch.utils.data.DataLoader]:
+    stats = ChannelStats.of(train.images)
+    train_loader = make_loader(train, stats, fit_params.batch_size, seed=0, train=True)
+    val_loader = make_loader(val, stats, 64, seed=0)
+    return fit(model, objective, train_loader, val_loader, fit_params, CPU), val_loader
+
+
+def _val_loss(model: nn.Module, loader: torch.utils.data.DataLoader) -> float:
+    logits = torch.from_numpy(predict_logits(model, loader, CPU))
+    return nn.functional.cross_entropy(logits, loader.dataset.labels).item()
+
+
+def test_fit_separates_bright_from_dark(params: Params) -> None:
+    torch.manual_seed(0)
+    fit_params = _fit_params(params)
+    model = build_model("cnn", 1, 2, width=4, dropout=0.0)
+    result, val_loader = _fit(
+        model,
+        cross_entropy_objective(0.0),
+        _bright_vs_dark(32, 0),
+        _bright_vs_dark(16, 1),
+        fit_params,
+    )
+    assert result.best_val_f1_macro == 1.0
+    assert 1 <= len(result.history) <= fit_params.epochs
+    assert [r.epoch for r in result.history] == list(range(1, len(result.history) + 1))
+    best = result.history[result.best_epoch - 1]
+    assert best.val_f1_macro == result.best_val_f1_macro
+    # The returned model holds the best epoch's weights.
+    assert _val_loss(result.model, val_loader) == pytest.approx(best.val_loss, abs=1e-5)
+    predicted = predict_logits(result.model, val_loader, CPU).argmax(axis=1)
+    assert np.array_equal(predicted, val_loader.dataset.labels.numpy())
+
+
+def test_fit_restores_best_weights_after_getting_worse(params: Params) -> None:
+    """After two epochs the objective turns to gradient ascent, so later epochs get worse."""
+    torch.manual_seed(0)
+    steps = 0
+    ascend_after = 2 * 4  # two epochs of 32 images in batches of 8
+
+    def sabotaged(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        nonlocal steps
+        steps += 1
+        loss, logits = cross_entropy_objective(0.0)(model, images, labels)
+        return (loss if steps <= ascend_after else -loss), logits
+
+    fit_params = _fit_params(params, epochs=8, patience=3, lr=0.05)
+    model = build_model("cnn", 1, 2, width=4, dropout=0.0)
+    result, val_loader = _fit(
+        model, sabotaged, _bright_vs_dark(32, 0), _bright_vs_dark(16, 1), fit_params
+    )
+    assert result.best_epoch < len(result.history)
+    assert result.history[-1].val_loss > result.best_val_loss
+    assert _val_loss(result.model, val_loader) == pytest.approx(result.best_val_loss, abs=1e-5)
+
+
+def _frozen(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """A finite loss with zero gradient: with weight_decay 0, AdamW never moves a weight."""
+    logits = model(images)
+    return logits.sum() * 0.0 + 1.0, logits
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_when_val_cannot_improve(params: Params, patience: int) -> None:
+    # No BatchNorm (its running stats would still move) and no gradient: every
+    # epoch scores exactly the same, so nothing ever beats epoch 1. Random labels
+    # would only make this likely, not certain.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    fit_params = _fit_params(params, epochs=6, patience=patience)
+    result, _ = _fit(model, _frozen, _bright_vs_dark(16, 0), _bright_vs_dark(8, 1), fit_params)
+    assert result.stopped_early
+    assert len(result.history) == patience + 1 < fit_params.epochs
+    assert result.best_epoch == 1
+
+
+def test_nan_loss_names_epoch_and_step(params: Params) -> None:
+    steps = 0
+
+    def turns_nan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        nonlocal steps
+        steps += 1
+        loss, logits = cross_entropy_objective(0.0)(model, images, labels)
+        return (loss * float("nan") if steps == 7 else loss), logits  # epoch 2, step 3
+
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 2, width=4, dropout=0.0)
+    with pytest.raises(FloatingPointError, match="epoch 2, step 3"):
+        _fit(model, turns_nan, _bright_vs_dark(32, 0), _bright_vs_dark(8, 1), _fit_params(params))
+
+
+def test_select_device() -> None:
+    assert select_device("cpu") == CPU
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            select_device("cuda")
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_loader_with_workers_repeats_for_a_seed(
+    params: Params, tiny_prepared: PreparedData
+) -> None:
+    train = Split(tiny_prepared.train.images[:16], tiny_prepared.train.labels[:16])
+
+    def epochs(seed: int, augment: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = make_loader(
+            train,
+            tiny_prepared.stats,
+            batch_size=4,
+            seed=seed,
+            train=True,
+            augment=build_augment(params.augment, seed) if augment else None,
+            num_workers=2,
+        )
+        return [tuple(map(torch.cat, zip(*loader, strict=True))) for _ in range(2)]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    assert first[0][0].shape == (16, 1, 8, 8)
+    for (images, labels), (images_again, labels_again) in zip(first, again, strict=True):
+        assert torch.equal(images, images_again)
+        assert torch.equal(labels, labels_again)
+    assert not torch.equal(first[0][0], first[1][0])  # a new epoch: new order, new draws
+    assert not torch.equal(first[0][0], other[0][0])
+    # Same seed without augmentation: same order (same labels), different pixels, so
+    # the workers really did augment.
+    plain = epochs(0, augment=False)
+    assert torch.equal(plain[0][1], first[0][1])
+    assert not torch.equal(plain[0][0], first[0][0])
+
+
+def test_train_loader_drops_partial_batch_and_eval_loader_keeps_order(
+    tiny_prepared: PreparedData,
+) -> None:
+    split, stats = tiny_prepared.train, tiny_prepared.stats  # 30 images
+    train_loader = make_loader(split, stats, batch_size=8, seed=0, train=True)
+    assert [len(labels) for _, labels in train_loader] == [8, 8, 8]
+    eval_loader = make_loader(split, stats, batch_size=8, seed=0)
+    labels = torch.cat([labels for _, labels in eval_loader])
+    assert labels.tolist() == split.labels.tolist()

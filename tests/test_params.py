@@ -1,0 +1,127 @@
+"""params.yaml validation: the real file passes; each kind of typo fails naming its key."""
+
+from __future__ import annotations
+
+import copy
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.params import (
+    BUILTIN_SOURCES,
+    CalibrationName,
+    ModelName,
+    Params,
+    ParamsError,
+    SamplerName,
+    load_params,
+    parse_params,
+)
+
+PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    return yaml.safe_load(PARAMS_YAML.read_text())
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    edited = copy.deepcopy(raw)
+    *parents, leaf = dotted.split(".")
+    section = edited
+    for key in parents:
+        section = section[key]
+    section[leaf] = value
+    return edited
+
+
+def _error(edited: dict[str, Any]) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(edited)
+    return str(info.value)
+
+
+def test_real_params_validate(params: Params, raw: dict[str, Any]) -> None:
+    assert isinstance(params, Params)
+    assert parse_params(raw) == params
+    # flat() is the form MLflow params and checkpoints carry: dotted keys, yaml values.
+    assert params.train.flat("train")["train.lr"] == raw["train"]["lr"]
+    assert set(params.distill.flat("distill")) == {f"distill.{key}" for key in raw["distill"]}
+
+
+def test_params_error_is_a_value_error() -> None:
+    assert issubclass(ParamsError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "expected"),
+    [
+        ("data.source", "mnist", ["data.source", "digits", "fashion-mnist", "'mnist'"]),
+        ("resample.strategy", "smtoe", ["resample.strategy", "'random_over'", "'smtoe'"]),
+        ("train.model", "resnte", ["train.model", "'resnet'", "'cnn'"]),
+        ("distill.model", "cnnn", ["distill.model", "'resnet'", "'cnn'"]),
+        ("train.lr", "fast", ["train.lr", "'fast'"]),
+        ("train.lerning_rate", 0.01, ["train.lerning_rate", "not permitted"]),
+        ("quantize.calibration_method", "max", ["quantize.calibration_method", "'minmax'"]),
+        ("data.channels", 2, ["data.channels"]),
+    ],
+)
+def test_bad_value_names_key_and_choices(
+    raw: dict[str, Any], dotted: str, value: Any, expected: list[str]
+) -> None:
+    message = _error(_set(raw, dotted, value))
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_missing_key_is_named(raw: dict[str, Any]) -> None:
+    edited = copy.deepcopy(raw)
+    del edited["distill"]["temperature"]
+    assert "distill.temperature: missing" in _error(edited)
+
+
+def test_scale_min_above_scale_max(raw: dict[str, Any]) -> None:
+    edited = _set(_set(raw, "augment.scale_min", 1.3), "augment.scale_max", 1.1)
+    message = _error(edited)
+    assert "augment" in message
+    assert "scale_min must not exceed scale_max" in message
+
+
+def test_every_bad_key_is_reported_at_once(raw: dict[str, Any]) -> None:
+    edited = _set(_set(raw, "train.lr", "fast"), "resample.strategy", "smtoe")
+    message = _error(edited)
+    assert "train.lr" in message
+    assert "resample.strategy" in message
+
+
+def test_load_params_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_load_params_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+
+
+def _choices(literal: Any) -> set[str]:
+    return set(typing.get_args(literal))
+
+
+def test_choice_lists_match_the_factories() -> None:
+    # params.py keeps its own copies so validating params never imports torch.
+    from tasks.models import MODELS
+    from tasks.quantize import CALIBRATION_METHODS
+    from tasks.resample import SAMPLERS
+    from tasks.sources import SOURCES
+
+    assert _choices(SamplerName) == set(SAMPLERS)
+    assert _choices(ModelName) == set(MODELS)
+    assert _choices(CalibrationName) == set(CALIBRATION_METHODS)
+    assert set(BUILTIN_SOURCES) == set(SOURCES)
