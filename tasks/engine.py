@@ -187,7 +187,10 @@ def _validate(
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     predicted = logits.argmax(axis=1)
     accuracy = float((predicted == labels).mean())
-    return loss, accuracy, float(f1_score(labels, predicted, average="macro", zero_division=0))
+    # Every class counts, as in evaluate, even one the model never predicts.
+    every_class = np.arange(logits.shape[1])
+    f1 = f1_score(labels, predicted, labels=every_class, average="macro", zero_division=0)
+    return loss, accuracy, float(f1)
 
 
 def fit(

@@ -132,7 +132,10 @@ def measure_latency(predict: Predict, sample: np.ndarray, warmup: int, repeats: 
         start = time.perf_counter()
         predict(sample)
         times.append((time.perf_counter() - start) * 1000.0 / len(sample))
-    quantiles = statistics.quantiles(times, n=20) if len(times) > 1 else times * 19
+    # "inclusive" interpolates between measured times; the default extrapolates past them.
+    quantiles = (
+        statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
+    )
     return {"median_ms": statistics.median(times), "p95_ms": quantiles[18]}
 
 

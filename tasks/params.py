@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist")
 SamplerName = Literal["none", "random_over", "random_under", "smote"]
@@ -89,11 +89,12 @@ class AugmentParams(Section):
     dropout_holes: int = Field(ge=1)
     dropout_size_frac: float = Field(gt=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _ordered_scale(self) -> AugmentParams:
-        if self.scale_min > self.scale_max:
-            raise ValueError("scale_min must not exceed scale_max")
-        return self
+    @field_validator("scale_max")
+    @classmethod
+    def _ordered_scale(cls, value: float, info: ValidationInfo) -> float:
+        if value < info.data.get("scale_min", value):
+            raise ValueError(f"must not be below augment.scale_min ({info.data['scale_min']})")
+        return value
 
 
 class FitParams(Section):

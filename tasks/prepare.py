@@ -37,10 +37,23 @@ class Converted:
     quarantined: list[dict[str, str]] = field(default_factory=list)
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Rescale 16/32-bit integer and float images to 8 bits (Pillow's convert would clip)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if pixels.max(initial=0.0) <= 1.0 else 255.0  # [0, 1] floats or 8-bit range
+    else:  # "I" and "I;16*": 16-bit data unless every value already fits in 8 bits
+        top = 65535.0 if pixels.max(initial=0.0) > 255 else 255.0
+    return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8))
+
+
 def to_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
-    """One Pillow image -> uint8 (size, size, channels): orientation, alpha, mode, size."""
+    """One Pillow image -> uint8 (size, size, channels): orientation, depth, alpha, mode, size."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode == "F" or image.mode.startswith("I"):
+        image = _to_8bit(image)
+    # RGBA/LA/PA carry alpha; P, L and RGB may carry a colour key ("transparency").
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         # Transparent pixels have no colour of their own: show them on white.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -111,7 +124,17 @@ def stratified_split(
             f"cannot split stratified by class (data.val_fraction={val_fraction}, "
             f"data.test_fraction={test_fraction}; smallest class has {counts.min()} images): {exc}"
         ) from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    splits = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    for name, indices in splits.items():
+        missing = np.setdiff1d(np.unique(labels), labels[indices])
+        if missing.size:
+            counts = np.bincount(labels)
+            raise ValueError(
+                f"class(es) {missing.tolist()} (with {counts[missing].tolist()} images) would have "
+                f"no image in the {name} split (data.val_fraction={val_fraction}, "
+                f"data.test_fraction={test_fraction}): add images to them or remove them"
+            )
+    return splits
 
 
 @stage_task(name="split")

@@ -25,15 +25,16 @@ from mlflow.entities import Metric
 if TYPE_CHECKING:
     from tasks.engine import EpochRecord
 
-ROOT = Path.cwd()
 
-
-def tracking_uri(root: Path = ROOT) -> str:
+def tracking_uri(root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in ``root`` (the working directory)."""
+    root = root or Path.cwd()
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def use_experiment(name: str, root: Path = ROOT) -> str:
+def use_experiment(name: str, root: Path | None = None) -> str:
     """Point MLflow at the tracking URI and experiment ``name``; return its id."""
+    root = root or Path.cwd()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
@@ -54,22 +55,28 @@ def use_experiment(name: str, root: Path = ROOT) -> str:
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")
 
 
-def git_commit(root: Path = ROOT) -> str:
+def git_commit(root: Path | None = None) -> str:
     """HEAD's commit, ``-dirty`` when code or params differ from it; ``unknown`` outside git."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=root or Path.cwd(),
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
         dirty = subprocess.run(
-            ["git", "diff", "--quiet", "HEAD", "--", ".", *excluded], cwd=root, capture_output=True
+            ["git", "diff", "--quiet", "HEAD", "--", ".", *excluded],
+            cwd=root or Path.cwd(),
+            capture_output=True,
         ).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
 
 
-def data_hash(lock_path: Path = ROOT / "dvc.lock", out: str = "data/prepared") -> str:
+def data_hash(lock_path: Path = Path("dvc.lock"), out: str = "data/prepared") -> str:
     """The md5 DVC recorded for the prepared data (``unknown`` before a first ``dvc repro``)."""
     try:
         lock = yaml.safe_load(Path(lock_path).read_text()) or {}

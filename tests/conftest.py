@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ from tasks.datasets import ChannelStats, PreparedData, Split
 from tasks.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Prefect servers started by tests would try to send telemetry; there is no network here.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # --- unit-test fixtures ---
 

@@ -82,12 +82,6 @@ def test_latency_with_one_repeat() -> None:
     assert latency["median_ms"] == latency["p95_ms"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: statistics.quantiles' default 'exclusive' method extrapolates, so with "
-    "fewer than ~20 repeats p95 exceeds the slowest call measured",
-)
 def test_latency_p95_never_exceeds_the_slowest_call() -> None:
     durations = iter([0.010, 0.020, 0.030, 0.040, 0.050])
 

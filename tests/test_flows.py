@@ -65,7 +65,7 @@ def test_a_failing_task_fails_the_flow_and_leaves_no_output(harness, prepared_on
     state = resample_flow(seed=0, resample=params, return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(ValueError, match="resample.k_neighbors=5"):
+    with pytest.raises(ValueError, match=r"resample\.k_neighbors=5"):
         state.result()
     assert not RESAMPLED_DIR.exists()
     assert not metrics_path("resample").exists()

@@ -90,12 +90,6 @@ def test_exif_orientation_is_applied() -> None:
     assert (array[:, 2:] == 0).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: to_array composites alpha only for RGBA/LA/PA/P; a tRNS colour key on an "
-    "L or RGB PNG keeps its own colour instead of white",
-)
 def test_colour_key_transparency_is_composited_on_white() -> None:
     buffer = io.BytesIO()
     Image.new("L", (4, 4), 0).save(buffer, format="PNG", transparency=0)
@@ -104,11 +98,6 @@ def test_colour_key_transparency_is_composited_on_white() -> None:
     assert to_array(reloaded, 1, 4).min() == 255
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: 16-bit grayscale (I;16) is clipped to 255 by convert('L'), not rescaled",
-)
 def test_sixteen_bit_grayscale_is_rescaled() -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.full((4, 4), 100 * 257, np.uint16)).save(buffer, format="PNG")
@@ -165,20 +154,10 @@ def test_split_class_too_small_is_a_clear_error() -> None:
     assert "data.val_fraction=0.15" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a 2-image class passes stratified_split but is missing from val and test "
-    "(f1_macro then scores it 0 in evaluate); it should raise or keep one in each",
-)
-def test_split_small_class_is_in_every_split_or_an_error() -> None:
-    labels = _labels([2, 10, 10])
-    try:
-        splits = stratified_split(labels, 0.15, 0.15, seed=0)
-    except ValueError:
-        return
-    for name, indices in splits.items():
-        assert 0 in labels[indices], name
+def test_split_refuses_to_leave_a_class_out_of_a_split() -> None:
+    # 2 images cannot cover train, val and test: a silent gap would score that class 0.
+    with pytest.raises(ValueError, match=r"class\(es\) \[0\] \(with \[2\] images\)"):
+        stratified_split(_labels([2, 10, 10]), 0.15, 0.15, seed=0)
 
 
 # ---------------------------------------------------------------- ChannelStats
@@ -254,11 +233,6 @@ def test_read_idx_size_mismatch(tmp_path: Path) -> None:
         read_idx(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=struct.error,
-    reason="BUG: a header cut short raises struct.error instead of read_idx's ValueError",
-)
 def test_read_idx_truncated_header(tmp_path: Path) -> None:
     path = tmp_path / "cut.idx"
     path.write_bytes(struct.pack(">HBB", 0, 0x08, 3) + b"\x00\x00")  # 3 dims promised, 0.5 given
