@@ -29,23 +29,10 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.workspace import fresh_copy  # noqa: E402
 from flows.prefect_api import stop_local_server  # noqa: E402
 
 STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
-
-
-def copy_repo(dest: Path) -> None:
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark copy"]):
-        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
 
 
 def dvc(repo: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
@@ -65,9 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
-    repo = scratch / "repo"
-    repo.mkdir()
-    copy_repo(repo)
+    repo = fresh_copy(scratch / "repo", "benchmark copy")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["VISIONPIPE_HOME"] = str(scratch / "state")

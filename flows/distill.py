@@ -11,7 +11,7 @@ from flows.prefect_api import stage_main
 from flows.train import tracked_fit
 from tasks import distill as t
 from tasks.layout import STUDENT, TEACHER, curve_path, metrics_path
-from tasks.params import AugmentParams, DistillParams, MlflowParams, load_params
+from tasks.params import AugmentParams, DistillParams, MlflowParams
 from tasks.train import load_training_data
 
 
@@ -33,15 +33,5 @@ def distill_flow(
     )
 
 
-def main() -> None:
-    def build():
-        p = load_params()
-        return distill_flow, {
-            "seed": p.seed, "distill": p.distill, "augment": p.augment, "mlflow": p.mlflow,
-        }  # fmt: skip
-
-    stage_main(build)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(distill_flow)

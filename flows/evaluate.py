@@ -14,7 +14,7 @@ from tasks import tracking
 from tasks.artifacts import atomic_dir
 from tasks.datasets import load_prepared
 from tasks.layout import CONFUSION_DIR, PREPARED_DIR, STUDENT, STUDENT_INT8, TEACHER, metrics_path
-from tasks.params import EvaluateParams, MlflowParams, load_params
+from tasks.params import EvaluateParams, MlflowParams
 
 METRICS = metrics_path("evaluate")
 
@@ -58,13 +58,5 @@ def evaluate_flow(evaluate: EvaluateParams, mlflow: MlflowParams) -> dict:
     return results
 
 
-def main() -> None:
-    def build():
-        p = load_params()
-        return evaluate_flow, {"evaluate": p.evaluate, "mlflow": p.mlflow}
-
-    stage_main(build)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(evaluate_flow)

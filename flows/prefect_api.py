@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.params import ParamsError
+from tasks.params import ParamsError, load_params
 
 T = TypeVar("T")
 STATE_DIR_ENV = "VISIONPIPE_HOME"
@@ -174,15 +175,23 @@ def run_stage(flow: Callable[..., T], **parameters: Any) -> T:
         return flow(**parameters)
 
 
-def stage_main(build: Callable[[], tuple[Callable[..., T], dict[str, Any]]]) -> T:
-    """Entry point of ``python -m flows.<stage>``: validate params first, then run the flow.
+def stage_main(flow: Any) -> Any:
+    """Entry point of ``python -m flows.<stage>``: validate params, then run the flow.
 
-    ``build`` loads params.yaml and returns the flow and the sections it reads;
-    a bad value stops here, before any server starts or data is touched.
+    The flow's parameters are named after the params.yaml sections it reads
+    (``seed``, ``data``, ``train``, ...), so each gets exactly those and no
+    more. A bad value anywhere in params.yaml stops here, before any server
+    starts or data is touched.
     """
     try:
-        flow, parameters = build()
+        params = load_params()
     except ParamsError as exc:
         print(f"visionpipe: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return run_stage(flow, **parameters)
+    sections = {name: getattr(params, name) for name in flow_sections(flow)}
+    return run_stage(flow, **sections)
+
+
+def flow_sections(flow: Any) -> tuple[str, ...]:
+    """The params.yaml sections a stage's flow reads: its parameter names."""
+    return tuple(inspect.signature(flow.fn).parameters)

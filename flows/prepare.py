@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from flows.prefect_api import stage_main
 from tasks import prepare as t
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, metrics_path
-from tasks.params import DataParams, load_params
+from tasks.params import DataParams
 
 METRICS = metrics_path("prepare")
 QUALITY = DATA_QUALITY
@@ -32,13 +32,5 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
     return metrics
 
 
-def main() -> None:
-    def build():
-        params = load_params()
-        return prepare_flow, {"seed": params.seed, "data": params.data}
-
-    stage_main(build)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(prepare_flow)

@@ -11,7 +11,7 @@ from flows.prefect_api import stage_main
 from tasks import quantize as t
 from tasks.datasets import load_prepared
 from tasks.layout import PREPARED_DIR, STUDENT, STUDENT_FP32_ONNX, STUDENT_INT8, metrics_path
-from tasks.params import QuantizeParams, load_params
+from tasks.params import QuantizeParams
 
 METRICS = metrics_path("quantize")
 
@@ -33,13 +33,5 @@ def quantize_flow(seed: int, quantize: QuantizeParams) -> dict:
     return metrics
 
 
-def main() -> None:
-    def build():
-        p = load_params()
-        return quantize_flow, {"seed": p.seed, "quantize": p.quantize}
-
-    stage_main(build)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(quantize_flow)

@@ -11,7 +11,7 @@ from flows.prefect_api import stage_main
 from tasks import resample as t
 from tasks.datasets import load_prepared
 from tasks.layout import PREPARED_DIR, RESAMPLED_DIR, metrics_path
-from tasks.params import ResampleParams, load_params
+from tasks.params import ResampleParams
 
 METRICS = metrics_path("resample")
 
@@ -29,13 +29,5 @@ def resample_flow(seed: int, resample: ResampleParams) -> dict:
     return metrics
 
 
-def main() -> None:
-    def build():
-        params = load_params()
-        return resample_flow, {"seed": params.seed, "resample": params.resample}
-
-    stage_main(build)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(resample_flow)

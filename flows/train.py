@@ -16,7 +16,7 @@ from tasks import tracking
 from tasks import train as t
 from tasks.engine import EpochRecord, FitResult
 from tasks.layout import TEACHER, curve_path, metrics_path
-from tasks.params import AugmentParams, FitParams, MlflowParams, TrainParams, load_params
+from tasks.params import AugmentParams, FitParams, MlflowParams, TrainParams
 
 
 def tracked_fit(
@@ -70,18 +70,5 @@ def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: Ml
     )
 
 
-def main() -> None:
-    def build():
-        p = load_params()
-        return train_flow, {
-            "seed": p.seed,
-            "train": p.train,
-            "augment": p.augment,
-            "mlflow": p.mlflow,
-        }
-
-    stage_main(build)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(train_flow)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows.prefect_api import flow_sections
 from tasks import layout
 from tasks.params import load_params
 
@@ -76,6 +78,13 @@ def test_code_deps_are_exactly_the_modules_the_flow_imports(stage):
     declared = {d for d in DVC["stages"][stage]["deps"] if d.endswith(".py")}
     imported = _project_modules_imported_by(f"flows.{stage}") - NOT_DEPS
     assert declared == imported
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_keys_are_the_sections_the_flow_reads(stage):
+    flow = getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
+    declared = {key.split(".")[0] for key in DVC["stages"][stage]["params"]}
+    assert declared == set(flow_sections(flow))
 
 
 def test_params_keys_exist_in_params_yaml():

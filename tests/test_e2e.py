@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,9 @@ import mlflow
 import pytest
 import yaml
 
+from benchmarks.workspace import fresh_copy, git
 from flows.prefect_api import local_server_url, start_local_server, stop_local_server
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
     "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
@@ -51,26 +50,6 @@ def prefect_api(tmp_path_factory):
     assert local_server_url(state) is None
 
 
-def _copy_repo(dest: Path) -> None:
-    """What a fresh clone would hold: tracked files plus new, not-ignored ones."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
-        cwd=repo, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-
-
 def _set_params(repo: Path, overrides: dict) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
@@ -95,12 +74,9 @@ def _ran(output: str) -> list[str]:
 def pipeline(tmp_path_factory, prefect_api):
     """The tiny pipeline, run once for the module: (repo, env, first dvc repro output)."""
     url, state = prefect_api
-    repo = tmp_path_factory.mktemp("repo")
-    _copy_repo(repo)
+    repo = fresh_copy(tmp_path_factory.mktemp("repo"))
     _set_params(repo, TINY)
-    _git(repo, "init", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "tiny params")
+    git(repo, "commit", "-qam", "tiny params")
     env = {
         key: value
         for key, value in os.environ.items()
@@ -145,7 +121,7 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
     data_md5 = next(
         o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"
     )
-    commit = _git(repo, "rev-parse", "HEAD")
+    commit = git(repo, "rev-parse", "HEAD")
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["visionpipe"], output_format="list")
