@@ -40,7 +40,7 @@ def evaluate_flow(evaluate: EvaluateParams, mlflow: MlflowParams) -> dict:
             tags = {"source_run_id": variant.source_run_id or "", "runtime": variant.runtime}
             with tracking.start_run(
                 mlflow.experiment, variant.name, stage="evaluate", variant=variant.name,
-                params=variant.run_params, tags=tags,
+                params={**variant.run_params, **evaluate.flat("evaluate")}, tags=tags,
             ) as run:  # fmt: skip
                 tracking.log_results(run.info.run_id, evaluation.metrics, list(plots))
                 tracking.log_results(run.info.run_id, {}, [variant.artifact], "model")

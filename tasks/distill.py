@@ -8,14 +8,14 @@ Writes ``models/student.pt``, ``metrics/distill.json`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint
-from tasks.engine import FitResult, Objective, fit, seed_everything, select_device
+from tasks.engine import EpochRecord, FitResult, Objective, fit, seed_everything, select_device
 from tasks.losses import KDLoss
 from tasks.models import build_model
 from tasks.orchestration import stage_task
@@ -51,7 +51,7 @@ def fit_student(
     params: DistillParams,
     augment: AugmentParams,
     seed: int,
-    on_epoch: Any = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FitResult:
     if teacher.classes != data.prepared.classes:
         raise ValueError(

@@ -10,6 +10,7 @@ on the CPU with ``evaluate.num_threads`` threads after warm-up.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from sklearn.metrics import (
 
 from tasks.artifacts import atomic_path, write_csv, write_json
 from tasks.checkpoints import load_checkpoint
-from tasks.datasets import Split
+from tasks.datasets import ChannelStats, Split
 from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
@@ -56,7 +57,7 @@ class Variant:
     runtime: str
     params: int
     classes: tuple[str, ...]
-    stats: Any
+    stats: ChannelStats
     run_params: dict[str, Any]
     source_run_id: str | None
 
@@ -85,6 +86,7 @@ def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int
     session = onnx_session(student_int8, threads)
     student_variant = variants[1]
     metadata = {p.key: p.value for p in onnx.load(student_int8).metadata_props}
+    quantization = json.loads(metadata.get("quantization", "{}"))
     variants.append(
         Variant(
             name="student_int8",
@@ -95,7 +97,10 @@ def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int
             params=student_variant.params,
             classes=student_variant.classes,
             stats=student_variant.stats,
-            run_params={**student_variant.run_params, "quantization": metadata.get("quantization")},
+            run_params={
+                **student_variant.run_params,
+                **{f"quantize.{key}": value for key, value in quantization.items()},
+            },
             source_run_id=student_variant.source_run_id,
         )
     )

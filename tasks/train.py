@@ -8,6 +8,7 @@ Run with ``dvc repro train`` (or ``python -m flows.train``). Reads ``seed``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def fit_teacher(
     params: TrainParams,
     augment: AugmentParams,
     seed: int,
-    on_epoch: Any = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FitResult:
     seed_everything(seed, params.deterministic)
     device = select_device(params.device)
