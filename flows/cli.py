@@ -1,7 +1,8 @@
 """The ``visionpipe`` command.
 
     visionpipe check    validate params.yaml; print every section as the stages will see it
-    visionpipe status   where runs are recorded: the Prefect API and the MLflow tracking URI
+    visionpipe compare  teacher, student and int8 student side by side (metrics/evaluate.json)
+    visionpipe status   where runs are recorded: the Prefect UI/API and the MLflow tracking URI
     visionpipe down     stop the local Prefect server that the stages started
 
 The pipeline itself runs with ``dvc repro`` (DVC decides what is stale).
@@ -33,16 +34,33 @@ def _status(args: argparse.Namespace) -> int:
     from flows.prefect_api import MODE_ENV, local_server_url, state_dir
     from tasks.tracking import tracking_uri
 
-    if url := os.environ.get("PREFECT_API_URL"):
-        prefect = f"{url} (PREFECT_API_URL)"
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        how = "from PREFECT_API_URL"
     elif os.environ.get(MODE_ENV, "").lower() == "ephemeral":
-        prefect = f"Prefect's ephemeral per-process server ({MODE_ENV}=ephemeral)"
+        how = f"Prefect's ephemeral per-process server ({MODE_ENV}=ephemeral)"
     elif url := local_server_url():
-        prefect = f"{url} (local server, state in {state_dir()})"
+        how = f"local server, state in {state_dir()}"
     else:
-        prefect = "none running; the next stage starts a local server"
-    print(f"Prefect API: {prefect}")
+        how = "no local server running; the next stage starts one"
+    if url:
+        print(f"Prefect UI:  {url.removesuffix('/api')}")
+        print(f"Prefect API: {url} ({how})")
+    else:
+        print(f"Prefect API: {how}")
     print(f"MLflow tracking URI: {tracking_uri()}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from tasks.evaluate import comparison_markdown
+    from tasks.layout import metrics_path
+
+    path = metrics_path("evaluate")
+    if not path.is_file():
+        print(f"visionpipe: {path} does not exist yet: run `dvc repro`", file=sys.stderr)
+        return 1
+    print(comparison_markdown(json.loads(path.read_text())))
     return 0
 
 
@@ -62,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate params.yaml and print it")
     check.add_argument("--params", default="params.yaml")
     check.set_defaults(run=_check)
+    commands.add_parser("compare", help="the three variants side by side").set_defaults(
+        run=_compare
+    )
     commands.add_parser("status", help="show the Prefect API and MLflow URI").set_defaults(
         run=_status
     )

@@ -1,0 +1,57 @@
+"""The `visionpipe` command: check, compare, status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from flows.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_check_accepts_the_real_params(capsys):
+    assert main(["check", "--params", str(ROOT / "params.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out)["distill"]["model"] == "cnn"
+
+
+def test_check_rejects_a_bad_value_naming_key_and_choices(tmp_path, capsys):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["distill"]["model"] = "mobilenet"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    assert main(["check", "--params", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "distill.model" in err and "'resnet'" in err and "'cnn'" in err
+
+
+def test_compare_prints_one_row_per_variant(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    row = {"f1_macro": 0.9, "accuracy": 0.91, "params": 1000, "size_bytes": 4000,
+           "latency_ms_b1": 0.5, "runtime": "r"}  # fmt: skip
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/evaluate.json").write_text(
+        json.dumps({v: row for v in ("teacher", "student", "student_int8")})
+    )
+    assert main(["compare"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [
+        "teacher", "student", "student_int8",
+    ]  # fmt: skip
+    assert "| 0.9000 |" in lines[2]
+
+
+def test_compare_without_results_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare"]) == 1
+    assert "dvc repro" in capsys.readouterr().err
+
+
+def test_status_shows_the_prefect_ui_of_a_configured_api(monkeypatch, capsys):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "Prefect UI:  http://127.0.0.1:4200\n" in out
+    assert "MLflow tracking URI:" in out
