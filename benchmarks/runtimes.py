@@ -6,18 +6,23 @@ Separates what int8 buys from what the runtime buys: the evaluate stage runs
 the fp32 student in PyTorch (its checkpoint) and the int8 model in ONNX
 Runtime, so their latency ratio mixes both. Measures median ms per image at
 batch 1 and batch 64 on the test split's images, same thread count, after
-warm-up, interleaved in one process. Writes benchmarks/results/runtimes_<source>_cpu.json.
+warm-up, interleaved in one process; ``--trials`` whole measurements give the
+spread, and the JSON keeps every trial. Writes benchmarks/results/runtimes_<source>_cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
@@ -30,14 +35,34 @@ from tasks.quantize import onnx_logits, onnx_session, torch_logits  # noqa: E402
 from tasks.transforms import normalise  # noqa: E402
 
 
+def measure(
+    runtimes: dict[str, Callable[[np.ndarray], np.ndarray]],
+    images: np.ndarray,
+    args: argparse.Namespace,
+) -> dict[str, dict[str, float]]:
+    """One trial: median ms/image per runtime at batch 1 and 64, runtimes interleaved."""
+    results: dict[str, dict[str, float]] = {name: {} for name in runtimes}
+    rounds = 5  # interleave so machine noise hits every runtime alike
+    for batch in (1, 64):
+        samples: dict[str, list[float]] = {name: [] for name in runtimes}
+        for _ in range(rounds):
+            for name, predict in runtimes.items():
+                latency = measure_latency(
+                    predict, images[:batch], args.warmup, args.repeats // rounds
+                )
+                samples[name].append(latency["median_ms"])
+        for name, values in samples.items():
+            results[name][f"latency_ms_b{batch}"] = statistics.median(values)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=5, help="whole measurements, for the spread")
     args = parser.parse_args()
-
-    import os
 
     os.chdir(ROOT)
     torch.set_num_threads(args.threads)
@@ -51,38 +76,34 @@ def main() -> None:
         "onnxruntime_int8": lambda x: onnx_logits(int8, x, batch_size=len(x)),
     }
     images = normalise(load_prepared(PREPARED_DIR).test.images[:64], checkpoint.stats)
-    results: dict[str, dict[str, float]] = {name: {} for name in runtimes}
-    for batch in (1, 64):
-        # Interleave the runtimes in rounds so machine noise hits all of them alike.
-        rounds = 5
-        samples: dict[str, list[float]] = {name: [] for name in runtimes}
-        for _ in range(rounds):
-            for name, predict in runtimes.items():
-                samples[name].append(
-                    measure_latency(predict, images[:batch], args.warmup, args.repeats // rounds)[
-                        "median_ms"
-                    ]
-                )
-        for name, values in samples.items():
-            results[name][f"latency_ms_b{batch}"] = sorted(values)[len(values) // 2]
-    fastest_fp32 = min(
-        results["torch_eager_fp32"]["latency_ms_b64"], results["onnxruntime_fp32"]["latency_ms_b64"]
-    )
+    trials = [measure(runtimes, images, args) for _ in range(args.trials)]
+    results = {
+        name: {key: statistics.median(t[name][key] for t in trials) for key in trials[0][name]}
+        for name in runtimes
+    }
+    ratios = [
+        t["onnxruntime_int8"]["latency_ms_b64"]
+        / min(t["torch_eager_fp32"]["latency_ms_b64"], t["onnxruntime_fp32"]["latency_ms_b64"])
+        for t in trials
+    ]
     source = Path(load_params().data.source).name
     payload = {
         "command": f"python benchmarks/runtimes.py --threads {args.threads} "
-        f"--repeats {args.repeats}",
+        f"--repeats {args.repeats} --trials {args.trials}",
         "machine": describe_machine(),
         "threads": args.threads,
+        "trials": args.trials,
         "ms_per_image": results,
-        "int8_vs_fastest_fp32_b64": results["onnxruntime_int8"]["latency_ms_b64"] / fastest_fp32,
+        "ms_per_image_per_trial": trials,
+        "int8_vs_fastest_fp32_b64_per_trial": ratios,
+        "int8_vs_fastest_fp32_b64": statistics.median(ratios),
     }
     path = write_result(f"runtimes_{source}_cpu.json", payload)
     for name, values in results.items():
         print(f"{name:>17}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    print(
-        f"int8 / fastest fp32 at batch 64: {payload['int8_vs_fastest_fp32_b64']:.2f}; wrote {path}"
-    )
+    spread = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    print(f"int8 / fastest fp32 at batch 64: median {statistics.median(ratios):.2f} ({spread})")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
