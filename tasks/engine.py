@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import albumentations as A
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.datasets import ChannelStats, Split
+from tasks.metrics import f1_macro
 from tasks.params import FitParams
 from tasks.transforms import normalise
 
@@ -187,10 +187,7 @@ def _validate(
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     predicted = logits.argmax(axis=1)
     accuracy = float((predicted == labels).mean())
-    # Every class counts, as in evaluate, even one the model never predicts.
-    every_class = np.arange(logits.shape[1])
-    f1 = f1_score(labels, predicted, labels=every_class, average="macro", zero_division=0)
-    return loss, accuracy, float(f1)
+    return loss, accuracy, f1_macro(labels, predicted, num_classes=logits.shape[1])
 
 
 def fit(

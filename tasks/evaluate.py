@@ -37,6 +37,7 @@ from sklearn.metrics import (
 from tasks.artifacts import atomic_path, write_csv, write_json
 from tasks.checkpoints import load_checkpoint
 from tasks.datasets import ChannelStats, Split
+from tasks.metrics import f1_macro
 from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
@@ -119,7 +120,7 @@ def classification_metrics(
 
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
-        "f1_macro": averaged(f1_score, "macro"),
+        "f1_macro": f1_macro(labels, predicted, len(classes)),
         "f1_weighted": averaged(f1_score, "weighted"),
         "precision_macro": averaged(precision_score, "macro"),
         "recall_macro": averaged(recall_score, "macro"),

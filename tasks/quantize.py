@@ -40,12 +40,12 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from sklearn.metrics import f1_score
 from torch import nn
 
 from tasks.artifacts import atomic_path, write_json
 from tasks.checkpoints import Checkpoint, load_checkpoint
 from tasks.datasets import Split
+from tasks.metrics import f1_macro
 from tasks.orchestration import stage_task
 from tasks.params import QuantizeParams
 from tasks.transforms import normalise
@@ -226,15 +226,10 @@ def check_int8(checkpoint: Checkpoint, int8_path: Path, val: Split) -> Quantizat
     images = normalise(val.images, checkpoint.stats)
     fp32 = torch_logits(checkpoint.build(), images, batch_size=256)
     int8 = onnx_logits(onnx_session(int8_path, threads=1), images, batch_size=256)
-    every_class = np.arange(len(checkpoint.classes))  # as in train and evaluate
-
-    def f1_macro(logits: np.ndarray) -> float:
-        predicted = logits.argmax(1)
-        return float(f1_score(val.labels, predicted, labels=every_class, average="macro"))
-
+    num_classes = len(checkpoint.classes)
     return QuantizationCheck(
-        val_f1_macro_fp32=f1_macro(fp32),
-        val_f1_macro_int8=f1_macro(int8),
+        val_f1_macro_fp32=f1_macro(val.labels, fp32.argmax(1), num_classes),
+        val_f1_macro_int8=f1_macro(val.labels, int8.argmax(1), num_classes),
         top1_agreement=float((fp32.argmax(1) == int8.argmax(1)).mean()),
         max_abs_logit_diff=float(np.abs(fp32 - int8).max()),
     )
