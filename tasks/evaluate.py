@@ -139,10 +139,8 @@ def measure_latency(predict: Predict, sample: np.ndarray, warmup: int, repeats: 
         predict(sample)
         times.append((time.perf_counter() - start) * 1000.0 / len(sample))
     # "inclusive" interpolates between measured times; the default extrapolates past them.
-    quantiles = (
-        statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
-    )
-    return {"median_ms": statistics.median(times), "p95_ms": quantiles[18]}
+    p95 = statistics.quantiles(times, n=20, method="inclusive")[18] if len(times) > 1 else times[0]
+    return {"median_ms": statistics.median(times), "p95_ms": p95}
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,11 @@ PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")
 
 def git_commit(root: Path | None = None) -> str:
     """HEAD's commit, ``-dirty`` when code or params differ from it; ``unknown`` outside git."""
+    cwd = root or Path.cwd()
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=root or Path.cwd(),
+            cwd=cwd,
             capture_output=True,
             text=True,
             check=True,
@@ -68,7 +69,7 @@ def git_commit(root: Path | None = None) -> str:
         excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
         dirty = subprocess.run(
             ["git", "diff", "--quiet", "HEAD", "--", ".", *excluded],
-            cwd=root or Path.cwd(),
+            cwd=cwd,
             capture_output=True,
         ).returncode
     except (OSError, subprocess.CalledProcessError):
