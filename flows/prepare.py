@@ -1,4 +1,4 @@
-"""prepare: decode, validate, convert, resize and split the source into data/prepared/.
+"""prepare: decode, validate, convert, de-duplicate and split the source into data/prepared/.
 
 Run: ``dvc repro prepare`` (or ``python -m flows.prepare``).
 """
@@ -18,17 +18,23 @@ QUALITY = DATA_QUALITY
 
 @flow(name="prepare")
 def prepare_flow(seed: int, data: DataParams) -> dict:
-    source = t.load_source(data)
-    converted = t.convert(source, data)
-    splits = t.split(converted, data, seed)
-    stats = t.channel_stats(splits["train"])
-    metrics = t.write(PREPARED_DIR, METRICS, QUALITY, splits, source, converted, stats)
-    get_run_logger().info(
-        "prepare: %s images of %s (%s classes) -> train %s / val %s / test %s, %s quarantined%s",
-        metrics["images"], source.name, metrics["num_classes"], metrics["train_size"],
-        metrics["val_size"], metrics["test_size"], metrics["quarantined"],
-        f" (listed in {QUALITY})" if metrics["quarantined"] else "",
-    )  # fmt: skip
+    logger = get_run_logger()
+    spec = t.image_spec(data)
+    source = t.load_source(data, seed)
+    if t.content_versioned(data.source) is False:
+        logger.warning(
+            "data.source %s is outside %s/: DVC does not see its content, so adding or "
+            "editing an image there will not re-run prepare. Move it under %s/ and `dvc add` "
+            "it (README: bring your own images).",
+            data.source, t.RAW_DATA_DIR, t.RAW_DATA_DIR,
+        )  # fmt: skip
+    with t.staging_file(PREPARED_DIR, len(source), spec) as staging:
+        outcomes = t.decode(source, spec, staging, t.worker_count(data.workers), logger.info)
+        selection = t.select_usable(source, outcomes, data.min_per_class)
+        plan = t.split(source, selection, data, seed)
+        t.write_prepared(PREPARED_DIR, staging, plan, source, logger.info)
+    metrics = t.report(METRICS, QUALITY, source, outcomes, selection, plan, data)
+    logger.info(t.summary(metrics, source, selection, QUALITY))
     return metrics
 
 

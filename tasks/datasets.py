@@ -14,7 +14,9 @@
       synthetic/labels.npy
 
 Arrays are memory-mapped on read: a stage touches only the pages it uses, so a
-100k-image split costs address space, not resident memory.
+100k-image split costs address space, not resident memory. ``NpyWriter``
+streams rows into a ``.npy`` file so that writing one never needs it in memory
+either.
 """
 
 from __future__ import annotations
@@ -40,20 +42,124 @@ class ChannelStats:
     @classmethod
     def of(cls, images: np.ndarray, chunk: int = 4096) -> ChannelStats:
         """Statistics of uint8 NHWC images, accumulated in float64 chunks to bound memory."""
-        channels = images.shape[-1]
-        total = np.zeros(channels)
-        total_sq = np.zeros(channels)
-        count = 0
+        accumulator = StatsAccumulator(images.shape[-1])
         for start in range(0, len(images), chunk):
-            block = np.asarray(images[start : start + chunk], dtype=np.float64) / 255.0
-            total += block.sum(axis=(0, 1, 2))
-            total_sq += np.square(block).sum(axis=(0, 1, 2))
-            count += block.shape[0] * block.shape[1] * block.shape[2]
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+            accumulator.add(images[start : start + chunk])
+        return accumulator.result()
+
+
+class StatsAccumulator:
+    """Running per-channel sums of uint8 NHWC blocks, for statistics of a streamed split."""
+
+    def __init__(self, channels: int):
+        self.total = np.zeros(channels)
+        self.total_sq = np.zeros(channels)
+        self.count = 0
+
+    def add(self, block: np.ndarray) -> None:
+        scaled = np.asarray(block, dtype=np.float64) / 255.0
+        self.total += scaled.sum(axis=(0, 1, 2))
+        self.total_sq += np.square(scaled).sum(axis=(0, 1, 2))
+        self.count += scaled.shape[0] * scaled.shape[1] * scaled.shape[2]
+
+    def result(self) -> ChannelStats:
+        if not self.count:
+            raise ValueError("no images to take channel statistics from")
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - np.square(mean), 0.0))
         # A constant channel would divide by zero at normalisation time.
         std = np.where(std < 1e-6, 1.0, std)
-        return cls(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+        return ChannelStats(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+class NpyWriter:
+    """Write a ``.npy`` file of known shape by appending rows; nothing is held in memory.
+
+    ``np.save`` needs the whole array; this writes the header for the final shape
+    and then each block as it comes, and checks at ``close`` that every row arrived.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype | type = np.uint8):
+        self.path = Path(path)
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "wb")  # noqa: SIM115 -- closed by close()
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        np.lib.format.write_array_header_1_0(self.handle, header)
+        self.offset = self.handle.tell()
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.path}: block {block.shape} does not fit {self.shape}")
+        self.handle.write(block.tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} promised")
+
+    def __enter__(self) -> NpyWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.handle.close()
+
+
+def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | type = np.uint8) -> int:
+    """An all-zero ``.npy`` of ``shape`` (sparse on disk); returns the data's byte offset."""
+    writer = NpyWriter(path, shape, dtype)
+    writer.handle.truncate(writer.offset + int(np.prod(shape)) * writer.dtype.itemsize)
+    writer.handle.close()
+    return writer.offset
+
+
+class Rows:
+    """Rows of a (memory-mapped) array picked by index, then extra in-memory rows.
+
+    The resampled train split is the prepared train split's rows by index (repeats
+    allowed) plus synthetic images; this view reads a row from the memory map only
+    when the DataLoader asks for it, instead of copying the split into memory.
+    """
+
+    def __init__(self, base: np.ndarray, indices: np.ndarray, extra: np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return len(self.indices) + len(self.extra)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        index %= len(self)
+        if index < len(self.indices):
+            return np.asarray(self.base[self.indices[index]])
+        return self.extra[index - len(self.indices)]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        rows = np.concatenate([self.base[self.indices], self.extra])
+        return rows if dtype is None else rows.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -121,11 +227,13 @@ def load_prepared(directory: Path = PREPARED_DIR) -> PreparedData:
 
 
 def load_resampled_train(prepared: PreparedData, directory: Path = RESAMPLED_DIR) -> Split:
-    """The train split as the resample stage left it: chosen rows plus synthetic images."""
+    """The train split as the resample stage left it: chosen rows plus synthetic images.
+
+    The images are a ``Rows`` view on the memory-mapped train split, so a
+    100k-image split is read page by page as the DataLoader asks for it.
+    """
     indices = np.load(directory / "indices.npy")
     synthetic = read_split(directory / "synthetic")
-    # Fancy indexing copies the rows out of the memory map; the train split is
-    # the one set every epoch reads in full, so holding it is the right trade.
-    images = np.concatenate([prepared.train.images[indices], synthetic.images])
+    images = Rows(prepared.train.images, indices, np.asarray(synthetic.images))
     labels = np.concatenate([prepared.train.labels[indices], synthetic.labels])
     return Split(images=images, labels=labels)

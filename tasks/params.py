@@ -29,6 +29,7 @@ ModelName = Literal["resnet", "cnn"]
 ScheduleName = Literal["onecycle", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 CalibrationName = Literal["minmax", "percentile", "entropy"]
+ResizeName = Literal["stretch", "pad", "center_crop"]
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Probability = Fraction
@@ -53,18 +54,38 @@ class DataParams(Section):
     fashion_mnist_dir: Path
     image_size: int = Field(ge=4, le=1024)
     channels: Literal[1, 3]
+    resize: ResizeName
+    background: int = Field(ge=0, le=255)
+    min_size: int = Field(ge=1)
+    min_per_class: int = Field(ge=3)  # one image each for train, val and test at the least
+    max_per_class: Annotated[int, Field(ge=3)] | None
+    imbalance_ratio: float = Field(ge=1.0)
     val_fraction: float = Field(gt=0.0, lt=0.5)
     test_fraction: float = Field(gt=0.0, lt=0.5)
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"]
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
         if value in BUILTIN_SOURCES or Path(value).is_dir():
             return value
+        hint = (
+            " (a DVC-tracked folder that is not checked out: run `dvc pull`)"
+            if Path(value).with_suffix(".dvc").is_file()
+            else ""
+        )
         raise ValueError(
             f"must be one of {', '.join(BUILTIN_SOURCES)} or an existing ImageFolder "
-            "directory (one sub-folder per class)"
+            f"directory (one sub-folder per class){hint}"
         )
+
+    @field_validator("max_per_class")
+    @classmethod
+    def _cap_above_floor(cls, value: int | None, info: ValidationInfo) -> int | None:
+        floor = info.data.get("min_per_class")
+        if value is not None and floor is not None and value < floor:
+            raise ValueError(f"must not be below data.min_per_class ({floor})")
+        return value
 
 
 class ResampleParams(Section):

@@ -1,95 +1,230 @@
-"""Prepare stage: decode, validate, convert channels, resize, split, and take train statistics.
+"""Prepare stage: decode, validate, convert, resize, de-duplicate, split; train statistics.
 
 Run with ``dvc repro prepare`` (or ``python -m flows.prepare``). Reads the
 ``seed`` and ``data`` sections; writes ``data/prepared/`` (format in
 ``tasks/datasets.py``), ``metrics/prepare.json`` and ``reports/data_quality.json``.
-A file that fails to decode is quarantined (listed there with its reason)
-rather than stopping the run.
+
+The data flow is streamed, so memory stays bounded for any number of images:
+
+1. list the source's items (``tasks/sources.py``), capped by ``data.max_per_class``;
+2. decode them in worker processes (``tasks/images.py``), each writing its rows
+   straight into a staging ``.npy`` file; only outcomes come back;
+3. quarantine what did not decode, drop exact duplicates (by content hash) so
+   that no image sits in two splits, and fail if a class is left too small;
+4. split stratified (keeping a published test split), make the train split
+   long-tailed if ``data.imbalance_ratio`` > 1;
+5. copy each split's rows from staging into its own ``.npy`` in chunks, taking
+   the train statistics on the way, and swap ``data/prepared/`` in whole.
+
+Broken files never stop the run and never vanish: each is listed in
+``reports/data_quality.json`` with its path and reason.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tasks.artifacts import atomic_dir, write_json
-from tasks.datasets import SPLITS, ChannelStats, Split, write_prepared
+from tasks.datasets import SPLITS, ChannelStats, NpyWriter, StatsAccumulator, create_npy
+from tasks.images import ImageSpec, Outcome, decode_chunk
 from tasks.orchestration import stage_task
-from tasks.params import DataParams
-from tasks.sources import Source, build_source
+from tasks.params import BUILTIN_SOURCES, DataParams
+from tasks.progress import Progress
+from tasks.sources import Source, build_source, cap_per_class
 
-# What Pillow raises on a file it cannot decode: truncated data, a non-image
-# with an image suffix, a decompression bomb, an unsupported mode.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class Converted:
-    """Every decodable item of a source in the stored format, plus what was set aside."""
-
-    images: np.ndarray  # uint8 (N, H, W, C)
-    labels: np.ndarray  # int64 (N,)
-    official_test: np.ndarray | None
-    quarantined: list[dict[str, str]] = field(default_factory=list)
+CHUNK = 256  # items per worker task: large enough to amortise the hand-off
+COPY_CHUNK = 2048  # rows per block when copying a split out of staging
+RAW_DATA_DIR = Path("data/raw")  # dvc.yaml's prepare stage depends on this folder's content
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Rescale 16/32-bit integer and float images to 8 bits (Pillow's convert would clip)."""
-    pixels = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        top = 1.0 if pixels.max(initial=0.0) <= 1.0 else 255.0  # [0, 1] floats or 8-bit range
-    else:  # "I" and "I;16*": 16-bit data unless every value already fits in 8 bits
-        top = 65535.0 if pixels.max(initial=0.0) > 255 else 255.0
-    return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8))
+def image_spec(params: DataParams) -> ImageSpec:
+    return ImageSpec(
+        size=params.image_size,
+        channels=params.channels,
+        resize=params.resize,
+        background=params.background,
+        min_size=params.min_size,
+    )
 
 
-def to_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
-    """One Pillow image -> uint8 (size, size, channels): orientation, depth, alpha, mode, size."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "F" or image.mode.startswith("I"):
-        image = _to_8bit(image)
-    # RGBA/LA/PA carry alpha; P, L and RGB may carry a colour key ("transparency").
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        # Transparent pixels have no colour of their own: show them on white.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+def worker_count(workers: int | str) -> int:
+    """``data.workers``: ``auto`` is every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if workers == "auto" else int(workers)
+
+
+def content_versioned(source: str, root: Path | None = None) -> bool | None:
+    """Whether DVC sees the source folder's content (it lies under data/raw/); None: built-in.
+
+    ``root`` is the repository root (the working directory DVC runs stages in).
+    """
+    if source in BUILTIN_SOURCES:
+        return None
+    raw = ((root or Path.cwd()) / RAW_DATA_DIR).resolve()
+    return raw in Path(source).resolve().parents
 
 
 @stage_task(name="load-source")
-def load_source(params: DataParams) -> Source:
-    return build_source(params)
+def load_source(params: DataParams, seed: int) -> Source:
+    return cap_per_class(build_source(params), params.max_per_class, seed)
 
 
-@stage_task(name="convert")
-def convert(source: Source, params: DataParams) -> Converted:
-    """Decode and convert every item; quarantine what does not decode."""
-    images = np.empty(
-        (len(source), params.image_size, params.image_size, params.channels), np.uint8
-    )
-    kept = np.zeros(len(source), dtype=bool)
-    quarantined: list[dict[str, str]] = []
-    for i in range(len(source)):
-        try:
-            images[i] = to_array(source.load(i), params.channels, params.image_size)
-            kept[i] = True
-        except DECODE_ERRORS as exc:
-            quarantined.append(
-                {"path": source.item_names[i], "reason": f"{type(exc).__name__}: {exc}"}
-            )
-    if not kept.any():
-        raise ValueError(f"no image of {source.name} could be decoded")
-    official = source.official_test[kept] if source.official_test is not None else None
-    return Converted(images[kept], source.labels[kept], official, quarantined)
+@dataclass(frozen=True)
+class Staging:
+    """A ``.npy`` file with one row per source item, filled in by the decode workers."""
+
+    path: Path
+    offset: int  # byte offset of row 0
+
+
+@contextmanager
+def staging_file(beside: Path, rows: int, spec: ImageSpec) -> Iterator[Staging]:
+    """A sparse staging array next to ``beside`` (same disk), removed whatever happens."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{beside.name}.staging.", dir=beside.parent) as tmp:
+        path = Path(tmp) / "images.npy"
+        yield Staging(path, create_npy(path, (rows, spec.size, spec.size, spec.channels)))
+
+
+def decode_all(
+    source: Source,
+    spec: ImageSpec,
+    staging: Staging,
+    workers: int,
+    log: Callable[[str], None] = print,
+) -> list[Outcome]:
+    """Decode every item into its staging row, ``workers`` processes at a time."""
+    n = len(source)
+    outcomes: list[Outcome | None] = [None] * n
+    starts = range(0, n, CHUNK)
+    with Progress(n, "decode", log) as progress:
+        if workers <= 1 or len(starts) < 2:
+            for start in starts:
+                chunk = source.items.take(np.arange(start, min(start + CHUNK, n)))
+                outcomes[start : start + len(chunk)] = decode_chunk(
+                    chunk, start, spec, str(staging.path), staging.offset
+                )
+                progress.update(len(chunk))
+            return outcomes  # type: ignore[return-value]
+        Image.init()  # import every Pillow plugin once, before the workers fork
+        # fork, not spawn: a spawned worker re-imports the stage's __main__ and with
+        # it Prefect (3.6 s and 240 MB each). The forked workers run only Pillow and
+        # numpy code (tasks/images.py), which takes no lock the parent's threads hold.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(workers, len(starts)), mp_context=context) as pool:
+            futures = {
+                pool.submit(
+                    decode_chunk,
+                    source.items.take(np.arange(start, min(start + CHUNK, n))),
+                    start,
+                    spec,
+                    str(staging.path),
+                    staging.offset,
+                ): start
+                for start in starts
+            }
+            for future in as_completed(futures):
+                start = futures[future]
+                chunk = future.result()
+                outcomes[start : start + len(chunk)] = chunk
+                progress.update(len(chunk))
+    return outcomes  # type: ignore[return-value]
+
+
+@stage_task(name="decode")
+def decode(
+    source: Source, spec: ImageSpec, staging: Staging, workers: int, log: Callable[[str], None]
+) -> list[Outcome]:
+    return decode_all(source, spec, staging, workers, log)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which staging rows go on to be split, and what was set aside and why."""
+
+    positions: np.ndarray  # sorted staging rows that are kept
+    quarantined: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+
+
+def select(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selection:
+    """Quarantine what failed, keep one copy of each exact duplicate, check class sizes.
+
+    Copies of one content with different labels are all quarantined (the label
+    is unknowable). Otherwise one copy is kept: the one in a published test split
+    if there is one (so that split stays whole), else the first; so a duplicate
+    can never sit in both train and test.
+    """
+    names, labels, classes = source.item_names, source.labels, source.classes
+    keep = np.array([outcome.ok for outcome in outcomes], dtype=bool)
+    quarantined = [
+        {"path": names[i], "reason": outcome.reason, "detail": outcome.detail}
+        for i, outcome in enumerate(outcomes)
+        if not outcome.ok
+    ]
+    groups: dict[bytes, list[int]] = defaultdict(list)
+    for i in np.flatnonzero(keep):
+        groups[outcomes[i].digest].append(int(i))
+    duplicates = []
+    for members in (m for m in groups.values() if len(m) > 1):
+        if len({int(labels[m]) for m in members}) > 1:
+            keep[members] = False
+            for m in members:
+                others = ", ".join(f"{names[o]} ({classes[labels[o]]})" for o in members if o != m)
+                quarantined.append(
+                    {
+                        "path": names[m],
+                        "reason": "conflicting_labels",
+                        "detail": f"labelled {classes[labels[m]]}; same content as {others}",
+                    }
+                )
+            continue
+        official = source.official_test
+        kept = next((m for m in members if official is not None and official[m]), members[0])
+        dropped = [m for m in members if m != kept]
+        keep[dropped] = False
+        duplicates.append(
+            {
+                "class": classes[labels[kept]],
+                "kept": names[kept],
+                "dropped": [names[m] for m in dropped],
+            }
+        )
+
+    counts = np.bincount(labels[keep], minlength=len(classes))
+    short = np.flatnonzero(counts < min_per_class)
+    if short.size:
+        reasons: dict[int, Counter[str]] = defaultdict(Counter)
+        for i, outcome in enumerate(outcomes):
+            if not outcome.ok:
+                reasons[int(labels[i])][outcome.reason] += 1
+        detail = "; ".join(
+            f"{classes[c]}: {counts[c]} usable"
+            + (f" ({dict(reasons[c])} set aside)" if reasons[c] else "")
+            for c in short
+        )
+        raise ValueError(
+            f"class(es) with fewer than data.min_per_class={min_per_class} usable images: "
+            f"{detail}. Add images, remove the class folder, or lower data.min_per_class."
+        )
+    return Selection(np.flatnonzero(keep), quarantined, duplicates)
+
+
+@stage_task(name="select")
+def select_usable(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selection:
+    return select(source, outcomes, min_per_class)
 
 
 def stratified_split(
@@ -137,52 +272,158 @@ def stratified_split(
     return splits
 
 
+def long_tail_counts(counts: list[int], ratio: float) -> list[int]:
+    """Per-class sizes of the exponential long-tail profile.
+
+    Class ``k`` of ``C`` keeps ``n_max * ratio ** (-k / (C - 1))`` images, so the
+    first class keeps ``n_max`` and the last ``n_max / ratio`` (Cui et al. 2019,
+    "Class-Balanced Loss Based on Effective Number of Samples"; Cao et al. 2019,
+    LDAM). A class never grows and keeps at least one image.
+    """
+    n_max, last = max(counts), len(counts) - 1
+    return [min(count, max(1, int(n_max * ratio ** (-k / last)))) for k, count in enumerate(counts)]
+
+
+def long_tail(train: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """A seeded random subset of the train indices following ``long_tail_counts``."""
+    if ratio == 1.0:
+        return train
+    num_classes = int(labels.max()) + 1
+    members = [train[labels[train] == c] for c in range(num_classes)]
+    targets = long_tail_counts([len(m) for m in members], ratio)
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(m, size=t, replace=False) for m, t in zip(members, targets, strict=True)]
+    return np.sort(np.concatenate(kept))
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Staging rows of each split, in order."""
+
+    positions: dict[str, np.ndarray]
+    long_tail_dropped: int
+
+
 @stage_task(name="split")
-def split(converted: Converted, params: DataParams, seed: int) -> dict[str, Split]:
-    indices = stratified_split(
-        converted.labels, params.val_fraction, params.test_fraction, seed, converted.official_test
-    )
-    return {
-        name: Split(converted.images[idx], converted.labels[idx]) for name, idx in indices.items()
-    }
+def split(source: Source, selection: Selection, params: DataParams, seed: int) -> SplitPlan:
+    kept = selection.positions
+    labels = source.labels[kept]
+    official = None if source.official_test is None else source.official_test[kept]
+    indices = stratified_split(labels, params.val_fraction, params.test_fraction, seed, official)
+    train = long_tail(indices["train"], labels, params.imbalance_ratio, seed)
+    positions = {name: kept[indices[name]] for name in SPLITS} | {"train": kept[train]}
+    return SplitPlan(positions, len(indices["train"]) - len(train))
 
 
-@stage_task(name="channel-stats")
-def channel_stats(train: Split) -> ChannelStats:
-    """Normalisation statistics from the train split only, so val/test stay unseen."""
-    return ChannelStats.of(train.images)
+def copy_splits(
+    staging: Staging,
+    plan: SplitPlan,
+    labels: np.ndarray,
+    out_dir: Path,
+    classes: tuple[str, ...],
+    log: Callable[[str], None] = print,
+) -> ChannelStats:
+    """Write each split's rows from staging into ``out_dir`` in blocks; train statistics."""
+    row_shape = np.load(staging.path, mmap_mode="r").shape[1:]
+    accumulator = StatsAccumulator(row_shape[-1])
+    total = sum(len(p) for p in plan.positions.values())
+    with Progress(total, "write", log) as progress:
+        for name in SPLITS:
+            positions = plan.positions[name]
+            with NpyWriter(out_dir / name / "images.npy", (len(positions), *row_shape)) as out:
+                for start in range(0, len(positions), COPY_CHUNK):
+                    # A fresh map per block: pages read from staging leave this
+                    # process's resident set as soon as the block is copied.
+                    rows = np.load(staging.path, mmap_mode="r")
+                    block = rows[positions[start : start + COPY_CHUNK]]
+                    del rows
+                    out.append(block)
+                    if name == "train":
+                        accumulator.add(block)
+                    progress.update(len(block))
+            with NpyWriter(out_dir / name / "labels.npy", (len(positions),), np.int64) as out:
+                out.append(labels[positions])
+    stats = accumulator.result()
+    write_json(out_dir / "classes.json", list(classes))
+    write_json(out_dir / "stats.json", {"mean": stats.mean, "std": stats.std})
+    return stats
 
 
 @stage_task(name="write-prepared")
-def write(
-    out_dir: Path,
+def write_prepared(
+    out_dir: Path, staging: Staging, plan: SplitPlan, source: Source, log: Callable[[str], None]
+) -> ChannelStats:
+    """Swap the new prepared data in whole, or leave the old in place on any failure."""
+    with atomic_dir(out_dir) as tmp:
+        return copy_splits(staging, plan, source.labels, tmp, source.classes, log)
+
+
+def _count(outcomes: list[Outcome]) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.ok]
+    steps = Counter(step for o in ok for step in o.conversions)
+    return {
+        "converted": sum(1 for o in ok if o.conversions),
+        "unchanged": sum(1 for o in ok if not o.conversions),
+        "by_kind": dict(sorted(steps.items())),
+        "formats": dict(sorted(Counter(o.format for o in ok).items())),
+    }
+
+
+@stage_task(name="report")
+def report(
     metrics_path: Path,
     quality_path: Path,
-    splits: dict[str, Split],
     source: Source,
-    converted: Converted,
-    stats: ChannelStats,
+    outcomes: list[Outcome],
+    selection: Selection,
+    plan: SplitPlan,
+    params: DataParams,
 ) -> dict:
-    """Swap the new prepared data in whole; record sizes (metrics) and what was set aside."""
-    with atomic_dir(out_dir) as tmp:
-        write_prepared(tmp, splits, source.classes, stats)
+    """``reports/data_quality.json`` (everything set aside, and why) and the stage metrics."""
     num_classes = len(source.classes)
+    counts = {
+        name: np.bincount(source.labels[plan.positions[name]], minlength=num_classes).tolist()
+        for name in SPLITS
+    }
+    reasons = Counter(entry["reason"] for entry in selection.quarantined)
+    dropped = sum(len(group["dropped"]) for group in selection.duplicates)
     write_json(
         quality_path,
         {
             "source": source.name,
-            "quarantined": converted.quarantined,
+            "content_versioned": content_versioned(params.source),
+            "items": len(source),
+            "ignored": source.ignored,
+            "quarantined_by_reason": dict(sorted(reasons.items())),
+            "quarantined": selection.quarantined,
+            "conversions": _count(outcomes),
+            "duplicates": {"dropped": dropped, "groups": selection.duplicates},
+            "long_tail": {"ratio": params.imbalance_ratio, "dropped": plan.long_tail_dropped},
             "class_counts": {
-                name: dict(zip(source.classes, splits[name].class_counts(num_classes), strict=True))
-                for name in SPLITS
+                name: dict(zip(source.classes, counts[name], strict=True)) for name in SPLITS
             },
         },
     )
     metrics = {
-        "images": len(converted.labels),
-        "quarantined": len(converted.quarantined),
+        "images": int(sum(sum(c) for c in counts.values())),
+        "quarantined": len(selection.quarantined),
+        "duplicates": dropped,
         "num_classes": num_classes,
-        **{f"{name}_size": len(splits[name]) for name in SPLITS},
+        **{f"{name}_size": int(sum(counts[name])) for name in SPLITS},
+        "train_imbalance": round(max(counts["train"]) / max(min(counts["train"]), 1), 3),
     }
     write_json(metrics_path, metrics)
     return metrics
+
+
+def summary(metrics: dict, source: Source, selection: Selection, quality: Path) -> str:
+    """The stage's one-line account of what happened."""
+    reasons = Counter(entry["reason"] for entry in selection.quarantined)
+    by_reason = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    set_aside = f"{metrics['quarantined']} quarantined" + (f" ({by_reason})" if by_reason else "")
+    return (
+        f"prepare: {metrics['images']} images of {source.name} ({metrics['num_classes']} "
+        f"classes) -> train {metrics['train_size']} / val {metrics['val_size']} / test "
+        f"{metrics['test_size']}; {set_aside}; {metrics['duplicates']} duplicates dropped; "
+        f"details in {quality}"
+    )

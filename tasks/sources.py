@@ -1,22 +1,29 @@
 """Where images come from: the built-in digits, Fashion-MNIST IDX files, or an ImageFolder.
 
-A source is an indexable collection of labelled items. ``load(i)`` decodes item
-``i`` into a Pillow image, so that the prepare stage converts one image at a
-time instead of holding a whole folder of photos in memory. ``build_source``
-picks the loader from ``data.source``.
+A source lists labelled items without decoding them: ``items`` reads one item
+at a time (an array row or a file), so the prepare stage decodes them in worker
+processes instead of holding a folder of photos in memory. ``build_source``
+picks the loader from ``data.source``; ``cap_per_class`` applies
+``data.max_per_class`` before anything is decoded.
+
+An ImageFolder is one sub-folder per class, nested folders allowed; hidden
+files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are skipped, and files
+without an image suffix are counted in ``ignored`` (never silently dropped).
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from tasks.images import ArrayItems, FileItems, Items
 from tasks.params import DataParams
 
 FASHION_MNIST_CLASSES = (
@@ -29,28 +36,68 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# What Pillow reads; anything else in a class folder is counted as ignored.
 IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-)
+    {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Source:
-    """Labelled items that decode one at a time.
+    """Labelled items, listed but not yet decoded.
 
     ``official_test`` marks items of a published test split (Fashion-MNIST's
     10k); the prepare stage keeps it as the test split instead of drawing one.
+    ``ignored`` counts files that were never items (no image suffix, hidden).
     """
 
     name: str
     classes: tuple[str, ...]
-    labels: np.ndarray
-    load: Callable[[int], Image.Image]
-    item_names: Sequence[str]
+    labels: np.ndarray  # int64 (N,)
+    items: Items
+    item_names: tuple[str, ...]
     official_test: np.ndarray | None = None
+    ignored: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, positions: np.ndarray) -> Source:
+        """The items at ``positions``, in that order."""
+        return replace(
+            self,
+            labels=self.labels[positions],
+            items=self.items.take(positions),
+            item_names=tuple(self.item_names[i] for i in positions),
+            official_test=None if self.official_test is None else self.official_test[positions],
+        )
+
+
+def cap_per_class(source: Source, max_per_class: int | None, seed: int) -> Source:
+    """At most ``max_per_class`` items of each class, drawn at random (seeded), order kept.
+
+    Where the source has an official test split, each class's cap is shared
+    between its official train and test items in their original proportion,
+    so that every class still has test images.
+    """
+    if max_per_class is None:
+        return source
+    rng = np.random.default_rng(seed)
+    official = (
+        np.zeros(len(source), dtype=bool) if source.official_test is None else source.official_test
+    )
+    keep = []
+    for c in range(len(source.classes)):
+        members = np.flatnonzero(source.labels == c)
+        if len(members) <= max_per_class:
+            keep.append(members)
+            continue
+        test, train = members[official[members]], members[~official[members]]
+        test_cap = min(len(test), max(int(round(max_per_class * len(test) / len(members))), 1))
+        for part, cap in ((train, max_per_class - test_cap), (test, test_cap)):
+            keep.append(rng.choice(part, size=min(cap, len(part)), replace=False))
+    return source.take(np.sort(np.concatenate(keep)))
 
 
 def _digits(params: DataParams) -> Source:
@@ -63,8 +110,8 @@ def _digits(params: DataParams) -> Source:
         name="digits",
         classes=tuple(str(name) for name in bunch.target_names),
         labels=bunch.target.astype(np.int64),
-        load=lambda i: Image.fromarray(pixels[i]),
-        item_names=[f"digits[{i}]" for i in range(len(pixels))],
+        items=ArrayItems(pixels),
+        item_names=tuple(f"digits[{i}]" for i in range(len(pixels))),
     )
 
 
@@ -105,50 +152,80 @@ def _fashion_mnist(params: DataParams) -> Source:
     }
     images = np.concatenate([arrays["train_images"], arrays["test_images"]])
     labels = np.concatenate([arrays["train_labels"], arrays["test_labels"]]).astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels")
     official_test = np.zeros(len(labels), dtype=bool)
     official_test[len(arrays["train_labels"]) :] = True
     return Source(
         name="fashion-mnist",
         classes=FASHION_MNIST_CLASSES,
         labels=labels,
-        load=lambda i: Image.fromarray(images[i]),
-        item_names=[f"fashion-mnist[{i}]" for i in range(len(labels))],
+        items=ArrayItems(images),
+        item_names=tuple(f"fashion-mnist[{i}]" for i in range(len(labels))),
         official_test=official_test,
     )
 
 
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+def _walk(directory: str, ignored: Counter[str]) -> list[str]:
+    """Image files under ``directory``, sorted, skipping hidden entries (counted)."""
+    found: list[str] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                ignored["hidden"] += 1
+            elif entry.is_dir():
+                found.extend(_walk(entry.path, ignored))
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(entry.path)
+            else:
+                ignored["not_an_image_suffix"] += 1
+    return sorted(found)
 
 
 def _image_folder(params: DataParams) -> Source:
     root = Path(params.source)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.source: {root} does not exist or is not a directory")
+    ignored: Counter[str] = Counter()
+    class_dirs = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            ignored["hidden"] += 1
+        elif entry.is_dir():
+            class_dirs.append(entry)
+        else:
+            ignored["outside_a_class_folder"] += 1
     if not class_dirs:
-        raise ValueError(f"data.source {root} holds no class sub-folders (one per class)")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, class_dir in enumerate(class_dirs):
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and _visible(path, root):
-                paths.append(path)
-                labels.append(label)
-    if not paths:
         raise ValueError(
-            f"data.source {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"data.source: {root} holds no class sub-folders: an ImageFolder has one "
+            "sub-folder per class (root/cat/*.jpg, root/dog/*.jpg, ...)"
         )
-
-    def load(i: int) -> Image.Image:
-        with Image.open(paths[i]) as image:
-            image.load()
-            return image.copy()
-
+    if len(class_dirs) < 2:
+        raise ValueError(
+            f"data.source: {root} holds one class ({class_dirs[0].name}); "
+            "a classifier needs at least 2 class sub-folders"
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    empty = []
+    for label, class_dir in enumerate(class_dirs):
+        found = _walk(class_dir.path, ignored)
+        if not found:
+            empty.append(class_dir.name)
+        paths.extend(found)
+        labels.extend([label] * len(found))
+    if empty:
+        raise ValueError(
+            f"data.source: class folder(s) {', '.join(empty)} in {root} hold no image files "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder"
+        )
     return Source(
         name=str(root),
         classes=tuple(d.name for d in class_dirs),
         labels=np.asarray(labels, dtype=np.int64),
-        load=load,
-        item_names=[str(p) for p in paths],
+        items=FileItems(tuple(paths)),
+        item_names=tuple(paths),
+        ignored=dict(ignored),
     )
 
 
@@ -162,9 +239,4 @@ def build_source(params: DataParams) -> Source:
     """The source ``data.source`` names: a built-in one, else a path to an ImageFolder."""
     if params.source in SOURCES:
         return SOURCES[params.source](params)
-    if Path(params.source).is_dir():
-        return _image_folder(params)
-    raise ValueError(
-        f"data.source: {params.source!r} is neither one of {', '.join(SOURCES)} "
-        "nor an existing ImageFolder directory"
-    )
+    return _image_folder(params)

@@ -23,6 +23,9 @@ NOT_DEPS = {
     "flows/prefect_api.py",
     "tasks/orchestration.py",
 }
+# Params that change how fast a stage runs, never what it writes: left out of dvc.yaml
+# so that changing them does not re-run anything.
+NOT_OUTPUT_PARAMS = {"data.workers"}
 
 
 def _module_file(name: str) -> Path | None:
@@ -85,6 +88,22 @@ def test_params_keys_are_the_sections_the_flow_reads(stage):
     flow = getattr(importlib.import_module(f"flows.{stage}"), f"{stage}_flow")
     declared = {key.split(".")[0] for key in DVC["stages"][stage]["params"]}
     assert declared == set(flow_sections(flow))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_section_listed_key_by_key_lists_every_key_that_can_change_an_output(stage):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    keys = DVC["stages"][stage]["params"]
+    for section in {key.split(".")[0] for key in keys if "." in key}:
+        expected = {f"{section}.{name}" for name in raw[section]} - NOT_OUTPUT_PARAMS
+        assert {key for key in keys if key.startswith(f"{section}.")} == expected
+
+
+def test_prepare_depends_on_the_raw_data_folder():
+    from tasks.prepare import RAW_DATA_DIR
+
+    assert str(RAW_DATA_DIR) in DVC["stages"]["prepare"]["deps"]
+    assert (ROOT / RAW_DATA_DIR / "README.md").is_file()  # so a fresh clone has the folder
 
 
 def test_params_keys_exist_in_params_yaml():

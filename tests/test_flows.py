@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.prepare import prepare_flow
 from flows.resample import resample_flow
-from tasks.datasets import ChannelStats, Split, write_prepared
-from tasks.layout import RESAMPLED_DIR, metrics_path
-from tasks.params import ResampleParams
+from tasks.artifacts import read_json
+from tasks.datasets import ChannelStats, Split, load_prepared, write_prepared
+from tasks.layout import DATA_QUALITY, PREPARED_DIR, RESAMPLED_DIR, metrics_path
+from tasks.params import DataParams, Params, ResampleParams
+from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder
 
 CLASSES = ("a", "b", "c")
 
@@ -69,3 +74,70 @@ def test_a_failing_task_fails_the_flow_and_leaves_no_output(harness, prepared_on
         state.result()
     assert not RESAMPLED_DIR.exists()
     assert not metrics_path("resample").exists()
+
+
+def _folder_params(params: Params, source: Path, **update: object) -> DataParams:
+    settings = {"source": str(source), "image_size": 12, "channels": 3, "resize": "pad"}
+    settings |= {"min_size": 8, "min_per_class": 5, "max_per_class": None, "workers": 2}
+    return DataParams(**{**params.data.model_dump(), **settings, **update})
+
+
+def test_prepare_flow_on_a_messy_image_folder(harness, params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected = build_messy_folder(tmp_path / "data/raw/messy")
+    state = prepare_flow(seed=0, data=_folder_params(params, "data/raw/messy"), return_state=True)
+
+    assert state.is_completed()
+    quality = read_json(DATA_QUALITY)
+    root = "data/raw/messy/"
+    assert {q["path"].removeprefix(root): q["reason"] for q in quality["quarantined"]} == (
+        expected["quarantined"]
+    )
+    assert quality["content_versioned"] is True
+    assert quality["ignored"] == {
+        "hidden": 3,
+        "not_an_image_suffix": 1,
+        "outside_a_class_folder": 1,
+    }
+    kinds = quality["conversions"]["by_kind"]
+    for kind in set(expected["converted"].values()):
+        assert kinds[kind] >= 1, kind
+    assert quality["conversions"]["formats"].keys() >= {"BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP"}
+    assert quality["duplicates"]["dropped"] == 1
+
+    prepared = load_prepared(PREPARED_DIR)
+    assert prepared.image_shape == (12, 12, 3)
+    stored = sum(len(getattr(prepared, name)) for name in ("train", "val", "test"))
+    # b/good1.png has a twin in class a (both quarantined); c's copy of good0.png is dropped
+    assert stored == 3 * GOOD_PER_CLASS - 1 + len(expected["converted"])
+    assert read_json(metrics_path("prepare"))["images"] == stored
+    counts = quality["class_counts"]
+    assert sum(sum(c.values()) for c in counts.values()) == stored
+    # no stored image sits in two splits
+    seen = {
+        name: {row.tobytes() for row in np.asarray(getattr(prepared, name).images)}
+        for name in ("train", "val", "test")
+    }
+    assert not (
+        seen["train"] & seen["test"] or seen["train"] & seen["val"] or seen["val"] & seen["test"]
+    )
+    assert _task_names(state.state_details.flow_run_id) == [
+        "decode", "load-source", "report", "select", "split", "write-prepared",
+    ]  # fmt: skip
+
+
+def test_prepare_flow_fails_fast_and_writes_nothing_when_a_class_is_too_small(
+    harness, params, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    build_messy_folder(tmp_path / "messy")
+    data = _folder_params(params, tmp_path / "messy", min_per_class=GOOD_PER_CLASS + 5)
+    state = prepare_flow(seed=0, data=data, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"fewer than data.min_per_class=15 usable images"):
+        state.result()
+    assert not PREPARED_DIR.exists()
+    assert not DATA_QUALITY.exists()
+    assert not metrics_path("prepare").exists()
+    assert not list((tmp_path / "data").glob(".*"))  # no staging left behind

@@ -1,108 +1,136 @@
-"""Prepare stage cores: image conversion, sources, stratified splits and train statistics."""
+"""Prepare's cores: parallel decode, quarantine and de-duplication, splits, long tail, writing."""
 
 from __future__ import annotations
 
-import gzip
-import io
-import struct
-from collections.abc import Callable
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tasks.datasets import ChannelStats
+from tasks.datasets import ChannelStats, load_prepared
+from tasks.images import ArrayItems, Outcome
 from tasks.params import DataParams, Params
-from tasks.prepare import convert, stratified_split, to_array
-from tasks.sources import FASHION_MNIST_CLASSES, Source, build_source, read_idx
-
-# ---------------------------------------------------------------- to_array
+from tasks.prepare import (
+    SplitPlan,
+    Staging,
+    content_versioned,
+    copy_splits,
+    decode_all,
+    image_spec,
+    long_tail,
+    long_tail_counts,
+    select,
+    staging_file,
+    stratified_split,
+)
+from tasks.sources import Source
+from tests.imagefolders import noise
 
 
 def _noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+    return noise(shape, seed)
 
 
-IMAGES: dict[str, Callable[[], Image.Image]] = {
-    "RGBA": lambda: Image.fromarray(_noise((7, 5, 4)), "RGBA"),
-    "P": lambda: Image.fromarray(_noise((9, 13, 3))).convert("P"),
-    "L": lambda: Image.fromarray(_noise((11, 3))),
-    "RGB": lambda: Image.fromarray(_noise((3, 17, 3))),
-    "CMYK": lambda: Image.fromarray(_noise((6, 9, 4)), "CMYK"),
-    "LA": lambda: Image.fromarray(_noise((5, 5, 2)), "LA"),
-}
+def _array_source(pixels: np.ndarray, labels: list[int], official=None) -> Source:
+    return Source(
+        name="memory",
+        classes=tuple("abcdefghij"[: max(labels) + 1]),
+        labels=np.asarray(labels, dtype=np.int64),
+        items=ArrayItems(pixels),
+        item_names=tuple(f"memory[{i}]" for i in range(len(labels))),
+        official_test=None if official is None else np.asarray(official),
+    )
 
 
-@pytest.mark.parametrize("mode", IMAGES)
-@pytest.mark.parametrize("channels", [1, 3])
-def test_to_array_shape_and_dtype(mode: str, channels: int) -> None:
-    image = IMAGES[mode]()
-    assert image.mode == mode
-    array = to_array(image, channels, 8)
-    assert array.shape == (8, 8, channels)
-    assert array.dtype == np.uint8
+def _data(params: Params, **update: object) -> DataParams:
+    return DataParams(**{**params.data.model_dump(), **update})
 
 
-def test_to_array_colour_conversion() -> None:
-    red = Image.new("RGB", (3, 5), (255, 0, 0))
-    assert to_array(red, 3, 4)[0, 0].tolist() == [255, 0, 0]
-    assert to_array(red, 1, 4)[0, 0, 0] == 76  # ITU-R 601 luma: 0.299 * 255
-    # CMYK is subtractive: no ink is white, full black ink is black.
-    assert to_array(Image.new("CMYK", (3, 3), (0, 0, 0, 0)), 1, 3).min() == 255
-    assert to_array(Image.new("CMYK", (3, 3), (0, 0, 0, 255)), 3, 3).max() == 0
+# ---------------------------------------------------------------- decode_all
 
 
-def _half_transparent_rgba() -> Image.Image:
-    """Left column fully transparent (its colour must not show), right column opaque black."""
-    pixels = np.zeros((4, 2, 4), np.uint8)
-    pixels[:, 0] = (10, 200, 30, 0)
-    pixels[:, 1] = (0, 0, 0, 255)
-    return Image.fromarray(pixels, "RGBA")
+def test_parallel_decode_matches_sequential(params: Params, tmp_path: Path) -> None:
+    pixels = _noise((700, 12, 12))  # three chunks of 256
+    source = _array_source(pixels, [i % 3 for i in range(700)])
+    spec = image_spec(_data(params, image_size=8, channels=3, min_size=8))
+    results = {}
+    for workers in (1, 2):
+        with staging_file(tmp_path / f"out{workers}", len(source), spec) as staging:
+            outcomes = decode_all(source, spec, staging, workers, log=lambda line: None)
+            results[workers] = (outcomes, np.load(staging.path))
+    assert results[1][0] == results[2][0]
+    assert np.array_equal(results[1][1], results[2][1])
+    assert results[2][1].shape == (700, 8, 8, 3)
+    assert all(o.ok for o in results[2][0])
+    assert not list(tmp_path.glob(".out*"))  # staging removed
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_alpha_is_composited_on_white(channels: int) -> None:
-    array = to_array(_half_transparent_rgba(), channels, 2)  # no resize: (2, 2) kept as is
-    assert (array[:, 0] == 255).all()
-    assert (array[:, 1] == 0).all()
+# ---------------------------------------------------------------- select
 
 
-def test_palette_transparency_is_composited_on_white() -> None:
-    image = Image.new("P", (4, 4), 1)
-    image.putpalette([0, 0, 0] * 256)  # every entry black
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", transparency=1)
-    reloaded = Image.open(io.BytesIO(buffer.getvalue()))
-    assert reloaded.mode == "P"
-    assert to_array(reloaded, 1, 4).min() == 255
+def _ok(digest: bytes) -> Outcome:
+    return Outcome(digest=digest, format="PNG")
 
 
-def test_exif_orientation_is_applied() -> None:
-    pixels = np.zeros((4, 4), np.uint8)
-    pixels[:, 2:] = 255  # left dark, right bright
-    exif = Image.Exif()
-    exif[0x0112] = 3  # "rotate 180 to display"
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
-    array = to_array(Image.open(io.BytesIO(buffer.getvalue())), 1, 4)[..., 0]
-    assert (array[:, :2] == 255).all()
-    assert (array[:, 2:] == 0).all()
+def test_select_quarantines_failures_and_keeps_one_copy_of_duplicates() -> None:
+    source = _array_source(_noise((8, 4, 4)), [0, 0, 0, 1, 1, 1, 0, 1])
+    outcomes = [
+        _ok(b"p"), _ok(b"q"), Outcome("truncated", "cut", b"r", "PNG"), _ok(b"s"),
+        _ok(b"t"), _ok(b"p"), _ok(b"q"), _ok(b"s"),
+    ]  # fmt: skip
+    selection = select(source, outcomes, min_per_class=1)
+    # p: labels 0 and 1 -> both quarantined; q: twice in class 0 -> first kept;
+    # s: twice in class 1 -> first kept
+    assert selection.positions.tolist() == [1, 3, 4]
+    assert {(q["path"], q["reason"]) for q in selection.quarantined} == {
+        ("memory[2]", "truncated"),
+        ("memory[0]", "conflicting_labels"),
+        ("memory[5]", "conflicting_labels"),
+    }
+    assert sorted((d["kept"], tuple(d["dropped"])) for d in selection.duplicates) == [
+        ("memory[1]", ("memory[6]",)),
+        ("memory[3]", ("memory[7]",)),
+    ]
 
 
-def test_colour_key_transparency_is_composited_on_white() -> None:
-    buffer = io.BytesIO()
-    Image.new("L", (4, 4), 0).save(buffer, format="PNG", transparency=0)
-    reloaded = Image.open(io.BytesIO(buffer.getvalue()))
-    assert "transparency" in reloaded.info
-    assert to_array(reloaded, 1, 4).min() == 255
+def test_select_keeps_the_official_test_copy_of_a_duplicate() -> None:
+    source = _array_source(_noise((4, 4, 4)), [0, 0, 1, 1], official=[False, True, False, False])
+    outcomes = [_ok(b"x"), _ok(b"x"), _ok(b"y"), _ok(b"z")]
+    selection = select(source, outcomes, min_per_class=1)
+    assert selection.positions.tolist() == [1, 2, 3]
+    assert selection.duplicates == [{"class": "a", "kept": "memory[1]", "dropped": ["memory[0]"]}]
 
 
-def test_sixteen_bit_grayscale_is_rescaled() -> None:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((4, 4), 100 * 257, np.uint16)).save(buffer, format="PNG")
-    array = to_array(Image.open(io.BytesIO(buffer.getvalue())), 1, 4)
-    assert np.abs(array.astype(int) - 100).max() <= 1
+def test_select_fails_when_a_class_is_left_below_min_per_class() -> None:
+    source = _array_source(_noise((6, 4, 4)), [0, 0, 0, 1, 1, 1])
+    outcomes = [_ok(b"a"), _ok(b"b"), _ok(b"c"), _ok(b"d"), Outcome("empty_file", "0 bytes")]
+    outcomes.append(Outcome("not_an_image", "?"))
+    with pytest.raises(ValueError, match=r"min_per_class=3 usable images: b: 1 usable") as info:
+        select(source, outcomes, min_per_class=3)
+    assert "'empty_file': 1" in str(info.value)
+
+
+# ---------------------------------------------------------------- long tail
+
+
+def test_long_tail_counts_follow_the_exponential_profile() -> None:
+    assert long_tail_counts([100] * 5, 1.0) == [100] * 5
+    assert long_tail_counts([100] * 3, 100.0) == [100, 10, 1]
+    counts = long_tail_counts([500] * 10, 50.0)
+    assert counts[0] == 500 and counts[-1] == 10
+    assert all(a > b for a, b in itertools.pairwise(counts))
+    assert long_tail_counts([100, 3, 100], 10.0) == [100, 3, 10]  # never grows a class
+
+
+def test_long_tail_subsets_train_only_seeded() -> None:
+    labels = np.repeat(np.arange(4), 60)
+    train = np.arange(0, 240, 2)  # 30 per class
+    kept = long_tail(train, labels, 10.0, seed=0)
+    assert np.isin(kept, train).all()
+    assert np.bincount(labels[kept]).tolist() == long_tail_counts([30] * 4, 10.0)
+    assert np.array_equal(kept, long_tail(train, labels, 10.0, seed=0))
+    assert long_tail(train, labels, 1.0, seed=0) is train
 
 
 # ---------------------------------------------------------------- stratified_split
@@ -181,187 +209,29 @@ def test_constant_channel_gets_unit_std() -> None:
     assert stats.std[0] != 1.0
 
 
-# ---------------------------------------------------------------- sources
+# ---------------------------------------------------------------- copy_splits
 
 
-def _data_params(params: Params, **update: object) -> DataParams:
-    return DataParams(**{**params.data.model_dump(), **update})
-
-
-def test_digits_source(params: Params) -> None:
-    source = build_source(_data_params(params, source="digits"))
-    assert len(source) == 1797
-    assert source.classes == tuple(str(i) for i in range(10))
-    assert np.bincount(source.labels).size == 10
-    assert source.official_test is None
-    first = source.load(0)
-    assert first.size == (8, 8)
-    # digits' 0..16 intensities are spread over the uint8 range
-    assert max(np.asarray(source.load(i)).max() for i in range(20)) == 255
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write_idx(path: Path, array: np.ndarray) -> Path:
-    data = _idx_bytes(array)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-    return path
-
-
-@pytest.mark.parametrize("name", ["images-idx3-ubyte", "images-idx3-ubyte.gz"])
-def test_read_idx_round_trip(tmp_path: Path, name: str) -> None:
-    images = _noise((3, 4, 5))
-    labels = np.array([0, 9, 4], np.uint8)
-    assert np.array_equal(read_idx(_write_idx(tmp_path / name, images)), images)
-    assert np.array_equal(read_idx(_write_idx(tmp_path / f"labels{name[6:]}", labels)), labels)
-
-
-def test_read_idx_bad_magic(tmp_path: Path) -> None:
-    path = tmp_path / "float.idx"
-    path.write_bytes(struct.pack(">HBBI", 0, 0x0D, 1, 2) + b"\x00" * 8)  # 0x0D: float32
-    with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
-        read_idx(path)
-
-
-def test_read_idx_size_mismatch(tmp_path: Path) -> None:
-    path = tmp_path / "short.idx"
-    path.write_bytes(_idx_bytes(np.zeros((2, 2), np.uint8))[:-1])
-    with pytest.raises(ValueError, match="header promises"):
-        read_idx(path)
-
-
-def test_read_idx_truncated_header(tmp_path: Path) -> None:
-    path = tmp_path / "cut.idx"
-    path.write_bytes(struct.pack(">HBB", 0, 0x08, 3) + b"\x00\x00")  # 3 dims promised, 0.5 given
-    with pytest.raises(ValueError):
-        read_idx(path)
-
-
-def test_fashion_mnist_missing_files_say_how_to_install(params: Params, tmp_path: Path) -> None:
-    data = _data_params(params, source="fashion-mnist", fashion_mnist_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        build_source(data)
-
-
-def test_fashion_mnist_reads_idx_and_marks_official_test(params: Params, tmp_path: Path) -> None:
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", _noise((3, 28, 28)))
-    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2], np.uint8))
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", _noise((2, 28, 28), seed=1))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([9, 8], np.uint8))
-    source = build_source(_data_params(params, source="fashion-mnist", fashion_mnist_dir=tmp_path))
-    assert source.classes == FASHION_MNIST_CLASSES
-    assert source.labels.tolist() == [0, 1, 2, 9, 8]
-    assert source.official_test.tolist() == [False, False, False, True, True]
-    assert np.array_equal(np.asarray(source.load(3)), _noise((2, 28, 28), seed=1)[0])
-
-
-def _save(path: Path, colour: tuple[int, int, int], fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (10, 12), colour).save(path, format=fmt)
-    return path
-
-
-def test_image_folder_source(params: Params, tmp_path: Path) -> None:
-    kept = {
-        _save(tmp_path / "cat" / "a.png", (200, 0, 0)): 0,
-        _save(tmp_path / "cat" / "sub" / "b.JPG", (0, 200, 0), "JPEG"): 0,
-        _save(tmp_path / "dog" / "c.jpeg", (0, 0, 200), "JPEG"): 1,
-    }
-    _save(tmp_path / ".ipynb_checkpoints" / "hidden-class.png", (1, 1, 1))
-    _save(tmp_path / "dog" / ".ipynb_checkpoints" / "c-checkpoint.png", (1, 1, 1))
-    (tmp_path / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    (tmp_path / "dog" / "notes.txt").write_text("not an image")
-
-    source = build_source(_data_params(params, source=str(tmp_path)))
-    assert source.classes == ("cat", "dog")
-    assert dict(zip(source.item_names, source.labels.tolist(), strict=True)) == {
-        str(path): label for path, label in kept.items()
-    }
-    dominant = {"a.png": 0, "b.JPG": 1, "c.jpeg": 2}  # red, green, blue
-    for i, name in enumerate(source.item_names):
-        pixel = source.load(i).convert("RGB").getpixel((5, 5))
-        assert int(np.argmax(pixel)) == dominant[Path(name).name]
-
-
-def test_image_folder_without_class_folders(params: Params, tmp_path: Path) -> None:
-    _save(tmp_path / "loose.png", (0, 0, 0))
-    with pytest.raises(ValueError, match="no class sub-folders"):
-        build_source(_data_params(params, source=str(tmp_path)))
-
-
-# ---------------------------------------------------------------- convert (quarantine)
-
-
-def _truncated_png(path: Path) -> Path:
-    buffer = io.BytesIO()
-    Image.fromarray(_noise((64, 64, 3))).save(buffer, format="PNG")
-    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3])
-    return path
-
-
-def test_convert_quarantines_undecodable_items(params: Params, tmp_path: Path) -> None:
-    _save(tmp_path / "a" / "good.png", (255, 255, 255))
-    _save(tmp_path / "b" / "good.jpg", (0, 0, 0), "JPEG")
-    bad = {
-        (tmp_path / "a" / "empty.png"): b"",
-        (tmp_path / "b" / "garbage.jpg"): b"this is not a JPEG",
-    }
-    for path, content in bad.items():
-        path.write_bytes(content)
-    truncated = _truncated_png(tmp_path / "b" / "truncated.png")
-    data = _data_params(params, source=str(tmp_path), image_size=8, channels=1)
-
-    converted = convert.fn(build_source(data), data)
-
-    assert converted.images.shape == (2, 8, 8, 1)
-    assert converted.images.dtype == np.uint8
-    assert converted.labels.tolist() == [0, 1]
-    assert converted.images[0].min() == 255  # the white one, from class a
-    assert converted.images[1].max() <= 5  # the black JPEG, from class b
-    assert converted.official_test is None
-    reasons = {entry["path"]: entry["reason"] for entry in converted.quarantined}
-    assert set(reasons) == {str(path) for path in bad} | {str(truncated)}
-    assert "UnidentifiedImageError" in reasons[str(tmp_path / "a" / "empty.png")]
-    assert all(reason for reason in reasons.values())
-
-
-def _in_memory_source(loaders: list[Callable[[], Image.Image]], official: list[bool]) -> Source:
-    return Source(
-        name="memory",
-        classes=("x", "y"),
-        labels=np.arange(len(loaders), dtype=np.int64) % 2,
-        load=lambda i: loaders[i](),
-        item_names=[f"memory[{i}]" for i in range(len(loaders))],
-        official_test=np.asarray(official),
+def test_copy_splits_writes_rows_labels_and_train_stats(tmp_path: Path) -> None:
+    pixels = _noise((30, 6, 6, 3))
+    staging_path = tmp_path / "staging.npy"
+    np.save(staging_path, pixels)
+    staging = Staging(staging_path, staging_path.stat().st_size - pixels.nbytes)
+    labels = np.arange(30) % 3
+    plan = SplitPlan(
+        {"train": np.arange(0, 20), "val": np.arange(20, 25), "test": np.arange(25, 30)}, 0
     )
+    stats = copy_splits(staging, plan, labels, tmp_path / "out", ("x", "y", "z"), log=print)
+    prepared = load_prepared(tmp_path / "out")
+    assert np.array_equal(prepared.train.images, pixels[:20])
+    assert np.array_equal(prepared.test.labels, labels[25:])
+    assert prepared.classes == ("x", "y", "z")
+    assert stats == ChannelStats.of(pixels[:20]) == prepared.stats
 
 
-def test_convert_keeps_official_test_aligned(params: Params) -> None:
-    def broken() -> Image.Image:
-        return Image.open(io.BytesIO(b"garbage"))
-
-    def grey(value: int) -> Callable[[], Image.Image]:
-        return lambda: Image.new("L", (3, 3), value)
-
-    source = _in_memory_source(
-        [grey(10), broken, grey(30), grey(40)], official=[False, True, False, True]
-    )
-    data = _data_params(params, image_size=4, channels=3)
-    converted = convert.fn(source, data)
-    assert converted.images.shape == (3, 4, 4, 3)
-    assert converted.images[:, 0, 0, 0].tolist() == [10, 30, 40]
-    assert converted.labels.tolist() == [0, 0, 1]
-    assert converted.official_test.tolist() == [False, False, True]
-    assert [entry["path"] for entry in converted.quarantined] == ["memory[1]"]
-
-
-def test_convert_with_nothing_decodable_fails(params: Params) -> None:
-    def broken() -> Image.Image:
-        return Image.open(io.BytesIO(b""))
-
-    source = _in_memory_source([broken, broken], official=[False, False])
-    with pytest.raises(ValueError, match="no image of memory could be decoded"):
-        convert.fn(source, _data_params(params, image_size=4))
+def test_content_versioned_only_under_data_raw(tmp_path: Path) -> None:
+    (tmp_path / "data/raw/pets").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    assert content_versioned(str(tmp_path / "data/raw/pets"), root=tmp_path) is True
+    assert content_versioned(str(tmp_path / "elsewhere"), root=tmp_path) is False
+    assert content_versioned("digits", root=tmp_path) is None
