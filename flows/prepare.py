@@ -29,11 +29,11 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
             data.source, t.RAW_DATA_DIR, t.RAW_DATA_DIR,
         )  # fmt: skip
     with t.staging_file(PREPARED_DIR, len(source), spec) as staging:
-        outcomes = t.decode(source, spec, staging, t.worker_count(data.workers), logger.info)
-        selection = t.select_usable(source, outcomes, data.min_per_class)
+        decoded = t.decode(source, spec, staging, t.worker_count(data.workers), logger.info)
+        selection = t.select_usable(source, decoded, data.min_per_class)
         plan = t.split(source, selection, data, seed)
         t.write_prepared(PREPARED_DIR, staging, plan, source, logger.info)
-    metrics = t.report(METRICS, QUALITY, source, outcomes, selection, plan, data)
+    metrics = t.report(METRICS, QUALITY, source, decoded, selection, plan, data)
     logger.info(t.summary(metrics, source, selection, QUALITY))
     return metrics
 

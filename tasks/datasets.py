@@ -49,24 +49,33 @@ class ChannelStats:
 
 
 class StatsAccumulator:
-    """Running per-channel sums of uint8 NHWC blocks, for statistics of a streamed split."""
+    """Running per-channel sums of uint8 NHWC blocks, for statistics of a streamed split.
+
+    Sums are exact integers, taken a few rows at a time: a float64 copy of a
+    whole block of 64x64 RGB images would cost 8x the block's memory.
+    """
+
+    ROWS = 256
 
     def __init__(self, channels: int):
-        self.total = np.zeros(channels)
-        self.total_sq = np.zeros(channels)
+        self.total = np.zeros(channels, dtype=np.int64)
+        self.total_sq = np.zeros(channels, dtype=np.int64)
         self.count = 0
 
     def add(self, block: np.ndarray) -> None:
-        scaled = np.asarray(block, dtype=np.float64) / 255.0
-        self.total += scaled.sum(axis=(0, 1, 2))
-        self.total_sq += np.square(scaled).sum(axis=(0, 1, 2))
-        self.count += scaled.shape[0] * scaled.shape[1] * scaled.shape[2]
+        for start in range(0, len(block), self.ROWS):
+            values = np.asarray(block[start : start + self.ROWS]).reshape(-1, len(self.total))
+            wide = values.astype(np.int64)
+            self.total += wide.sum(axis=0)
+            self.total_sq += np.square(wide).sum(axis=0)
+            self.count += len(wide)
 
     def result(self) -> ChannelStats:
         if not self.count:
             raise ValueError("no images to take channel statistics from")
-        mean = self.total / self.count
-        std = np.sqrt(np.maximum(self.total_sq / self.count - np.square(mean), 0.0))
+        mean = self.total / (self.count * 255.0)
+        mean_sq = self.total_sq / (self.count * 255.0**2)
+        std = np.sqrt(np.maximum(mean_sq - np.square(mean), 0.0))
         # A constant channel would divide by zero at normalisation time.
         std = np.where(std < 1e-6, 1.0, std)
         return ChannelStats(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))

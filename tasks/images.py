@@ -80,13 +80,13 @@ class ArrayItems:
 class FileItems:
     """Items that are image files."""
 
-    paths: tuple[str, ...]
+    paths: np.ndarray  # str objects: an array, so Prefect does not walk 100k entries
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def take(self, positions: np.ndarray) -> FileItems:
-        return FileItems(tuple(self.paths[i] for i in positions))
+        return FileItems(self.paths[positions])
 
     def read(self, i: int) -> bytes:
         return Path(self.paths[i]).read_bytes()

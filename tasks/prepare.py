@@ -98,55 +98,75 @@ def staging_file(beside: Path, rows: int, spec: ImageSpec) -> Iterator[Staging]:
         yield Staging(path, create_npy(path, (rows, spec.size, spec.size, spec.channels)))
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """Every item's outcome, column by column: a few MB for 100k items, and arrays
+    that Prefect passes between tasks without walking them element by element."""
+
+    reasons: np.ndarray  # object (N,): None where the item was stored, else the reason
+    details: np.ndarray  # object (N,): what exactly went wrong
+    digests: np.ndarray  # "S16" (N,): hash of the raw content
+    conversions: dict[str, int]  # stored items per conversion kind
+    formats: dict[str, int]  # stored items per file format
+    converted: int  # stored items that needed any conversion
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.equal(self.reasons, None)
+
+    @classmethod
+    def of(cls, outcomes: list[Outcome]) -> Decoded:
+        stored = [o for o in outcomes if o.ok]
+        return cls(
+            reasons=np.asarray([o.reason for o in outcomes], dtype=object),
+            details=np.asarray([o.detail for o in outcomes], dtype=object),
+            digests=np.asarray([o.digest for o in outcomes], dtype="S16"),
+            conversions=dict(sorted(Counter(k for o in stored for k in o.conversions).items())),
+            formats=dict(sorted(Counter(o.format for o in stored).items())),
+            converted=sum(1 for o in stored if o.conversions),
+        )
+
+
 def decode_all(
     source: Source,
     spec: ImageSpec,
     staging: Staging,
     workers: int,
     log: Callable[[str], None] = print,
-) -> list[Outcome]:
+) -> Decoded:
     """Decode every item into its staging row, ``workers`` processes at a time."""
     n = len(source)
-    outcomes: list[Outcome | None] = [None] * n
+    outcomes: list[Outcome] = []
     starts = range(0, n, CHUNK)
+    chunks = (source.items.take(np.arange(start, min(start + CHUNK, n))) for start in starts)
+    args = (spec, str(staging.path), staging.offset)
     with Progress(n, "decode", log) as progress:
         if workers <= 1 or len(starts) < 2:
-            for start in starts:
-                chunk = source.items.take(np.arange(start, min(start + CHUNK, n)))
-                outcomes[start : start + len(chunk)] = decode_chunk(
-                    chunk, start, spec, str(staging.path), staging.offset
-                )
+            for start, chunk in zip(starts, chunks, strict=True):
+                outcomes += decode_chunk(chunk, start, *args)
                 progress.update(len(chunk))
-            return outcomes  # type: ignore[return-value]
+            return Decoded.of(outcomes)
         Image.init()  # import every Pillow plugin once, before the workers fork
         # fork, not spawn: a spawned worker re-imports the stage's __main__ and with
         # it Prefect (3.6 s and 240 MB each). The forked workers run only Pillow and
         # numpy code (tasks/images.py), which takes no lock the parent's threads hold.
         context = multiprocessing.get_context("fork")
+        by_start: dict[int, list[Outcome]] = {}
         with ProcessPoolExecutor(min(workers, len(starts)), mp_context=context) as pool:
             futures = {
-                pool.submit(
-                    decode_chunk,
-                    source.items.take(np.arange(start, min(start + CHUNK, n))),
-                    start,
-                    spec,
-                    str(staging.path),
-                    staging.offset,
-                ): start
-                for start in starts
+                pool.submit(decode_chunk, chunk, start, *args): start
+                for start, chunk in zip(starts, chunks, strict=True)
             }
             for future in as_completed(futures):
-                start = futures[future]
-                chunk = future.result()
-                outcomes[start : start + len(chunk)] = chunk
-                progress.update(len(chunk))
-    return outcomes  # type: ignore[return-value]
+                by_start[futures[future]] = future.result()
+                progress.update(len(by_start[futures[future]]))
+    return Decoded.of([outcome for start in starts for outcome in by_start[start]])
 
 
 @stage_task(name="decode")
 def decode(
     source: Source, spec: ImageSpec, staging: Staging, workers: int, log: Callable[[str], None]
-) -> list[Outcome]:
+) -> Decoded:
     return decode_all(source, spec, staging, workers, log)
 
 
@@ -159,7 +179,7 @@ class Selection:
     duplicates: list[dict[str, Any]] = field(default_factory=list)
 
 
-def select(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selection:
+def select(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
     """Quarantine what failed, keep one copy of each exact duplicate, check class sizes.
 
     Copies of one content with different labels are all quarantined (the label
@@ -168,15 +188,14 @@ def select(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selec
     can never sit in both train and test.
     """
     names, labels, classes = source.item_names, source.labels, source.classes
-    keep = np.array([outcome.ok for outcome in outcomes], dtype=bool)
+    keep = decoded.ok
     quarantined = [
-        {"path": names[i], "reason": outcome.reason, "detail": outcome.detail}
-        for i, outcome in enumerate(outcomes)
-        if not outcome.ok
+        {"path": names[i], "reason": decoded.reasons[i], "detail": decoded.details[i]}
+        for i in np.flatnonzero(~keep)
     ]
     groups: dict[bytes, list[int]] = defaultdict(list)
     for i in np.flatnonzero(keep):
-        groups[outcomes[i].digest].append(int(i))
+        groups[decoded.digests[i]].append(int(i))
     duplicates = []
     for members in (m for m in groups.values() if len(m) > 1):
         if len({int(labels[m]) for m in members}) > 1:
@@ -207,9 +226,8 @@ def select(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selec
     short = np.flatnonzero(counts < min_per_class)
     if short.size:
         reasons: dict[int, Counter[str]] = defaultdict(Counter)
-        for i, outcome in enumerate(outcomes):
-            if not outcome.ok:
-                reasons[int(labels[i])][outcome.reason] += 1
+        for i in np.flatnonzero(~decoded.ok):
+            reasons[int(labels[i])][decoded.reasons[i]] += 1
         detail = "; ".join(
             f"{classes[c]}: {counts[c]} usable"
             + (f" ({dict(reasons[c])} set aside)" if reasons[c] else "")
@@ -223,8 +241,8 @@ def select(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selec
 
 
 @stage_task(name="select")
-def select_usable(source: Source, outcomes: list[Outcome], min_per_class: int) -> Selection:
-    return select(source, outcomes, min_per_class)
+def select_usable(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
+    return select(source, decoded, min_per_class)
 
 
 def stratified_split(
@@ -358,23 +376,12 @@ def write_prepared(
         return copy_splits(staging, plan, source.labels, tmp, source.classes, log)
 
 
-def _count(outcomes: list[Outcome]) -> dict[str, Any]:
-    ok = [o for o in outcomes if o.ok]
-    steps = Counter(step for o in ok for step in o.conversions)
-    return {
-        "converted": sum(1 for o in ok if o.conversions),
-        "unchanged": sum(1 for o in ok if not o.conversions),
-        "by_kind": dict(sorted(steps.items())),
-        "formats": dict(sorted(Counter(o.format for o in ok).items())),
-    }
-
-
 @stage_task(name="report")
 def report(
     metrics_path: Path,
     quality_path: Path,
     source: Source,
-    outcomes: list[Outcome],
+    decoded: Decoded,
     selection: Selection,
     plan: SplitPlan,
     params: DataParams,
@@ -396,7 +403,12 @@ def report(
             "ignored": source.ignored,
             "quarantined_by_reason": dict(sorted(reasons.items())),
             "quarantined": selection.quarantined,
-            "conversions": _count(outcomes),
+            "conversions": {
+                "converted": decoded.converted,
+                "unchanged": int(decoded.ok.sum()) - decoded.converted,
+                "by_kind": decoded.conversions,
+                "formats": decoded.formats,
+            },
             "duplicates": {"dropped": dropped, "groups": selection.duplicates},
             "long_tail": {"ratio": params.imbalance_ratio, "dropped": plan.long_tail_dropped},
             "class_counts": {

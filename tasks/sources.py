@@ -56,7 +56,8 @@ class Source:
     classes: tuple[str, ...]
     labels: np.ndarray  # int64 (N,)
     items: Items
-    item_names: tuple[str, ...]
+    # Arrays, not lists: Prefect walks list arguments of a task element by element.
+    item_names: np.ndarray  # str objects (N,): a path, or "digits[17]"
     official_test: np.ndarray | None = None
     ignored: dict[str, int] = field(default_factory=dict)
 
@@ -69,7 +70,7 @@ class Source:
             self,
             labels=self.labels[positions],
             items=self.items.take(positions),
-            item_names=tuple(self.item_names[i] for i in positions),
+            item_names=self.item_names[positions],
             official_test=None if self.official_test is None else self.official_test[positions],
         )
 
@@ -94,10 +95,14 @@ def cap_per_class(source: Source, max_per_class: int | None, seed: int) -> Sourc
             keep.append(members)
             continue
         test, train = members[official[members]], members[~official[members]]
-        test_cap = min(len(test), max(int(round(max_per_class * len(test) / len(members))), 1))
+        test_cap = min(len(test), max(round(max_per_class * len(test) / len(members)), 1))
         for part, cap in ((train, max_per_class - test_cap), (test, test_cap)):
             keep.append(rng.choice(part, size=min(cap, len(part)), replace=False))
     return source.take(np.sort(np.concatenate(keep)))
+
+
+def _names(source: str, count: int) -> np.ndarray:
+    return np.asarray([f"{source}[{i}]" for i in range(count)], dtype=object)
 
 
 def _digits(params: DataParams) -> Source:
@@ -111,7 +116,7 @@ def _digits(params: DataParams) -> Source:
         classes=tuple(str(name) for name in bunch.target_names),
         labels=bunch.target.astype(np.int64),
         items=ArrayItems(pixels),
-        item_names=tuple(f"digits[{i}]" for i in range(len(pixels))),
+        item_names=_names("digits", len(pixels)),
     )
 
 
@@ -161,7 +166,7 @@ def _fashion_mnist(params: DataParams) -> Source:
         classes=FASHION_MNIST_CLASSES,
         labels=labels,
         items=ArrayItems(images),
-        item_names=tuple(f"fashion-mnist[{i}]" for i in range(len(labels))),
+        item_names=_names("fashion-mnist", len(labels)),
         official_test=official_test,
     )
 
@@ -223,8 +228,8 @@ def _image_folder(params: DataParams) -> Source:
         name=str(root),
         classes=tuple(d.name for d in class_dirs),
         labels=np.asarray(labels, dtype=np.int64),
-        items=FileItems(tuple(paths)),
-        item_names=tuple(paths),
+        items=FileItems(np.asarray(paths, dtype=object)),
+        item_names=np.asarray(paths, dtype=object),
         ignored=dict(ignored),
     )
 

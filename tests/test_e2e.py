@@ -19,9 +19,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from PIL import Image
 
 from benchmarks.workspace import fresh_copy, git
 from flows.prefect_api import local_server_url, start_local_server, stop_local_server
+from tests.imagefolders import noise
 
 VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
@@ -70,13 +72,7 @@ def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api):
-    """The tiny pipeline, run once for the module: (repo, env, first dvc repro output)."""
-    url, state = prefect_api
-    repo = fresh_copy(tmp_path_factory.mktemp("repo"))
-    _set_params(repo, TINY)
-    git(repo, "commit", "-qam", "tiny params")
+def _stage_env(url: str, state: Path) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -86,6 +82,16 @@ def pipeline(tmp_path_factory, prefect_api):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PREFECT_API_URL"] = url
     env["VISIONPIPE_HOME"] = str(state)
+    return env
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_api):
+    """The tiny pipeline, run once for the module: (repo, env, first dvc repro output)."""
+    repo = fresh_copy(tmp_path_factory.mktemp("repo"))
+    _set_params(repo, TINY)
+    git(repo, "commit", "-qam", "tiny params")
+    env = _stage_env(*prefect_api)
     return repo, env, _dvc(repo, env, "repro")
 
 
@@ -179,3 +185,50 @@ def test_a_bad_param_fails_fast_naming_the_key(pipeline):
         path.write_text(original)
     assert result.returncode == 2
     assert "resample.strategy" in result.stderr and "random_over" in result.stderr
+
+
+def _image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(noise((10, 10, 3), seed)).save(path)
+
+
+def test_prepare_follows_the_content_of_a_dvc_tracked_image_folder(prefect_api, tmp_path):
+    repo = fresh_copy(tmp_path / "repo")
+    env = _stage_env(*prefect_api)
+    folder = repo / "data/raw/shapes"
+    for i in range(36):
+        _image(folder / f"class{i % 3}" / f"{i}.png", seed=i)
+    _set_params(repo, {"data": {"source": "data/raw/shapes", "image_size": 8}})
+    _dvc(repo, env, "add", "data/raw/shapes")
+    assert "/shapes" in (repo / "data/raw/.gitignore").read_text().split()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "track shapes with DVC")
+
+    def prepared_images() -> int:
+        return json.loads((repo / "metrics/prepare.json").read_text())["images"]
+
+    def raw_md5() -> str:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())
+        return next(d["md5"] for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")
+
+    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert prepared_images() == 36
+    assert json.loads((repo / "reports/data_quality.json").read_text())["content_versioned"]
+    first = raw_md5()
+    assert _ran(_dvc(repo, env, "repro", "prepare")) == []  # nothing changed: a no-op
+
+    _image(folder / "class1/1.png", seed=1000)  # edit one image
+    assert "data/raw" in _dvc(repo, env, "status", "prepare")
+    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    edited = raw_md5()
+    assert edited != first
+
+    _image(folder / "class2/new.png", seed=2000)  # add one
+    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert prepared_images() == 37
+
+    (folder / "class0/0.png").unlink()  # remove one
+    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert prepared_images() == 36
+    assert raw_md5() not in (first, edited)
+    assert _ran(_dvc(repo, env, "repro", "prepare")) == []

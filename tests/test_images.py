@@ -151,7 +151,7 @@ def messy(tmp_path_factory) -> tuple[Path, dict]:
 def _decode_folder(root: Path, image_spec: ImageSpec, tmp: Path) -> dict:
     paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and ".ipynb" not in str(p))
     paths = [p for p in paths if Path(p).suffix != ".txt" and Path(p).name != ".DS_Store"]
-    items = FileItems(tuple(paths))
+    items = FileItems(np.asarray(paths, dtype=object))
     staging = tmp / "staging.npy"
     offset = create_npy(staging, (len(items), image_spec.size, image_spec.size, 3))
     outcomes = decode_chunk(items, 0, image_spec, str(staging), offset)

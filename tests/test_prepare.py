@@ -12,6 +12,7 @@ from tasks.datasets import ChannelStats, load_prepared
 from tasks.images import ArrayItems, Outcome
 from tasks.params import DataParams, Params
 from tasks.prepare import (
+    Decoded,
     SplitPlan,
     Staging,
     content_versioned,
@@ -38,7 +39,7 @@ def _array_source(pixels: np.ndarray, labels: list[int], official=None) -> Sourc
         classes=tuple("abcdefghij"[: max(labels) + 1]),
         labels=np.asarray(labels, dtype=np.int64),
         items=ArrayItems(pixels),
-        item_names=tuple(f"memory[{i}]" for i in range(len(labels))),
+        item_names=np.asarray([f"memory[{i}]" for i in range(len(labels))], dtype=object),
         official_test=None if official is None else np.asarray(official),
     )
 
@@ -59,10 +60,12 @@ def test_parallel_decode_matches_sequential(params: Params, tmp_path: Path) -> N
         with staging_file(tmp_path / f"out{workers}", len(source), spec) as staging:
             outcomes = decode_all(source, spec, staging, workers, log=lambda line: None)
             results[workers] = (outcomes, np.load(staging.path))
-    assert results[1][0] == results[2][0]
+    for field in ("reasons", "details", "digests"):
+        assert np.array_equal(getattr(results[1][0], field), getattr(results[2][0], field))
     assert np.array_equal(results[1][1], results[2][1])
     assert results[2][1].shape == (700, 8, 8, 3)
-    assert all(o.ok for o in results[2][0])
+    assert results[2][0].ok.all()
+    assert results[2][0].conversions == {"L->RGB": 700, "resized:stretch": 700}
     assert not list(tmp_path.glob(".out*"))  # staging removed
 
 
@@ -79,7 +82,7 @@ def test_select_quarantines_failures_and_keeps_one_copy_of_duplicates() -> None:
         _ok(b"p"), _ok(b"q"), Outcome("truncated", "cut", b"r", "PNG"), _ok(b"s"),
         _ok(b"t"), _ok(b"p"), _ok(b"q"), _ok(b"s"),
     ]  # fmt: skip
-    selection = select(source, outcomes, min_per_class=1)
+    selection = select(source, Decoded.of(outcomes), min_per_class=1)
     # p: labels 0 and 1 -> both quarantined; q: twice in class 0 -> first kept;
     # s: twice in class 1 -> first kept
     assert selection.positions.tolist() == [1, 3, 4]
@@ -97,7 +100,7 @@ def test_select_quarantines_failures_and_keeps_one_copy_of_duplicates() -> None:
 def test_select_keeps_the_official_test_copy_of_a_duplicate() -> None:
     source = _array_source(_noise((4, 4, 4)), [0, 0, 1, 1], official=[False, True, False, False])
     outcomes = [_ok(b"x"), _ok(b"x"), _ok(b"y"), _ok(b"z")]
-    selection = select(source, outcomes, min_per_class=1)
+    selection = select(source, Decoded.of(outcomes), min_per_class=1)
     assert selection.positions.tolist() == [1, 2, 3]
     assert selection.duplicates == [{"class": "a", "kept": "memory[1]", "dropped": ["memory[0]"]}]
 
@@ -107,7 +110,7 @@ def test_select_fails_when_a_class_is_left_below_min_per_class() -> None:
     outcomes = [_ok(b"a"), _ok(b"b"), _ok(b"c"), _ok(b"d"), Outcome("empty_file", "0 bytes")]
     outcomes.append(Outcome("not_an_image", "?"))
     with pytest.raises(ValueError, match=r"min_per_class=3 usable images: b: 1 usable") as info:
-        select(source, outcomes, min_per_class=3)
+        select(source, Decoded.of(outcomes), min_per_class=3)
     assert "'empty_file': 1" in str(info.value)
 
 
