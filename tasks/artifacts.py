@@ -35,11 +35,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def remove_leftovers(pattern: str, directory: Path) -> list[Path]:
+    """Delete what a killed run left in ``directory`` under ``pattern``; return what went.
+
+    A SIGKILL (or SIGTERM, which Python does not turn into an exception) skips
+    every ``finally``; DVC runs one stage at a time per repository, so a
+    temporary of the same output found at the start of a run is such a leftover.
+    """
+    removed = sorted(directory.glob(pattern)) if directory.is_dir() else []
+    for stale in removed:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    return removed
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty directory beside ``path``; it replaces ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(f".{path.name}.*.tmp", path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from tasks.artifacts import atomic_dir, write_json
+from tasks.artifacts import atomic_dir, remove_leftovers, write_json
 from tasks.datasets import SPLITS, ChannelStats, NpyWriter, StatsAccumulator, create_npy
 from tasks.images import ImageSpec, Outcome, decode_chunk
 from tasks.orchestration import stage_task
@@ -93,7 +93,9 @@ class Staging:
 def staging_file(beside: Path, rows: int, spec: ImageSpec) -> Iterator[Staging]:
     """A sparse staging array next to ``beside`` (same disk), removed whatever happens."""
     beside.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{beside.name}.staging.", dir=beside.parent) as tmp:
+    prefix = f".{beside.name}-staging."
+    remove_leftovers(f"{prefix}*", beside.parent)  # a killed run's staging, up to GBs
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=beside.parent) as tmp:
         path = Path(tmp) / "images.npy"
         yield Staging(path, create_npy(path, (rows, spec.size, spec.size, spec.channels)))
 

@@ -67,7 +67,14 @@ def test_params_error_is_a_value_error() -> None:
         ("train.lr", "fast", ["train.lr", "'fast'"]),
         ("train.lerning_rate", 0.01, ["train.lerning_rate", "not permitted"]),
         ("quantize.calibration_method", "max", ["quantize.calibration_method", "'minmax'"]),
-        ("data.channels", 2, ["data.channels"]),
+        ("data.channels", 2, ["data.channels", "1 or 3", "(got 2)"]),
+        ("data.resize", "squash", ["data.resize", "'stretch'", "'pad'", "'center_crop'"]),
+        ("data.imbalance_ratio", 0.5, ["data.imbalance_ratio", "greater than or equal to 1"]),
+        ("data.max_per_class", 5, ["data.max_per_class", "below data.min_per_class (10)"]),
+        ("data.min_per_class", 1, ["data.min_per_class", "greater than or equal to 3"]),
+        ("data.workers", "many", ["data.workers", "'auto'", "(got 'many')"]),
+        ("data.workers", 0, ["data.workers", "greater than or equal to 1"]),
+        ("data.background", 300, ["data.background", "less than or equal to 255"]),
     ],
 )
 def test_bad_value_names_key_and_choices(
@@ -76,6 +83,16 @@ def test_bad_value_names_key_and_choices(
     message = _error(_set(raw, dotted, value))
     for fragment in expected:
         assert fragment in message
+
+
+SECTIONS = [k for k, v in yaml.safe_load(PARAMS_YAML.read_text()).items() if isinstance(v, dict)]
+
+
+@pytest.mark.parametrize("section", ["", *SECTIONS])
+def test_an_unknown_key_is_rejected_in_every_section(raw: dict[str, Any], section: str) -> None:
+    dotted = f"{section}.misspelled" if section else "misspelled"
+    message = _error(_set(raw, dotted, 1))
+    assert f"{dotted}: Extra inputs are not permitted" in message
 
 
 def test_missing_key_is_named(raw: dict[str, Any]) -> None:

@@ -1,0 +1,38 @@
+"""Atomic outputs: a failed write leaves the old output, a killed run's temporaries are cleared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.artifacts import atomic_dir, write_json
+from tasks.images import ImageSpec
+from tasks.prepare import staging_file
+
+
+def test_atomic_dir_swaps_in_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "a.json", 1)
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        write_json(tmp / "b.json", 2)
+        raise RuntimeError("killed half way")
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    # What SIGKILL leaves: an atomic_dir temporary and a prepare staging folder.
+    (tmp_path / ".prepared.k1l2.tmp").mkdir()
+    (tmp_path / ".prepared-staging.x9").mkdir()
+    (tmp_path / ".prepared-staging.x9" / "images.npy").write_bytes(b"\0" * 64)
+    (tmp_path / ".resampled.a1.tmp").mkdir()  # another output's: not ours to touch
+    spec = ImageSpec(size=4, channels=1, resize="stretch", background=0, min_size=1)
+    with staging_file(tmp_path / "prepared", 3, spec) as staging:
+        assert staging.path.is_file()
+        assert not (tmp_path / ".prepared-staging.x9").exists()
+        with atomic_dir(tmp_path / "prepared") as tmp:
+            write_json(tmp / "classes.json", ["a"])
+        assert staging.path.is_file()  # atomic_dir leaves the live staging alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".resampled.a1.tmp", "prepared"]
