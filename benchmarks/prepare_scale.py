@@ -1,6 +1,6 @@
 """Prepare at scale: throughput and peak memory for 10k and 100k 64x64 RGB images.
 
-    python benchmarks/prepare_scale.py [--images 10000 100000] [--workers 1 auto]
+    python benchmarks/prepare_scale.py [--images 1000 10000 30000 100000] [--workers 1 auto]
 
 Generates an ImageFolder of synthetic 64x64 RGB JPEGs (10 classes of random
 shapes on random backgrounds, every image distinct) once per size under
@@ -141,9 +141,28 @@ def run_prepare(repo: Path, env: dict[str, str], source: Path, workers: str) -> 
     }
 
 
+def linear_fit(runs: list[dict]) -> dict | None:
+    """Least-squares ``wall_seconds = fixed + per_image * images`` and how far each run is off.
+
+    Linear growth shows as small residuals; ``fixed`` is the stage's start-up
+    (importing Prefect, reporting the flow run), paid once whatever the size.
+    """
+    if len(runs) < 3:
+        return None
+    images = np.array([r["images"] for r in runs], dtype=float)
+    seconds = np.array([r["wall_seconds"] for r in runs])
+    per_image, fixed = np.polyfit(images, seconds, 1)
+    predicted = fixed + per_image * images
+    return {
+        "fixed_seconds": round(float(fixed), 2),
+        "ms_per_image": round(float(per_image) * 1000, 4),
+        "max_relative_residual": round(float(np.max(np.abs(seconds - predicted) / seconds)), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--images", type=int, nargs="+", default=[1_000, 10_000, 30_000, 100_000])
     parser.add_argument("--workers", nargs="+", default=["1", "auto"])
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "visionpipe-prepare-scale"
@@ -161,8 +180,9 @@ def main() -> None:
             started = time.perf_counter()
             source = image_folder(args.cache, count)
             print(f"{count} images ready in {time.perf_counter() - started:.0f} s", flush=True)
-            # Every worker setting at the smallest size; the largest size with the last.
-            for workers in args.workers if count == min(args.images) else args.workers[-1:]:
+            # Every worker setting at 10k (or the smallest size); the others with the last.
+            compare = 10_000 if 10_000 in args.images else min(args.images)
+            for workers in args.workers if count == compare else args.workers[-1:]:
                 run = run_prepare(repo, env, source, workers)
                 runs.append(run)
                 print(run, flush=True)
@@ -175,6 +195,7 @@ def main() -> None:
         "machine": describe_machine(),
         "image": f"{SIZE}x{SIZE} RGB JPEG, stored as {SIZE}x{SIZE}x3 uint8",
         "runs": runs,
+        "linear_fit": linear_fit([r for r in runs if r["workers"] == args.workers[-1]]),
     }
     path = write_result("prepare_scale.json", result)
     print(f"wrote {path}")
