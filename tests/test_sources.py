@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks.params import DataParams, Params
+from tasks.prepare import decode_all, image_spec, select, staging_file, stratified_split
 from tasks.sources import FASHION_MNIST_CLASSES, build_source, cap_per_class, read_idx
 from tests.imagefolders import build_messy_folder, noise
 
@@ -101,7 +102,7 @@ def test_fashion_mnist_reads_idx_and_marks_official_test(params: Params, tmp_pat
     not (FASHION_MNIST_DIR.is_dir() or REQUIRE_FASHION_MNIST),
     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
 )
-def test_the_real_fashion_mnist_keeps_its_official_split(params: Params) -> None:
+def test_the_real_fashion_mnist_keeps_its_official_split(params: Params, tmp_path: Path) -> None:
     data = data_params(params, source="fashion-mnist", fashion_mnist_dir=FASHION_MNIST_DIR)
     source = build_source(data)
     assert len(source) == 70_000
@@ -113,6 +114,19 @@ def test_the_real_fashion_mnist_keeps_its_official_split(params: Params) -> None
     assert np.bincount(capped.labels).tolist() == [35] * 10
     for c in range(10):
         assert capped.official_test[capped.labels == c].sum() == 5  # 35 * 10k / 70k
+
+    # ...and the subset goes through prepare's decode, selection and split.
+    spec = image_spec(data_params(params, image_size=28, channels=1))
+    with staging_file(tmp_path / "prepared", len(capped), spec) as staging:
+        decoded = decode_all(capped, spec, staging, workers=1, log=lambda line: None)
+        assert np.array_equal(np.load(staging.path)[0, ..., 0], _pixels(capped, 0))
+    assert decoded.ok.all() and decoded.converted == 0  # 28x28 grayscale: stored as is
+    selection = select(capped, decoded, min_per_class=10)
+    kept = selection.positions
+    splits = stratified_split(
+        capped.labels[kept], 0.15, 0.15, seed=0, official_test=capped.official_test[kept]
+    )
+    assert len(splits["test"]) == int(capped.official_test[kept].sum())
 
 
 def test_image_folder_lists_images_and_counts_what_it_ignores(
