@@ -30,6 +30,8 @@ def distill_flow(
         run_params={"seed": seed, **distill.flat("distill"), **augment.flat("augment")},
         experiment=mlflow.experiment,
         outputs=(STUDENT, metrics_path("distill"), curve_path("distill")),
+        augment=augment,
+        seed=seed,
     )
 
 

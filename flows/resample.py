@@ -19,7 +19,7 @@ METRICS = metrics_path("resample")
 @flow(name="resample")
 def resample_flow(seed: int, resample: ResampleParams) -> dict:
     prepared = load_prepared(PREPARED_DIR)
-    result = t.resample(prepared.train, prepared.num_classes, resample, seed)
+    result = t.resample(prepared.train, prepared.num_classes, resample, seed, prepared.stats)
     metrics = t.write(RESAMPLED_DIR, METRICS, result, prepared.classes, resample)
     get_run_logger().info(
         "resample (%s): %s -> %s train images, %s synthetic; per class %s -> %s",

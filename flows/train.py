@@ -5,6 +5,7 @@ Run: ``dvc repro train`` (or ``python -m flows.train``).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,14 @@ def tracked_fit(
     run_params: dict[str, Any],
     experiment: str,
     outputs: tuple[Path, Path, Path],
+    augment: AugmentParams,
+    seed: int,
 ) -> dict[str, Any]:
-    """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics."""
+    """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics.
+
+    The run also gets the exact augmentation pipelines (``augment.yaml``) and a
+    grid of augmented train images (``augment_grid.png``).
+    """
     logger = get_run_logger()
     checkpoint, metrics, curve = outputs
     with tracking.start_run(
@@ -46,7 +53,9 @@ def tracked_fit(
         summary = t.write_model(
             result, data, params, run_params, checkpoint, metrics, curve, run_id
         )
-        tracking.log_results(run_id, summary, [checkpoint, curve])
+        with tempfile.TemporaryDirectory() as tmp:
+            shown = t.augment_artifacts(data, augment, seed, Path(tmp))
+            tracking.log_results(run_id, summary, [checkpoint, curve, *shown])
     logger.info(
         "%s: best epoch %s of %s, val f1_macro %.4f, %s params",
         stage, summary["best_epoch"], summary["epochs_run"], summary["best_val_f1_macro"],
@@ -67,6 +76,8 @@ def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: Ml
         run_params={"seed": seed, **train.flat("train"), **augment.flat("augment")},
         experiment=mlflow.experiment,
         outputs=(TEACHER, metrics_path("train"), curve_path("train")),
+        augment=augment,
+        seed=seed,
     )
 
 

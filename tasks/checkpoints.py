@@ -32,6 +32,9 @@ class Checkpoint:
     metrics: dict[str, float]
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     mlflow_run_id: str | None = None
+    # Class frequencies seen in training (per epoch, in expectation): the prior
+    # that logit adjustment at evaluation divides out.
+    class_prior: tuple[float, ...] | None = None
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
@@ -47,6 +50,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     payload["classes"] = list(checkpoint.classes)
     payload["stats"] = {"mean": list(checkpoint.stats.mean), "std": list(checkpoint.stats.std)}
     payload["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()}
+    if checkpoint.class_prior is not None:
+        payload["class_prior"] = list(checkpoint.class_prior)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
@@ -58,4 +63,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     payload["classes"] = tuple(payload["classes"])
     stats = payload["stats"]
     payload["stats"] = ChannelStats(mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+    if payload.get("class_prior") is not None:
+        payload["class_prior"] = tuple(payload["class_prior"])
     return Checkpoint(**payload)

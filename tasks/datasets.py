@@ -10,6 +10,7 @@
       stats.json         per-channel mean/std of the TRAIN split, on the [0, 1] scale
     data/resampled/
       indices.npy              int64 rows of the prepared train split, repeats allowed
+      weights.npy              float64 sampling weight per resampled row (balanced_sampler)
       synthetic/images.npy     uint8 images made by SMOTE-like samplers (may be empty)
       synthetic/labels.npy
 
@@ -246,3 +247,8 @@ def load_resampled_train(prepared: PreparedData, directory: Path = RESAMPLED_DIR
     images = Rows(prepared.train.images, indices, np.asarray(synthetic.images))
     labels = np.concatenate([prepared.train.labels[indices], synthetic.labels])
     return Split(images=images, labels=labels)
+
+
+def load_sample_weights(directory: Path = RESAMPLED_DIR) -> np.ndarray:
+    """Per-row sampling weights of the resampled train split (all equal: plain shuffling)."""
+    return np.load(directory / "weights.npy")

@@ -20,7 +20,7 @@ from tasks.losses import KDLoss
 from tasks.models import build_model
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams
-from tasks.train import TrainingData, build_loaders
+from tasks.train import TrainingData, build_loaders, supervised_loss
 
 
 def distillation_objective(teacher: nn.Module, loss: KDLoss) -> Objective:
@@ -64,6 +64,7 @@ def fit_student(
         params.model, teacher.in_channels, len(teacher.classes), params.width, params.dropout
     )
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
-    kd = KDLoss(params.temperature, params.alpha, params.label_smoothing)
+    hard = supervised_loss(params, data).to(device)
+    kd = KDLoss(params.temperature, params.alpha, params.label_smoothing, hard=hard)
     objective = distillation_objective(teacher.build().to(device), kd)
     return fit(student, objective, train_loader, val_loader, params, device, on_epoch)

@@ -15,16 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import albumentations as A
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from tasks.datasets import ChannelStats, Split
 from tasks.metrics import f1_macro
 from tasks.params import FitParams
-from tasks.transforms import normalise
+from tasks.transforms import Augment, normalise
 
 # (model, images, labels) -> (loss, logits). The teacher's is cross-entropy;
 # the student's adds the frozen teacher's soft targets.
@@ -59,7 +58,7 @@ def select_device(name: str) -> torch.device:
 class ImageDataset(Dataset):
     """uint8 images -> (augmented) normalised CHW float tensors, one at a time."""
 
-    def __init__(self, split: Split, stats: ChannelStats, augment: A.Compose | None = None):
+    def __init__(self, split: Split, stats: ChannelStats, augment: Augment | None = None):
         self.images = split.images
         self.labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
         self.stats = stats
@@ -71,9 +70,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = np.asarray(self.images[index])
         if self.augment is not None:
-            image = self.augment(image=image)["image"]
-            if image.ndim == 2:  # some albumentations ops drop a singleton channel
-                image = image[..., None]
+            image = self.augment(image, int(self.labels[index]))
         return torch.from_numpy(normalise(image, self.stats)), self.labels[index]
 
 
@@ -96,30 +93,48 @@ def make_loader(
     *,
     seed: int,
     train: bool = False,
-    augment: A.Compose | None = None,
+    augment: Augment | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    weights: np.ndarray | None = None,
 ) -> DataLoader:
-    """A loader over ``split``; ``train`` shuffles and drops a last partial batch."""
+    """A loader over ``split``; ``train`` shuffles and drops a last partial batch.
+
+    With unequal ``weights`` (``resample.strategy: balanced_sampler``) a train
+    epoch is ``len(split)`` draws with replacement, row ``i`` drawn with
+    probability proportional to ``weights[i]``: rebalanced per epoch, no copies.
+    """
     dataset = ImageDataset(split, stats, augment if train else None)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and weights is not None and not np.allclose(weights, weights[0]):
+        sampler = WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double),
+            num_samples=len(dataset),
+            replacement=True,
+            generator=generator,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         # BatchNorm cannot train on a batch of one.
         drop_last=train and len(dataset) > batch_size,
         num_workers=num_workers,
         worker_init_fn=_seed_worker if num_workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
     )
 
 
-def cross_entropy_objective(label_smoothing: float) -> Objective:
+def supervised_objective(loss: nn.Module) -> Objective:
+    """The teacher's objective: ``loss`` (cross-entropy, weighted or focal) on its logits."""
+
     def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         logits = model(images)
-        return nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+        return loss(logits, labels), logits
 
     return objective
 

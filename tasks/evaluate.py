@@ -61,6 +61,7 @@ class Variant:
     stats: ChannelStats
     run_params: dict[str, Any]
     source_run_id: str | None
+    class_prior: tuple[float, ...] | None = None  # what logit adjustment divides out
 
 
 @stage_task(name="load-variants")
@@ -82,6 +83,7 @@ def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int
                 stats=checkpoint.stats,
                 run_params=checkpoint.params,
                 source_run_id=checkpoint.mlflow_run_id,
+                class_prior=checkpoint.class_prior,
             )
         )
     session = onnx_session(student_int8, threads)
@@ -103,9 +105,25 @@ def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int
                 **{f"quantize.{key}": value for key, value in quantization.items()},
             },
             source_run_id=student_variant.source_run_id,
+            class_prior=student_variant.class_prior,
         )
     )
     return variants
+
+
+def adjust_logits(logits: np.ndarray, prior: tuple[float, ...] | None, tau: float) -> np.ndarray:
+    r"""Post-hoc logit adjustment (Menon et al., "Long-tail learning via logit
+    adjustment", ICLR 2021): :math:`f_c(x) - \tau \log \pi_c`.
+
+    A model trained on a long-tailed prior :math:`\pi` is biased towards the
+    head classes; subtracting :math:`\tau \log \pi` moves the decision
+    thresholds towards the tail (``tau = 1`` is the Bayes-optimal correction for
+    the balanced error). ``tau = 0`` or an unknown prior leaves the logits as they are.
+    """
+    if tau == 0.0 or prior is None:
+        return logits
+    log_prior = np.log(np.clip(np.asarray(prior, dtype=np.float64), 1e-12, None))
+    return (logits - tau * log_prior).astype(logits.dtype)
 
 
 def classification_metrics(
@@ -158,7 +176,7 @@ def evaluate_variant(variant: Variant, test: Split, params: EvaluateParams) -> E
             for i in range(0, len(images), params.batch_size)
         ]
     )
-    predicted = logits.argmax(axis=1)
+    predicted = adjust_logits(logits, variant.class_prior, params.logit_adjust_tau).argmax(axis=1)
     latency = measure_latency(
         variant.predict, images[:1], params.latency_warmup, params.latency_repeats
     )
@@ -169,6 +187,7 @@ def evaluate_variant(variant: Variant, test: Split, params: EvaluateParams) -> E
         "latency_ms_b1": latency["median_ms"],
         "p95_ms_b1": latency["p95_ms"],
         "runtime": variant.runtime,
+        "logit_adjust_tau": params.logit_adjust_tau,
     }
     return Evaluation(metrics, predicted)
 

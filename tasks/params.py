@@ -24,7 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist")
-SamplerName = Literal["none", "random_over", "random_under", "smote"]
+SamplerName = Literal[
+    "none", "random_over", "random_under", "smote", "borderline_smote", "adasyn",
+    "smote_tomek", "smote_enn", "balanced_sampler",
+]  # fmt: skip
+FeatureSpace = Literal["pixels", "embeddings"]
+LossName = Literal["ce", "focal"]
+ClassWeightName = Literal["none", "balanced", "sqrt_inv", "effective_number"]
 ModelName = Literal["resnet", "cnn"]
 ScheduleName = Literal["onecycle", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -92,23 +98,48 @@ class ResampleParams(Section):
     strategy: SamplerName
     sampling_strategy: str | float
     k_neighbors: int = Field(ge=1)
+    space: FeatureSpace
+    embedding_checkpoint: Path | None
+
+    @field_validator("embedding_checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("must be null or an existing checkpoint file (a teacher .pt)")
+        return value
 
 
 class AugmentParams(Section):
     hflip_p: Probability
+    vflip_p: Probability
     affine_p: Probability
     rotate_deg: float = Field(ge=0.0, le=180.0)
     translate_frac: float = Field(ge=0.0, le=0.5)
     scale_min: float = Field(gt=0.0)
     scale_max: float = Field(gt=0.0)
+    shear_deg: float = Field(ge=0.0, le=45.0)
+    crop_p: Probability
+    crop_scale_min: float = Field(gt=0.0, le=1.0)
     brightness_contrast_p: Probability
     brightness_limit: Fraction
     contrast_limit: Fraction
+    gamma_p: Probability
+    gamma_min: float = Field(gt=0.0, le=1.0)
+    gamma_max: float = Field(ge=1.0, le=5.0)
+    hue_saturation_p: Probability  # colour images only
+    hue_shift: float = Field(ge=0.0, le=180.0)
+    saturation_shift: float = Field(ge=0.0, le=255.0)
     noise_p: Probability
     noise_std: Fraction
+    blur_p: Probability
+    blur_sigma_max: float = Field(gt=0.0, le=10.0)
     dropout_p: Probability
     dropout_holes: int = Field(ge=1)
     dropout_size_frac: float = Field(gt=0.0, le=1.0)
+    elastic_p: Probability
+    elastic_alpha: float = Field(ge=0.0)
+    elastic_sigma: float = Field(gt=0.0)
+    minority_boost: float = Field(ge=1.0)
 
     @field_validator("scale_max")
     @classmethod
@@ -130,6 +161,10 @@ class FitParams(Section):
     weight_decay: float = Field(ge=0.0)
     schedule: ScheduleName
     label_smoothing: float = Field(ge=0.0, lt=1.0)
+    loss: LossName
+    focal_gamma: float = Field(ge=0.0)
+    class_weight: ClassWeightName
+    class_weight_beta: float = Field(ge=0.0, lt=1.0)  # effective_number's beta
     grad_clip: float = Field(ge=0.0)  # 0 turns clipping off
     patience: int = Field(ge=1)
     num_workers: int = Field(ge=0)
@@ -157,6 +192,7 @@ class EvaluateParams(Section):
     num_threads: int = Field(ge=1)
     latency_warmup: int = Field(ge=0)
     latency_repeats: int = Field(ge=1)
+    logit_adjust_tau: float = Field(ge=0.0)
 
 
 class MlflowParams(Section):

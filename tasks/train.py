@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
+from torch import nn
 from torch.utils.data import DataLoader
 
 from tasks.artifacts import write_csv, write_json
@@ -25,20 +28,22 @@ from tasks.datasets import (
     Split,
     load_prepared,
     load_resampled_train,
+    load_sample_weights,
 )
 from tasks.engine import (
     EpochRecord,
     FitResult,
-    cross_entropy_objective,
     fit,
     make_loader,
     seed_everything,
     select_device,
+    supervised_objective,
 )
+from tasks.losses import build_loss
 from tasks.models import build_model, count_params
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, FitParams, TrainParams
-from tasks.transforms import build_augment
+from tasks.transforms import Augment, build_augment
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,20 @@ class TrainingData:
 
     prepared: PreparedData
     train: Split
+    weights: np.ndarray  # per-row sampling weights; unequal only for balanced_sampler
+
+    @property
+    def class_prior(self) -> list[float]:
+        """The class frequencies the model sees per epoch (in expectation)."""
+        mass = np.bincount(
+            self.train.labels, weights=self.weights, minlength=self.prepared.num_classes
+        )
+        return (mass / mass.sum()).tolist()
+
+    @property
+    def class_counts(self) -> list[float]:
+        """Per-class counts a loss weighting should see: the prior times the epoch size."""
+        return [p * len(self.train) for p in self.class_prior]
 
 
 @stage_task(name="load-data")
@@ -54,21 +73,44 @@ def load_training_data(
     prepared_dir: Path = PREPARED_DIR, resampled_dir: Path = RESAMPLED_DIR
 ) -> TrainingData:
     prepared = load_prepared(prepared_dir)
-    return TrainingData(prepared, load_resampled_train(prepared, resampled_dir))
+    return TrainingData(
+        prepared,
+        load_resampled_train(prepared, resampled_dir),
+        load_sample_weights(resampled_dir),
+    )
+
+
+def train_augment(data: TrainingData, augment: AugmentParams, seed: int) -> Augment:
+    """The augmentation for this data: its channels, size and minority classes."""
+    height, _, channels = data.prepared.image_shape
+    return build_augment(augment, seed, channels, height, data.class_counts)
+
+
+def supervised_loss(params: FitParams, data: TrainingData) -> nn.Module:
+    """``loss`` with ``class_weight`` taken over the class counts the model sees per epoch."""
+    return build_loss(
+        params.loss,
+        data.class_counts,
+        class_weight=params.class_weight,
+        beta=params.class_weight_beta,
+        gamma=params.focal_gamma,
+        label_smoothing=params.label_smoothing,
+    )
 
 
 def build_loaders(
     data: TrainingData, params: FitParams, augment: AugmentParams, seed: int, device: torch.device
 ) -> tuple[DataLoader, DataLoader]:
-    """Augmented, shuffled train loader and a plain val loader."""
+    """Augmented, shuffled (or class-balanced) train loader and a plain val loader."""
     common = {"stats": data.prepared.stats, "batch_size": params.batch_size, "seed": seed}
     pin = device.type == "cuda"
     train = make_loader(
         data.train,
         train=True,
-        augment=build_augment(augment, seed),
+        augment=train_augment(data, augment, seed),
         num_workers=params.num_workers,
         pin_memory=pin,
+        weights=data.weights,
         **common,
     )
     val = make_loader(data.prepared.val, pin_memory=pin, **common)
@@ -90,7 +132,7 @@ def fit_teacher(
         params.model, channels, data.prepared.num_classes, params.width, params.dropout
     )
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
-    objective = cross_entropy_objective(params.label_smoothing)
+    objective = supervised_objective(supervised_loss(params, data).to(device))
     return fit(model, objective, train_loader, val_loader, params, device, on_epoch)
 
 
@@ -138,6 +180,7 @@ def write_model(
             metrics={k: float(v) for k, v in summary.items()},
             state_dict=result.model.state_dict(),
             mlflow_run_id=mlflow_run_id,
+            class_prior=tuple(data.class_prior),
         ),
     )
     write_csv(curve_path, [asdict(record) for record in result.history])
@@ -151,3 +194,41 @@ def describe_epoch(record: EpochRecord, epochs: int) -> str:
         f"val_loss={record.val_loss:.4f} val_f1_macro={record.val_f1_macro:.4f} "
         f"lr={record.lr:.2e} {record.images_per_second:.0f} img/s"
     )
+
+
+def augment_artifacts(
+    data: TrainingData, augment: AugmentParams, seed: int, out_dir: Path, per_class: int = 2
+) -> list[Path]:
+    """``augment.yaml`` (the exact pipelines) and ``augment_grid.png`` (what the model sees).
+
+    The grid shows ``per_class`` train images of each class: the stored image
+    first, then six augmented draws of it.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    pipeline = train_augment(data, augment, seed)
+    spec = out_dir / "augment.yaml"
+    spec.write_text(yaml.safe_dump(pipeline.to_dict(), sort_keys=False))
+
+    labels = np.asarray(data.train.labels)
+    rows = [
+        i for c in range(data.prepared.num_classes) for i in np.flatnonzero(labels == c)[:per_class]
+    ]
+    draws = 6
+    figure = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(rows)))
+    axes = figure.subplots(len(rows), draws + 1, squeeze=False)
+    for r, index in enumerate(rows):
+        image = np.asarray(data.train.images[index])
+        label = int(labels[index])
+        shown = [image] + [pipeline(image, label) for _ in range(draws)]
+        for column, picture in enumerate(shown):
+            axis = axes[r, column]
+            axis.imshow(picture.squeeze(), cmap="gray" if picture.shape[-1] == 1 else None)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[r, 0].set_ylabel(data.prepared.classes[label], fontsize=7)
+    axes[0, 0].set_title("stored", fontsize=7)
+    figure.tight_layout(pad=0.2)
+    grid = out_dir / "augment_grid.png"
+    figure.savefig(grid, dpi=80)
+    return [spec, grid]

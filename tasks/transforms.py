@@ -11,24 +11,39 @@ from tasks.datasets import ChannelStats
 from tasks.params import AugmentParams
 
 
-def build_augment(params: AugmentParams, seed: int) -> A.Compose:
-    """The train-time pipeline ``augment:`` describes; a transform with p=0 is left out.
+def _pipeline(params: AugmentParams, seed: int, channels: int, size: int, boost: float):
+    """The albumentations steps ``augment:`` describes, each probability times ``boost``."""
 
-    Works on uint8 HWC arrays and returns the same, so augmentation happens
-    before normalisation, on the pixel scale the parameters are written in.
-    """
+    def p(value: float) -> float:
+        return min(1.0, value * boost)
+
     steps: list[A.BasicTransform] = []
     if params.hflip_p > 0:
-        steps.append(A.HorizontalFlip(p=params.hflip_p))
+        steps.append(A.HorizontalFlip(p=p(params.hflip_p)))
+    if params.vflip_p > 0:
+        steps.append(A.VerticalFlip(p=p(params.vflip_p)))
+    if params.crop_p > 0:
+        steps.append(
+            A.RandomResizedCrop(
+                size=(size, size), scale=(params.crop_scale_min, 1.0), p=p(params.crop_p)
+            )
+        )
     if params.affine_p > 0:
         steps.append(
             A.Affine(
                 rotate=(-params.rotate_deg, params.rotate_deg),
                 translate_percent=(-params.translate_frac, params.translate_frac),
                 scale=(params.scale_min, params.scale_max),
+                shear=(-params.shear_deg, params.shear_deg),
                 border_mode=0,
                 fill=0,
-                p=params.affine_p,
+                p=p(params.affine_p),
+            )
+        )
+    if params.elastic_p > 0:
+        steps.append(
+            A.ElasticTransform(
+                alpha=params.elastic_alpha, sigma=params.elastic_sigma, p=p(params.elastic_p)
             )
         )
     if params.brightness_contrast_p > 0:
@@ -36,11 +51,25 @@ def build_augment(params: AugmentParams, seed: int) -> A.Compose:
             A.RandomBrightnessContrast(
                 brightness_limit=params.brightness_limit,
                 contrast_limit=params.contrast_limit,
-                p=params.brightness_contrast_p,
+                p=p(params.brightness_contrast_p),
             )
         )
+    if params.gamma_p > 0:  # albumentations writes gamma in percent
+        limit = (100.0 * params.gamma_min, 100.0 * params.gamma_max)
+        steps.append(A.RandomGamma(gamma_limit=limit, p=p(params.gamma_p)))
+    if params.hue_saturation_p > 0 and channels == 3:
+        steps.append(
+            A.HueSaturationValue(
+                hue_shift_limit=params.hue_shift,
+                sat_shift_limit=params.saturation_shift,
+                val_shift_limit=0,
+                p=p(params.hue_saturation_p),
+            )
+        )
+    if params.blur_p > 0:
+        steps.append(A.GaussianBlur(sigma_limit=(0.1, params.blur_sigma_max), p=p(params.blur_p)))
     if params.noise_p > 0:
-        steps.append(A.GaussNoise(std_range=(0.0, params.noise_std), p=params.noise_p))
+        steps.append(A.GaussNoise(std_range=(0.0, params.noise_std), p=p(params.noise_p)))
     if params.dropout_p > 0:
         steps.append(
             A.CoarseDropout(
@@ -48,10 +77,70 @@ def build_augment(params: AugmentParams, seed: int) -> A.Compose:
                 hole_height_range=(0.05, params.dropout_size_frac),
                 hole_width_range=(0.05, params.dropout_size_frac),
                 fill=0,
-                p=params.dropout_p,
+                p=p(params.dropout_p),
             )
         )
     return A.Compose(steps, seed=seed)
+
+
+def minority_classes(counts: list[float]) -> frozenset[int]:
+    """Classes with fewer than half the images of the largest one."""
+    largest = max(counts)
+    return frozenset(c for c, n in enumerate(counts) if n < largest / 2)
+
+
+class Augment:
+    """Train-time augmentation of uint8 HWC images, stronger for minority classes.
+
+    Every class gets the pipeline ``augment:`` describes; when
+    ``augment.minority_boost`` > 1, the classes in ``minority`` get the same
+    pipeline with every probability multiplied by it (capped at 1), so rare
+    classes are varied more often. Both pipelines are seeded; DataLoader
+    workers re-seed them through ``set_random_seed`` (``tasks/engine.py``).
+    """
+
+    def __init__(self, common: A.Compose, strong: A.Compose | None, minority: frozenset[int]):
+        self.common = common
+        self.strong = strong
+        self.minority = minority if strong is not None else frozenset()
+
+    def __call__(self, image: np.ndarray, label: int) -> np.ndarray:
+        pipeline = self.strong if label in self.minority else self.common
+        out = pipeline(image=image)["image"]
+        return out[..., None] if out.ndim == 2 else out  # some ops drop a singleton channel
+
+    def set_random_seed(self, seed: int) -> None:
+        self.common.set_random_seed(seed)
+        if self.strong is not None:
+            self.strong.set_random_seed(seed + 1)
+
+    def to_dict(self) -> dict:
+        """The exact pipelines in albumentations' own serialisation (``A.from_dict`` reads them)."""
+        return {
+            "all_classes": A.to_dict(self.common),
+            "minority_classes": sorted(self.minority),
+            "minority_pipeline": None if self.strong is None else A.to_dict(self.strong),
+        }
+
+
+def build_augment(
+    params: AugmentParams,
+    seed: int,
+    channels: int = 1,
+    size: int = 16,
+    class_counts: list[float] | None = None,
+) -> Augment:
+    """The train-time augmentation; a transform with p=0 is left out.
+
+    Works on uint8 HWC arrays and returns the same, so augmentation happens
+    before normalisation, on the pixel scale the parameters are written in.
+    ``class_counts`` (what the model sees per epoch) decides the minority classes.
+    """
+    common = _pipeline(params, seed, channels, size, 1.0)
+    if params.minority_boost == 1.0 or class_counts is None:
+        return Augment(common, None, frozenset())
+    strong = _pipeline(params, seed + 1, channels, size, params.minority_boost)
+    return Augment(common, strong, minority_classes(class_counts))
 
 
 def normalise(images: np.ndarray, stats: ChannelStats) -> np.ndarray:

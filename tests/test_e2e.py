@@ -150,6 +150,8 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
         history = client.get_metric_history(run.info.run_id, "val_f1_macro")
         epochs_run = json.loads((repo / f"metrics/{stage}.json").read_text())["epochs_run"]
         assert [m.step for m in history] == list(range(1, epochs_run + 1))
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"augment.yaml", "augment_grid.png"} <= logged, stage
     assert fits["train"].data.params["train.width"] == "8"
 
 

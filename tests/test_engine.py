@@ -12,18 +12,21 @@ from tasks.datasets import ChannelStats, PreparedData, Split
 from tasks.engine import (
     FitResult,
     Objective,
-    cross_entropy_objective,
     fit,
     make_loader,
     predict_logits,
     select_device,
+    supervised_objective,
 )
 from tasks.models import build_model
 from tasks.params import AugmentParams, Params, TrainParams
 from tasks.transforms import build_augment, normalise
 
 CPU = torch.device("cpu")
-SWITCHES = ("hflip_p", "affine_p", "brightness_contrast_p", "noise_p", "dropout_p")
+SWITCHES = (
+    "hflip_p", "vflip_p", "crop_p", "affine_p", "elastic_p", "brightness_contrast_p", "gamma_p",
+    "hue_saturation_p", "blur_p", "noise_p", "dropout_p",
+)  # fmt: skip
 
 # ---------------------------------------------------------------- transforms
 
@@ -32,49 +35,78 @@ def _image(seed: int = 0, channels: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(8, 8, channels), dtype=np.uint8)
 
 
-def _with(augment: AugmentParams, p: float) -> AugmentParams:
-    return augment.model_copy(update=dict.fromkeys(SWITCHES, p))
+def _with(augment: AugmentParams, p: float, **update: float) -> AugmentParams:
+    return augment.model_copy(update={**dict.fromkeys(SWITCHES, p), **update})
 
 
 def test_build_augment_keeps_shape_and_dtype(params: Params) -> None:
-    compose = build_augment(params.augment, seed=0)
-    assert isinstance(compose, A.Compose)
+    augment = build_augment(params.augment, seed=0, channels=1, size=8)
     image = _image()
-    outputs = [compose(image=image)["image"] for _ in range(10)]
+    outputs = [augment(image, 0) for _ in range(10)]
     assert all(out.shape == (8, 8, 1) and out.dtype == np.uint8 for out in outputs)
     assert any(not np.array_equal(out, image) for out in outputs)  # it does augment
 
 
-def test_build_augment_with_every_transform_on(params: Params) -> None:
-    compose = build_augment(_with(params.augment, 1.0), seed=0)
-    names = [type(t).__name__ for t in compose.transforms]
+@pytest.mark.parametrize("channels", [1, 3])
+def test_build_augment_with_every_transform_on(params: Params, channels: int) -> None:
+    augment = build_augment(_with(params.augment, 1.0), seed=0, channels=channels, size=8)
+    names = [type(t).__name__ for t in augment.common.transforms]
+    colour = ["HueSaturationValue"] if channels == 3 else []  # hue needs colour
     assert names == [
-        "HorizontalFlip",
-        "Affine",
-        "RandomBrightnessContrast",
-        "GaussNoise",
+        "HorizontalFlip", "VerticalFlip", "RandomResizedCrop", "Affine", "ElasticTransform",
+        "RandomBrightnessContrast", "RandomGamma", *colour, "GaussianBlur", "GaussNoise",
         "CoarseDropout",
-    ]
-    for channels in (1, 3):
-        out = compose(image=_image(channels=channels))["image"]
+    ]  # fmt: skip
+    for seed in range(5):
+        out = augment(_image(seed, channels=channels), 0)
         assert out.shape == (8, 8, channels)
         assert out.dtype == np.uint8
 
 
 def test_build_augment_leaves_out_p_zero(params: Params) -> None:
-    assert len(build_augment(_with(params.augment, 0.0), seed=0).transforms) == 0
+    augment = build_augment(_with(params.augment, 0.0), seed=0)
+    assert len(augment.common.transforms) == 0
+    assert np.array_equal(augment(_image(), 0), _image())
 
 
 def test_build_augment_same_seed_same_outputs(params: Params) -> None:
     image = _image()
 
     def draws(seed: int) -> list[np.ndarray]:
-        compose = build_augment(params.augment, seed=seed)
-        return [compose(image=image)["image"] for _ in range(10)]
+        augment = build_augment(params.augment, seed=seed, size=8)
+        return [augment(image, 0) for _ in range(10)]
 
     first, again, other = draws(5), draws(5), draws(6)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_minority_classes_get_every_probability_boosted(params: Params) -> None:
+    settings = _with(params.augment, 0.0, affine_p=0.2, noise_p=0.4, minority_boost=3.0)
+    augment = build_augment(settings, seed=0, size=8, class_counts=[100, 60, 49, 10])
+    assert augment.minority == {2, 3}  # fewer than half of the largest class
+    common = {type(t).__name__: t.p for t in augment.common.transforms}
+    strong = {type(t).__name__: t.p for t in augment.strong.transforms}
+    assert common == {"Affine": 0.2, "GaussNoise": 0.4}
+    assert strong == {"Affine": pytest.approx(0.6), "GaussNoise": 1.0}  # capped at 1
+    # without a boost there is one pipeline for every class
+    plain = build_augment(params.augment, seed=0, size=8, class_counts=[100, 10])
+    assert plain.strong is None and plain.minority == frozenset()
+
+
+def test_augment_serialises_with_albumentations_and_replays(params: Params) -> None:
+    settings = _with(params.augment, 0.5, minority_boost=2.0)
+    augment = build_augment(settings, seed=3, size=8, class_counts=[10, 2])
+    spec = augment.to_dict()
+    assert spec["minority_classes"] == [1]
+    replay = A.from_dict(spec["all_classes"])
+    assert [type(t).__name__ for t in replay.transforms] == [
+        type(t).__name__ for t in augment.common.transforms
+    ]
+    replay.set_random_seed(3)
+    augment.set_random_seed(3)
+    image = _image()
+    assert np.array_equal(replay(image=image)["image"], augment(image, 0))
 
 
 def test_normalise_standardises_with_train_stats(tiny_prepared: PreparedData) -> None:
@@ -147,7 +179,7 @@ def test_fit_separates_bright_from_dark(params: Params) -> None:
     model = build_model("cnn", 1, 2, width=4, dropout=0.0)
     result, val_loader = _fit(
         model,
-        cross_entropy_objective(0.0),
+        supervised_objective(nn.CrossEntropyLoss()),
         _bright_vs_dark(32, 0),
         _bright_vs_dark(16, 1),
         fit_params,
@@ -172,7 +204,7 @@ def test_fit_restores_best_weights_after_getting_worse(params: Params) -> None:
     def sabotaged(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         nonlocal steps
         steps += 1
-        loss, logits = cross_entropy_objective(0.0)(model, images, labels)
+        loss, logits = supervised_objective(nn.CrossEntropyLoss())(model, images, labels)
         return (loss if steps <= ascend_after else -loss), logits
 
     fit_params = _fit_params(params, epochs=8, patience=3, lr=0.05)
@@ -211,7 +243,7 @@ def test_nan_loss_names_epoch_and_step(params: Params) -> None:
     def turns_nan(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         nonlocal steps
         steps += 1
-        loss, logits = cross_entropy_objective(0.0)(model, images, labels)
+        loss, logits = supervised_objective(nn.CrossEntropyLoss())(model, images, labels)
         return (loss * float("nan") if steps == 7 else loss), logits  # epoch 2, step 3
 
     torch.manual_seed(0)
@@ -244,7 +276,7 @@ def test_loader_with_workers_repeats_for_a_seed(
             batch_size=4,
             seed=seed,
             train=True,
-            augment=build_augment(params.augment, seed) if augment else None,
+            augment=build_augment(params.augment, seed, size=8) if augment else None,
             num_workers=2,
         )
         return [tuple(map(torch.cat, zip(*loader, strict=True))) for _ in range(2)]
@@ -272,3 +304,24 @@ def test_train_loader_drops_partial_batch_and_eval_loader_keeps_order(
     eval_loader = make_loader(split, stats, batch_size=8, seed=0)
     labels = torch.cat([labels for _, labels in eval_loader])
     assert labels.tolist() == split.labels.tolist()
+
+
+def test_balanced_weights_draw_every_class_equally_often(tiny_prepared: PreparedData) -> None:
+    from tasks.resample import balanced_weights
+
+    labels = np.repeat(np.arange(3), [60, 30, 6])
+    split = Split(np.zeros((len(labels), 8, 8, 1), np.uint8), labels)
+    weights = balanced_weights(labels, 3)
+
+    def drawn(seed: int) -> torch.Tensor:
+        loader = make_loader(
+            split, tiny_prepared.stats, batch_size=32, seed=seed, train=True, weights=weights
+        )
+        return torch.cat([torch.cat([y for _, y in loader]) for _ in range(20)])
+
+    counts = torch.bincount(drawn(0), minlength=3).double()
+    assert (counts / counts.sum() - 1 / 3).abs().max() < 0.03  # 20 epochs of 96 draws
+    assert torch.equal(drawn(0), drawn(0))
+    # equal weights: plain shuffling, every row exactly once per epoch
+    loader = make_loader(split, tiny_prepared.stats, 16, seed=0, train=True, weights=np.ones(96))
+    assert sorted(torch.cat([y for _, y in loader]).tolist()) == sorted(labels.tolist())

@@ -141,3 +141,18 @@ def test_scalar_metrics_flattens_and_drops_non_numbers() -> None:
         "student.latency.median_ms": 0.2,
     }
     assert all(isinstance(value, float) for value in scalar_metrics(metrics).values())
+
+
+def test_logit_adjustment_moves_decisions_towards_rare_classes() -> None:
+    from tasks.evaluate import adjust_logits
+
+    logits = np.array([[2.0, 1.5], [0.2, 0.0]], dtype=np.float32)
+    prior = (0.9, 0.1)
+    assert adjust_logits(logits, prior, 0.0) is logits
+    assert adjust_logits(logits, None, 1.0) is logits
+    adjusted = adjust_logits(logits, prior, 1.0)
+    np.testing.assert_allclose(adjusted, logits - np.log(prior), rtol=1e-6)
+    assert adjusted.dtype == np.float32
+    # the head class won both; after adjustment the close call goes to the rare class
+    assert logits.argmax(axis=1).tolist() == [0, 0]
+    assert adjusted.argmax(axis=1).tolist() == [1, 1]

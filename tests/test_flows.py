@@ -53,7 +53,11 @@ def _task_names(flow_run_id) -> list[str]:
 
 
 def test_resample_flow_completes_and_records_each_task(harness, prepared_on_disk):
-    params = ResampleParams(strategy="random_over", sampling_strategy="auto", k_neighbors=2)
+    params = ResampleParams(
+        strategy="random_over", sampling_strategy="auto", k_neighbors=2, space="pixels",
+        embedding_checkpoint=None,
+    )  # fmt: skip
+    untouched = {p: p.read_bytes() for p in sorted(PREPARED_DIR.rglob("*")) if p.is_file()}
     state = resample_flow(seed=0, resample=params, return_state=True)
 
     assert state.is_completed()
@@ -62,15 +66,20 @@ def test_resample_flow_completes_and_records_each_task(harness, prepared_on_disk
     assert metrics_path("resample").is_file()
     assert len(np.load(RESAMPLED_DIR / "indices.npy")) == 36
     assert _task_names(state.state_details.flow_run_id) == ["resample", "write-resampled"]
+    # val and test (and the prepared train split itself) are never touched
+    assert {p: p.read_bytes() for p in sorted(PREPARED_DIR.rglob("*")) if p.is_file()} == untouched
 
 
 def test_a_failing_task_fails_the_flow_and_leaves_no_output(harness, prepared_on_disk):
-    # SMOTE cannot find 5 neighbours in a class of 3: a clear error, no partial output.
-    params = ResampleParams(strategy="smote", sampling_strategy="auto", k_neighbors=5)
+    # Undersampling to a float ratio is for two classes only: a clear error, no output.
+    params = ResampleParams(
+        strategy="random_under", sampling_strategy=0.5, k_neighbors=5, space="pixels",
+        embedding_checkpoint=None,
+    )  # fmt: skip
     state = resample_flow(seed=0, resample=params, return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(ValueError, match=r"resample\.k_neighbors=5"):
+    with pytest.raises(ValueError, match=r"resample\.sampling_strategy=0\.5"):
         state.result()
     assert not RESAMPLED_DIR.exists()
     assert not metrics_path("resample").exists()

@@ -13,6 +13,8 @@ import yaml
 from tasks.params import (
     BUILTIN_SOURCES,
     CalibrationName,
+    ClassWeightName,
+    LossName,
     ModelName,
     Params,
     ParamsError,
@@ -62,6 +64,12 @@ def test_params_error_is_a_value_error() -> None:
     [
         ("data.source", "mnist", ["data.source", "digits", "fashion-mnist", "'mnist'"]),
         ("resample.strategy", "smtoe", ["resample.strategy", "'random_over'", "'smtoe'"]),
+        ("resample.space", "latent", ["resample.space", "'pixels'", "'embeddings'"]),
+        ("resample.embedding_checkpoint", "nope.pt", ["resample.embedding_checkpoint", "null"]),
+        ("train.loss", "focall", ["train.loss", "'ce'", "'focal'"]),
+        ("distill.class_weight", "inv", ["distill.class_weight", "'effective_number'"]),
+        ("augment.minority_boost", 0.5, ["augment.minority_boost", "greater than or equal to 1"]),
+        ("evaluate.logit_adjust_tau", -1, ["evaluate.logit_adjust_tau", "greater than or equal"]),
         ("train.model", "resnte", ["train.model", "'resnet'", "'cnn'"]),
         ("distill.model", "cnnn", ["distill.model", "'resnet'", "'cnn'"]),
         ("train.lr", "fast", ["train.lr", "'fast'"]),
@@ -132,6 +140,7 @@ def _choices(literal: Any) -> set[str]:
 
 def test_choice_lists_match_the_factories() -> None:
     # params.py keeps its own copies so validating params never imports torch.
+    from tasks.losses import CLASS_WEIGHTS, LOSSES
     from tasks.models import MODELS
     from tasks.quantize import CALIBRATION_METHODS
     from tasks.resample import SAMPLERS
@@ -141,3 +150,5 @@ def test_choice_lists_match_the_factories() -> None:
     assert _choices(ModelName) == set(MODELS)
     assert _choices(CalibrationName) == set(CALIBRATION_METHODS)
     assert set(BUILTIN_SOURCES) == set(SOURCES)
+    assert _choices(LossName) == set(LOSSES)
+    assert _choices(ClassWeightName) == set(CLASS_WEIGHTS)
