@@ -13,44 +13,78 @@ from tasks import evaluate as t
 from tasks import tracking
 from tasks.artifacts import atomic_dir
 from tasks.datasets import load_prepared
-from tasks.layout import CONFUSION_DIR, PREPARED_DIR, STUDENT, STUDENT_INT8, TEACHER, metrics_path
+from tasks.layout import (
+    CONFUSION_DIR,
+    EVALUATION_DIR,
+    PREPARED_DIR,
+    STUDENT,
+    STUDENT_INT8,
+    TEACHER,
+    metrics_path,
+)
 from tasks.params import EvaluateParams, MlflowParams
 
 METRICS = metrics_path("evaluate")
 
 
 @flow(name="evaluate")
-def evaluate_flow(evaluate: EvaluateParams, mlflow: MlflowParams) -> dict:
+def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> dict:
     logger = get_run_logger()
     prepared = load_prepared(PREPARED_DIR)
+    labels = prepared.test.labels
     variants = t.load_variants(TEACHER, STUDENT, STUDENT_INT8, evaluate.num_threads)
-    results = {}
-    with atomic_dir(CONFUSION_DIR) as confusion_dir:
-        for variant in variants:
-            if variant.classes != prepared.classes:
-                raise ValueError(
-                    f"{variant.artifact} was trained on other classes than data/prepared holds: "
-                    "re-run the pipeline (dvc repro)"
-                )
-            evaluation = t.evaluate_variant(variant, prepared.test, evaluate)
-            plots = t.write_confusion(
-                variant.name, prepared.test.labels, evaluation.predicted, variant.classes,
-                confusion_dir,
+    corrupted = t.corrupt_test(prepared.test.images, seed) if evaluate.robustness else None
+    evaluations: dict[str, t.Evaluation] = {}
+    for variant in variants:
+        if variant.classes != prepared.classes:
+            raise ValueError(
+                f"{variant.artifact} was trained on other classes than data/prepared holds: "
+                "re-run the pipeline (dvc repro)"
+            )
+        evaluation = t.evaluate_variant(
+            variant, prepared.test, prepared.val, evaluate, seed, corrupted
+        )
+        evaluations[variant.name] = evaluation
+        m = evaluation.metrics
+        logger.info(
+            "%s: f1_macro %.4f [%.4f, %.4f], accuracy %.4f, ECE %.4f -> %.4f (T=%.2f), "
+            "%s params, %s bytes, %.3f ms/image (%s)",
+            variant.name, m["f1_macro"], *m["f1_macro_ci"], m["accuracy"], m["ece"],
+            m["ece_temperature_scaled"], m["temperature"], variant.params, m["size_bytes"],
+            m["latency_ms_b1"], variant.runtime,
+        )  # fmt: skip
+
+    results = {name: dict(e.metrics) for name, e in evaluations.items()}
+    files: dict[str, list] = {}
+    with atomic_dir(CONFUSION_DIR) as confusion_dir, atomic_dir(EVALUATION_DIR) as report_dir:
+        for name, evaluation in evaluations.items():
+            files[name] = [
+                *t.write_confusion(name, labels, evaluation.predicted, prepared.classes,
+                                   confusion_dir),
+                *t.write_reports(name, evaluation, labels, prepared.classes,
+                                 evaluate.calibration_bins, report_dir),
+            ]  # fmt: skip
+        steps = t.compare_steps(
+            evaluations, labels, prepared.classes, evaluate.bootstrap_samples, seed, report_dir
+        )
+        for candidate, (comparison, paths) in steps.items():
+            results[candidate].update(comparison)
+            files[candidate] += paths
+            key, c = next(iter(comparison.items()))
+            logger.info(
+                "%s %s: f1_macro %+.4f [%+.4f, %+.4f], McNemar p %.3g",
+                candidate, key, c["f1_macro_delta"], *c["f1_macro_delta_ci"], c["mcnemar_p"],
             )  # fmt: skip
+        # Logged before the folders are swapped in, while the files are where `files` says.
+        for variant in variants:
             tags = {"source_run_id": variant.source_run_id or "", "runtime": variant.runtime}
             with tracking.start_run(
                 mlflow.experiment, variant.name, stage="evaluate", variant=variant.name,
                 params={**variant.run_params, **evaluate.flat("evaluate")}, tags=tags,
             ) as run:  # fmt: skip
-                tracking.log_results(run.info.run_id, evaluation.metrics, list(plots))
+                tracking.log_results(run.info.run_id, results[variant.name], files[variant.name])
                 tracking.log_results(run.info.run_id, {}, [variant.artifact], "model")
-            results[variant.name] = evaluation.metrics
-            logger.info(
-                "%s: f1_macro %.4f, accuracy %.4f, %s params, %s bytes, %.3f ms/image (%s)",
-                variant.name, evaluation.metrics["f1_macro"], evaluation.metrics["accuracy"],
-                variant.params, evaluation.metrics["size_bytes"],
-                evaluation.metrics["latency_ms_b1"], variant.runtime,
-            )  # fmt: skip
+
     t.write_metrics(METRICS, results)
     create_markdown_artifact(
         key="evaluate", markdown=t.comparison_markdown(results), description="visionpipe variants"

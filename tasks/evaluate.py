@@ -25,15 +25,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import onnx
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-)
+from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
+from tasks import scoring
 from tasks.artifacts import atomic_path, write_csv, write_json
 from tasks.checkpoints import load_checkpoint
 from tasks.datasets import ChannelStats, Split
@@ -42,6 +36,7 @@ from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
 from tasks.quantize import onnx_logits, onnx_session, torch_logits
+from tasks.robustness import corrupted_sets
 from tasks.transforms import normalise
 
 VARIANTS = ("teacher", "student", "student_int8")
@@ -126,27 +121,6 @@ def adjust_logits(logits: np.ndarray, prior: tuple[float, ...] | None, tau: floa
     return (logits - tau * log_prior).astype(logits.dtype)
 
 
-def classification_metrics(
-    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]
-) -> dict[str, Any]:
-    """The contract's metric names, computed by scikit-learn."""
-    all_labels = np.arange(len(classes))
-    per_class = f1_score(labels, predicted, labels=all_labels, average=None, zero_division=0)
-
-    def averaged(score: Callable[..., float], average: str) -> float:
-        return float(score(labels, predicted, labels=all_labels, average=average, zero_division=0))
-
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "f1_macro": f1_macro(labels, predicted, len(classes)),
-        "f1_weighted": averaged(f1_score, "weighted"),
-        "precision_macro": averaged(precision_score, "macro"),
-        "recall_macro": averaged(recall_score, "macro"),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-        "f1_per_class": {name: float(f) for name, f in zip(classes, per_class, strict=True)},
-    }
-
-
 def measure_latency(predict: Predict, sample: np.ndarray, warmup: int, repeats: int) -> dict:
     """Median and p95 wall time of ``predict(sample)``, in ms per image, after warm-up."""
     for _ in range(warmup):
@@ -165,31 +139,95 @@ def measure_latency(predict: Predict, sample: np.ndarray, warmup: int, repeats: 
 class Evaluation:
     metrics: dict[str, Any]
     predicted: np.ndarray
+    probs: np.ndarray  # (N, C) test probabilities, after any logit adjustment and temperature
+
+
+def _logits(variant: Variant, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits of uint8 NHWC ``images``, normalised with the variant's own stats."""
+    return np.concatenate(
+        [
+            variant.predict(normalise(images[i : i + batch_size], variant.stats))
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+@stage_task(name="corrupt-test")
+def corrupt_test(images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    return corrupted_sets(images, seed)
 
 
 @stage_task(name="evaluate-variant")
-def evaluate_variant(variant: Variant, test: Split, params: EvaluateParams) -> Evaluation:
-    images = normalise(test.images, variant.stats)
-    logits = np.concatenate(
-        [
-            variant.predict(images[i : i + params.batch_size])
-            for i in range(0, len(images), params.batch_size)
-        ]
-    )
-    predicted = adjust_logits(logits, variant.class_prior, params.logit_adjust_tau).argmax(axis=1)
+def evaluate_variant(
+    variant: Variant,
+    test: Split,
+    val: Split,
+    params: EvaluateParams,
+    seed: int,
+    corrupted: dict[str, np.ndarray] | None = None,
+) -> Evaluation:
+    """Scores, calibration and latency of one variant on the test split.
+
+    Logit adjustment (``logit_adjust_tau``) changes predictions; a temperature
+    fitted on the validation split (``temperature_scaling``) changes only the
+    confidence, so the ECE is reported before and after it. ``corrupted`` holds
+    the test images under each fixed corruption (``tasks/robustness.py``).
+    """
+    tau, prior = params.logit_adjust_tau, variant.class_prior
+    logits = adjust_logits(_logits(variant, test.images, params.batch_size), prior, tau)
+    raw = scoring.probabilities(logits)
+    temperature = 1.0
+    if params.temperature_scaling:
+        val_logits = adjust_logits(_logits(variant, val.images, params.batch_size), prior, tau)
+        temperature = scoring.fit_temperature(val_logits, val.labels)
+    probs = scoring.probabilities(logits, temperature)
+    predicted = probs.argmax(axis=1)
+    labels = np.asarray(test.labels)
+    num_classes = len(variant.classes)
+    samples = params.bootstrap_samples
     latency = measure_latency(
-        variant.predict, images[:1], params.latency_warmup, params.latency_repeats
+        variant.predict,
+        normalise(test.images[:1], variant.stats),
+        params.latency_warmup,
+        params.latency_repeats,
     )
     metrics = {
-        **classification_metrics(test.labels, predicted, variant.classes),
+        **scoring.classification_report(labels, probs, variant.classes, params.top_k),
+        "f1_macro_ci": list(
+            scoring.bootstrap_ci(
+                labels, predicted, lambda y, p: f1_macro(y, p, num_classes), samples, seed
+            )
+        ),
+        "accuracy_ci": list(
+            scoring.bootstrap_ci(
+                labels, predicted, lambda y, p: float((y == p).mean()), samples, seed
+            )
+        ),
+        "ece": scoring.expected_calibration_error(raw, labels, params.calibration_bins),
+        "temperature": temperature,
+        "ece_temperature_scaled": scoring.expected_calibration_error(
+            probs, labels, params.calibration_bins
+        ),
         "params": variant.params,
         "size_bytes": variant.artifact.stat().st_size,
         "latency_ms_b1": latency["median_ms"],
         "p95_ms_b1": latency["p95_ms"],
         "runtime": variant.runtime,
-        "logit_adjust_tau": params.logit_adjust_tau,
+        "logit_adjust_tau": tau,
     }
-    return Evaluation(metrics, predicted)
+    if corrupted:
+        robustness = {
+            name: float(
+                (
+                    adjust_logits(_logits(variant, images, params.batch_size), prior, tau).argmax(1)
+                    == labels
+                ).mean()
+            )
+            for name, images in corrupted.items()
+        }
+        metrics["robustness"] = robustness  # accuracy under each corruption
+        metrics["robustness_mean"] = float(np.mean(list(robustness.values())))
+    return Evaluation(metrics, predicted, probs)
 
 
 def plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], title: str, path: Path) -> Path:
@@ -235,6 +273,147 @@ def write_confusion(
     return csv_path, png_path
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(table: dict[str, np.ndarray], ece: float, title: str, path: Path) -> Path:
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    bins = len(table["count"])
+    centres = (np.arange(bins) + 0.5) / bins
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    used = table["count"] > 0
+    ax.bar(centres[used], table["accuracy"][used], width=1.0 / bins, edgecolor="black",
+           color="tab:blue", label="accuracy")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(table["confidence"][used], table["accuracy"][used], "o", color="tab:orange",
+            label="mean confidence")  # fmt: skip
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}: ECE {ece:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_roc_pr(
+    labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], title: str, path: Path
+) -> Path:
+    """One-vs-rest ROC and precision-recall curves, one line per class present in the split."""
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.5))
+    many = len(classes) > 10  # past ten lines a legend is noise: thin lines, no legend
+    for c, name in enumerate(classes):
+        truth = labels == c
+        if not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, probs[:, c])
+        precision, recall, _ = precision_recall_curve(truth, probs[:, c])
+        style = {"linewidth": 0.6 if many else 1.2, "label": None if many else name}
+        roc_ax.plot(fpr, tpr, **style)
+        pr_ax.plot(recall, precision, **style)
+    roc_ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{title}: ROC")
+    pr_ax.set(xlabel="recall", ylabel="precision", title=f"{title}: precision-recall")
+    if not many:
+        pr_ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def plot_delta(matrix: np.ndarray, classes: tuple[str, ...], title: str, path: Path) -> Path:
+    """A delta confusion matrix: red cells lost images, blue cells gained them."""
+    n = len(classes)
+    limit = max(int(np.abs(matrix).max()), 1)
+    side = min(4 + 0.45 * n, 24)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0, fontsize=max(5, 11 - n // 8))
+    ax.set_yticks(range(n), classes, fontsize=max(5, 11 - n // 8))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    if n <= 20:
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(j, i, f"{count:+d}", ha="center", va="center", fontsize=8)
+    return _save(fig, path)
+
+
+def per_class_rows(metrics: dict[str, Any], classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "class": name,
+            "precision": metrics["precision_per_class"][name],
+            "recall": metrics["recall_per_class"][name],
+            "f1": metrics["f1_per_class"][name],
+            "support": metrics["support_per_class"][name],
+        }
+        for name in classes
+    ]
+
+
+@stage_task(name="write-reports")
+def write_reports(
+    variant: str,
+    evaluation: Evaluation,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    bins: int,
+    out_dir: Path,
+) -> list[Path]:
+    """Per-class table (CSV), reliability diagram and ROC/PR curves of one variant."""
+    table = scoring.reliability(evaluation.probs, labels, bins)
+    return [
+        write_csv(
+            out_dir / f"{variant}_per_class.csv", per_class_rows(evaluation.metrics, classes)
+        ),
+        plot_reliability(
+            table,
+            evaluation.metrics["ece_temperature_scaled"],
+            f"{variant} (T={evaluation.metrics['temperature']:.2f})",
+            out_dir / f"{variant}_reliability.png",
+        ),
+        plot_roc_pr(labels, evaluation.probs, classes, variant, out_dir / f"{variant}_roc_pr.png"),
+    ]
+
+
+# Each compression step, as (reference, candidate): what it costs is candidate - reference.
+STEPS = (("teacher", "student"), ("student", "student_int8"))
+
+
+@stage_task(name="compare-steps")
+def compare_steps(
+    evaluations: dict[str, Evaluation],
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    samples: int,
+    seed: int,
+    out_dir: Path,
+) -> dict[str, tuple[dict[str, Any], list[Path]]]:
+    """Per compression step: the paired test and the delta confusion matrix (CSV and PNG)."""
+    steps = {}
+    for reference, candidate in STEPS:
+        ref, cand = evaluations[reference].predicted, evaluations[candidate].predicted
+        comparison = scoring.paired_comparison(labels, ref, cand, len(classes), samples, seed)
+        matrix = scoring.delta_confusion(labels, ref, cand, len(classes))
+        name = f"delta_{candidate}_vs_{reference}"
+        csv_path = write_csv(
+            out_dir / f"{name}.csv",
+            [
+                {"actual": classes[i], "predicted": classes[j], "delta": int(matrix[i, j])}
+                for i, j in np.ndindex(*matrix.shape)
+            ],
+        )
+        png = plot_delta(matrix, classes, f"{candidate} minus {reference} (test)",
+                         out_dir / f"{name}.png")  # fmt: skip
+        steps[candidate] = ({f"vs_{reference}": comparison}, [csv_path, png])
+    return steps
+
+
 @stage_task(name="write-evaluate-metrics")
 def write_metrics(path: Path, results: dict[str, dict[str, Any]]) -> dict:
     write_json(path, results)
@@ -243,11 +422,28 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]]) -> dict:
 
 def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
     """The trade-off at a glance: one row per variant."""
-    header = "| variant | f1_macro | accuracy | params | size_bytes | latency_ms_b1 | runtime |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    header = (
+        "| variant | f1_macro | f1_macro 95% CI | accuracy | ECE | params | size_bytes "
+        "| latency_ms_b1 | runtime |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
+        # an evaluate.json written before confidence intervals and ECE has neither
+        ci = "[{:.4f}, {:.4f}]".format(*m["f1_macro_ci"]) if "f1_macro_ci" in m else "—"
+        ece = f"{m['ece']:.4f}" if "ece" in m else "—"
         lines.append(
-            f"| {name} | {m['f1_macro']:.4f} | {m['accuracy']:.4f} | {m['params']:,} "
-            f"| {m['size_bytes']:,} | {m['latency_ms_b1']:.3f} | {m['runtime']} |"
+            f"| {name} | {m['f1_macro']:.4f} | {ci} | {m['accuracy']:.4f} | {ece} "
+            f"| {m['params']:,} | {m['size_bytes']:,} | {m['latency_ms_b1']:.3f} | {m['runtime']} |"
         )
+    steps = [
+        (name, key, m[key]) for name, m in results.items() for key in m if key.startswith("vs_")
+    ]
+    if steps:
+        lines += ["", "| step | f1_macro delta | 95% CI | McNemar p |", "|---|---|---|---|"]
+        for name, key, c in steps:
+            low, high = c["f1_macro_delta_ci"]
+            lines.append(
+                f"| {name} {key.replace('_', ' ')} | {c['f1_macro_delta']:+.4f} "
+                f"| [{low:+.4f}, {high:+.4f}] | {c['mcnemar_p']:.3g} |"
+            )
     return "\n".join(lines)

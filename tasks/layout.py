@@ -12,6 +12,7 @@ STUDENT_FP32_ONNX = Path("models/student.onnx")
 STUDENT_INT8 = Path("models/student_int8.onnx")
 DATA_QUALITY = Path("reports/data_quality.json")
 CONFUSION_DIR = Path("reports/confusion")
+EVALUATION_DIR = Path("reports/evaluation")
 
 
 def metrics_path(stage: str) -> Path:

@@ -193,6 +193,11 @@ class EvaluateParams(Section):
     latency_warmup: int = Field(ge=0)
     latency_repeats: int = Field(ge=1)
     logit_adjust_tau: float = Field(ge=0.0)
+    top_k: int = Field(ge=1)
+    calibration_bins: int = Field(ge=2)
+    temperature_scaling: bool
+    bootstrap_samples: int = Field(ge=10)
+    robustness: bool
 
 
 class MlflowParams(Section):

@@ -28,7 +28,8 @@ from tests.imagefolders import noise
 VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
     "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
-    "balanced_accuracy", "params", "size_bytes", "latency_ms_b1",
+    "balanced_accuracy", "params", "size_bytes", "latency_ms_b1", "ece", "roc_auc_ovr",
+    "pr_auc_macro", "temperature",
 )  # fmt: skip
 TINY = {
     "data": {"image_size": 8},
@@ -115,6 +116,19 @@ def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
     assert (
         results["student_int8"]["size_bytes"] == (repo / "models/student_int8.onnx").stat().st_size
     )
+    for variant, metrics in results.items():
+        low, high = metrics["f1_macro_ci"]
+        assert low <= metrics["f1_macro"] <= high
+        assert 0.0 <= metrics["ece"] <= 1.0 and metrics["temperature"] > 0
+        assert 0.0 <= metrics["roc_auc_ovr"] <= 1.0
+        for name in ("per_class.csv", "reliability.png", "roc_pr.png"):
+            assert (repo / f"reports/evaluation/{variant}_{name}").is_file(), (variant, name)
+    for candidate, reference in (("student", "teacher"), ("student_int8", "student")):
+        step = results[candidate][f"vs_{reference}"]
+        assert 0.0 <= step["mcnemar_p"] <= 1.0
+        delta = (repo / f"reports/evaluation/delta_{candidate}_vs_{reference}.csv").read_text()
+        assert delta.splitlines()[0] == "actual,predicted,delta"
+        assert len(delta.splitlines()) == 1 + 10 * 10
     assert results["student"]["params"] < results["teacher"]["params"]
     assert results["student_int8"]["params"] == results["student"]["params"]
     assert results["student_int8"]["size_bytes"] < results["student"]["size_bytes"]
@@ -141,7 +155,9 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
         assert run.data.tags["data_hash"] == data_md5
         assert run.data.tags["git_commit"] == commit
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert f"{variant}.png" in artifacts
+        assert {f"{variant}.png", f"{variant}_per_class.csv", f"{variant}_reliability.png"} <= (
+            artifacts
+        )
         assert run.data.params  # the variant's own training params
 
     fits = {r.data.tags["stage"]: r for r in runs if r.data.tags["stage"] in ("train", "distill")}

@@ -1,0 +1,196 @@
+"""The evaluation maths, on arrays: per-class scores, calibration, uncertainty, paired tests.
+
+Everything here is a pure function of labels, predictions and probabilities,
+and leans on scikit-learn and SciPy for the definitions (no hand-written
+F1 or AUC). ``tasks/evaluate.py`` runs the models and writes the results.
+
+- ``classification_report``: per-class precision/recall/F1/support, the
+  macro/weighted/micro averages, balanced and top-k accuracy, one-vs-rest
+  ROC-AUC and PR-AUC.
+- ``expected_calibration_error`` and ``fit_temperature`` (Guo et al., "On
+  Calibration of Modern Neural Networks", ICML 2017).
+- ``bootstrap_ci``: a percentile bootstrap over test images, so a reader can
+  tell a real drop from noise; ``paired_comparison``: the same for a difference
+  between two models on the same images, with McNemar's exact test.
+- ``delta_confusion``: which (actual, predicted) cells a compression step
+  moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+from scipy.stats import binomtest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    top_k_accuracy_score,
+)
+
+from tasks.metrics import f1_macro
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def classification_report(
+    labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], top_k: int
+) -> dict[str, Any]:
+    """Every score of one variant on one split; per-class values keyed by class name."""
+    everything = np.arange(len(classes))
+    predicted = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=everything, zero_division=0
+    )
+
+    def per_class(values: np.ndarray) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(classes, values, strict=True)}
+
+    onehot = np.eye(len(classes))[labels]
+    present = onehot.sum(axis=0) > 0  # AUC is undefined for a class absent from the split
+    k = min(top_k, len(classes))
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "f1_macro": f1_macro(labels, predicted, len(classes)),
+        "f1_weighted": float(
+            f1_score(labels, predicted, labels=everything, average="weighted", zero_division=0)
+        ),
+        "f1_micro": float(
+            f1_score(labels, predicted, labels=everything, average="micro", zero_division=0)
+        ),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        f"top{k}_accuracy": float(
+            top_k_accuracy_score(labels, probs, k=k, labels=everything)
+            if len(classes) > 2
+            else accuracy_score(labels, predicted)
+        ),
+        "roc_auc_ovr": float(roc_auc_score(onehot[:, present], probs[:, present], average="macro")),
+        "pr_auc_macro": float(
+            average_precision_score(onehot[:, present], probs[:, present], average="macro")
+        ),
+        "f1_per_class": per_class(f1),
+        "precision_per_class": per_class(precision),
+        "recall_per_class": per_class(recall),
+        "support_per_class": {name: int(s) for name, s in zip(classes, support, strict=True)},
+    }
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, np.ndarray]:
+    """Per confidence bin (equal width on [0, 1]): mean confidence, accuracy, count."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    # bin i holds confidences in (i/bins, (i+1)/bins]; 0 joins the first bin
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    safe = np.maximum(count, 1)
+    return {
+        "confidence": np.bincount(index, weights=confidence, minlength=bins) / safe,
+        "accuracy": np.bincount(index, weights=correct, minlength=bins) / safe,
+        "count": count,
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    r"""ECE: :math:`\sum_b \frac{|B_b|}{n}\,|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)|`
+    over equal-width confidence bins (Naeini et al. 2015; Guo et al. 2017)."""
+    table = reliability(probs, labels, bins)
+    gap = np.abs(table["accuracy"] - table["confidence"])
+    return float((table["count"] * gap).sum() / len(labels))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T).
+
+    Fitted on the validation split, applied to the test split: it changes
+    confidence, never the predicted class (Guo et al. 2017).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def bootstrap_ci(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    score: Callable[[np.ndarray, np.ndarray], float],
+    samples: int,
+    seed: int,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``score`` over resampled test images."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    draws = [score(labels[idx], predicted[idx]) for idx in rng.integers(0, n, (samples, n))]
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def paired_comparison(
+    labels: np.ndarray,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    num_classes: int,
+    samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``candidate`` minus ``reference`` on the same test images, and whether it is noise.
+
+    - ``f1_macro_delta`` with a paired bootstrap interval (both models scored on
+      each resample, so their shared luck cancels);
+    - McNemar's exact test on the images exactly one of the two gets right: a
+      small ``mcnemar_p`` says the two disagree more one way than chance allows.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    deltas = []
+    for idx in rng.integers(0, n, (samples, n)):
+        deltas.append(
+            f1_macro(labels[idx], candidate[idx], num_classes)
+            - f1_macro(labels[idx], reference[idx], num_classes)
+        )
+    reference_right = reference == labels
+    candidate_right = candidate == labels
+    only_candidate = int((candidate_right & ~reference_right).sum())
+    only_reference = int((reference_right & ~candidate_right).sum())
+    discordant = only_candidate + only_reference
+    p_value = binomtest(only_candidate, discordant, 0.5).pvalue if discordant else 1.0
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {
+        "f1_macro_delta": f1_macro(labels, candidate, num_classes)
+        - f1_macro(labels, reference, num_classes),
+        "f1_macro_delta_ci": [float(low), float(high)],
+        "only_candidate_right": only_candidate,
+        "only_reference_right": only_reference,
+        "mcnemar_p": float(p_value),
+    }
+
+
+def delta_confusion(
+    labels: np.ndarray, reference: np.ndarray, candidate: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """Confusion counts of ``candidate`` minus those of ``reference`` (rows actual).
+
+    A negative diagonal cell is a class the compression step costs; the
+    positive cells in its row say what those images are now mistaken for.
+    """
+    everything = np.arange(num_classes)
+    return confusion_matrix(labels, candidate, labels=everything).astype(
+        np.int64
+    ) - confusion_matrix(labels, reference, labels=everything).astype(np.int64)
