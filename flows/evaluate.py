@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.prefect_api import stage_main
 from tasks import evaluate as t
 from tasks import tracking
-from tasks.artifacts import atomic_dir
+from tasks.artifacts import atomic_dir, atomic_path
 from tasks.datasets import load_prepared
 from tasks.layout import (
     CONFUSION_DIR,
@@ -64,6 +64,10 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                 *t.write_reports(name, evaluation, labels, prepared.classes,
                                  evaluate.calibration_bins, report_dir),
             ]  # fmt: skip
+        for variant in variants:
+            cam = t.write_grad_cam(variant, evaluations[variant.name], prepared.test,
+                                   evaluate.grad_cam_examples, seed, report_dir)  # fmt: skip
+            files[variant.name] += [cam] if cam else []
         steps = t.compare_steps(
             evaluations, labels, prepared.classes, evaluate.bootstrap_samples, seed, report_dir
         )
@@ -75,6 +79,9 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                 "%s %s: f1_macro %+.4f [%+.4f, %+.4f], McNemar p %.3g",
                 candidate, key, c["f1_macro_delta"], *c["f1_macro_delta_ci"], c["mcnemar_p"],
             )  # fmt: skip
+        report = report_dir / "report.md"
+        with atomic_path(report) as tmp:
+            tmp.write_text(t.report_markdown(results, prepared.classes))
         # Logged before the folders are swapped in, while the files are where `files` says.
         for variant in variants:
             tags = {"source_run_id": variant.source_run_id or "", "runtime": variant.runtime}
@@ -82,7 +89,9 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                 mlflow.experiment, variant.name, stage="evaluate", variant=variant.name,
                 params={**variant.run_params, **evaluate.flat("evaluate")}, tags=tags,
             ) as run:  # fmt: skip
-                tracking.log_results(run.info.run_id, results[variant.name], files[variant.name])
+                tracking.log_results(
+                    run.info.run_id, results[variant.name], [*files[variant.name], report]
+                )
                 tracking.log_results(run.info.run_id, {}, [variant.artifact], "model")
 
     t.write_metrics(METRICS, results)

@@ -31,6 +31,7 @@ from tasks import scoring
 from tasks.artifacts import atomic_path, write_csv, write_json
 from tasks.checkpoints import load_checkpoint
 from tasks.datasets import ChannelStats, Split
+from tasks.gradcam import grad_cam, pick_examples, plot_grad_cam
 from tasks.metrics import f1_macro
 from tasks.models import count_params
 from tasks.orchestration import stage_task
@@ -57,6 +58,7 @@ class Variant:
     run_params: dict[str, Any]
     source_run_id: str | None
     class_prior: tuple[float, ...] | None = None  # what logit adjustment divides out
+    module: torch.nn.Module | None = None  # the PyTorch network, for Grad-CAM (fp32 only)
 
 
 @stage_task(name="load-variants")
@@ -79,6 +81,7 @@ def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int
                 run_params=checkpoint.params,
                 source_run_id=checkpoint.mlflow_run_id,
                 class_prior=checkpoint.class_prior,
+                module=model,
             )
         )
     session = onnx_session(student_int8, threads)
@@ -381,6 +384,40 @@ def write_reports(
     ]
 
 
+@stage_task(name="grad-cam")
+def write_grad_cam(
+    variant: Variant,
+    evaluation: Evaluation,
+    test: Split,
+    per_kind: int,
+    seed: int,
+    out_dir: Path,
+) -> Path | None:
+    """Grad-CAM overlays for a fixed sample of correct and misclassified test images."""
+    if variant.module is None or per_kind == 0:
+        return None
+    labels = np.asarray(test.labels)
+    picked = pick_examples(labels, evaluation.predicted, per_kind, seed)
+    rows = np.concatenate([picked["correct"], picked["misclassified"]])
+    images = np.asarray(test.images)[rows]
+    predicted = evaluation.predicted[rows]
+    cams = grad_cam(
+        variant.module,
+        torch.from_numpy(normalise(images, variant.stats)),
+        torch.as_tensor(predicted, dtype=torch.long),
+    )
+    names = variant.classes
+    titles = [
+        f"{'ok' if labels[r] == p else 'WRONG'}: {names[labels[r]]} -> {names[p]}"
+        for r, p in zip(rows, predicted, strict=True)
+    ]
+    title = (
+        f"{variant.name}: Grad-CAM of the predicted class, {len(picked['correct'])} correct "
+        f"and {len(picked['misclassified'])} misclassified test images"
+    )
+    return plot_grad_cam(images, cams, titles, title, out_dir / f"{variant.name}_grad_cam.png")
+
+
 # Each compression step, as (reference, candidate): what it costs is candidate - reference.
 STEPS = (("teacher", "student"), ("student", "student_int8"))
 
@@ -412,6 +449,62 @@ def compare_steps(
                          out_dir / f"{name}.png")  # fmt: skip
         steps[candidate] = ({f"vs_{reference}": comparison}, [csv_path, png])
     return steps
+
+
+def report_markdown(results: dict[str, dict[str, Any]], classes: tuple[str, ...]) -> str:
+    """Everything one run's evaluation found, as one markdown page beside its images."""
+    variants = list(results)
+    lines = ["# visionpipe evaluation (test split)", "", comparison_markdown(results), ""]
+    lines += [
+        "## Per class: F1 (precision / recall), support",
+        "",
+        "| class | " + " | ".join(variants) + " | support |",
+        "|---|" + "---|" * (len(variants) + 1),
+    ]
+    first = results[variants[0]]
+    for name in classes:
+        cells = [
+            f"{m['f1_per_class'][name]:.3f} ({m['precision_per_class'][name]:.2f} / "
+            f"{m['recall_per_class'][name]:.2f})"
+            for m in results.values()
+        ]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {first['support_per_class'][name]} |"
+        )
+    if all("robustness" in m for m in results.values()):
+        lines += [
+            "",
+            "## Robustness: accuracy under fixed corruptions",
+            "",
+            "| corruption | " + " | ".join(variants) + " |",
+            "|---|" + "---|" * len(variants),
+        ]
+        lines.append(
+            "| none | " + " | ".join(f"{m['accuracy']:.3f}" for m in results.values()) + " |"
+        )
+        for corruption in first["robustness"]:
+            cells = [f"{m['robustness'][corruption]:.3f}" for m in results.values()]
+            lines.append(f"| {corruption} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Calibration",
+        "",
+        "| variant | ECE | temperature (fitted on val) | ECE after | reliability diagram |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in results.items():
+        lines.append(
+            f"| {name} | {m['ece']:.4f} | {m['temperature']:.3f} | "
+            f"{m['ece_temperature_scaled']:.4f} | ![]({name}_reliability.png) |"
+        )
+    lines += ["", "## What each compression step costs", ""]
+    for reference, candidate in STEPS:
+        lines.append(f"![{candidate} minus {reference}](delta_{candidate}_vs_{reference}.png)")
+    lines += ["", "## ROC and precision-recall curves", ""]
+    lines += [f"![{name}]({name}_roc_pr.png)" for name in variants]
+    lines += ["", "## Grad-CAM", ""]
+    lines += [f"![{name}]({name}_grad_cam.png)" for name in variants if name != "student_int8"]
+    return "\n".join(lines) + "\n"
 
 
 @stage_task(name="write-evaluate-metrics")

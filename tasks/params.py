@@ -198,6 +198,7 @@ class EvaluateParams(Section):
     temperature_scaling: bool
     bootstrap_samples: int = Field(ge=10)
     robustness: bool
+    grad_cam_examples: int = Field(ge=0)  # per kind (correct, misclassified); 0: none
 
 
 class MlflowParams(Section):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from benchmarks.workspace import fresh_copy, git
 from flows.prefect_api import local_server_url, start_local_server, stop_local_server
+from tasks.robustness import CORRUPTIONS
 from tests.imagefolders import noise
 
 VARIANTS = ("teacher", "student", "student_int8")
@@ -123,6 +124,12 @@ def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
         assert 0.0 <= metrics["roc_auc_ovr"] <= 1.0
         for name in ("per_class.csv", "reliability.png", "roc_pr.png"):
             assert (repo / f"reports/evaluation/{variant}_{name}").is_file(), (variant, name)
+    report = (repo / "reports/evaluation/report.md").read_text()
+    for section in ("Per class", "Robustness", "Calibration", "compression step", "Grad-CAM"):
+        assert section in report
+    for variant in ("teacher", "student"):  # int8 has no gradients: its student explains it
+        assert (repo / f"reports/evaluation/{variant}_grad_cam.png").is_file()
+        assert set(results[variant]["robustness"]) == set(CORRUPTIONS)
     for candidate, reference in (("student", "teacher"), ("student_int8", "student")):
         step = results[candidate][f"vs_{reference}"]
         assert 0.0 <= step["mcnemar_p"] <= 1.0
