@@ -37,7 +37,7 @@ from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
 from tasks.quantize import onnx_logits, onnx_session, torch_logits
-from tasks.robustness import corrupted_sets
+from tasks.robustness import corrupted_sets, fgsm_accuracy
 from tasks.transforms import normalise
 
 VARIANTS = ("teacher", "student", "student_int8")
@@ -230,6 +230,11 @@ def evaluate_variant(
         }
         metrics["robustness"] = robustness  # accuracy under each corruption
         metrics["robustness_mean"] = float(np.mean(list(robustness.values())))
+    if params.adversarial and variant.module is not None:
+        metrics["fgsm"] = fgsm_accuracy(
+            variant.module, np.asarray(test.images), labels, variant.stats,
+            params.adversarial_epsilons, params.batch_size,
+        )  # fmt: skip
     return Evaluation(metrics, predicted, probs)
 
 
@@ -368,9 +373,24 @@ def write_reports(
     bins: int,
     out_dir: Path,
 ) -> list[Path]:
-    """Per-class table (CSV), reliability diagram and ROC/PR curves of one variant."""
+    """Per-class table (CSV), ROC/PR curves (CSV for DVC, PNG), reliability diagram."""
     table = scoring.reliability(evaluation.probs, labels, bins)
+    onehot = np.eye(len(classes))[labels].ravel()
+    fpr, tpr, _ = roc_curve(onehot, evaluation.probs.ravel())
+    precision, recall, _ = precision_recall_curve(onehot, evaluation.probs.ravel())
     return [
+        # micro-averaged curves, one line per variant in `dvc plots show`
+        write_csv(
+            out_dir / f"{variant}_roc.csv",
+            [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr, strict=True)],
+        ),
+        write_csv(
+            out_dir / f"{variant}_pr.csv",
+            [
+                {"recall": float(r), "precision": float(p)}
+                for r, p in zip(recall[::-1], precision[::-1], strict=True)
+            ],
+        ),
         write_csv(
             out_dir / f"{variant}_per_class.csv", per_class_rows(evaluation.metrics, classes)
         ),

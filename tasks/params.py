@@ -199,6 +199,8 @@ class EvaluateParams(Section):
     bootstrap_samples: int = Field(ge=10)
     robustness: bool
     grad_cam_examples: int = Field(ge=0)  # per kind (correct, misclassified); 0: none
+    adversarial: bool
+    adversarial_epsilons: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(min_length=1)
 
 
 class MlflowParams(Section):

@@ -5,6 +5,8 @@ collapsed to a single value, probability 1), applied with a fixed seed, so
 every variant is scored on exactly the same corrupted images and a run is
 comparable with the next. Occlusion and illumination are what CNNs are known
 to be brittle to; noise, blur and small rotations complete the picture.
+``fgsm_accuracy`` adds the worst case the model's own gradients find
+(``evaluate.adversarial``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from collections.abc import Callable
 
 import albumentations as A
 import numpy as np
+import torch
+
+from tasks.datasets import ChannelStats
+from tasks.transforms import normalise
 
 # name -> transform; severities are part of the name so a table says what was done.
 CORRUPTIONS: dict[str, Callable[[], A.BasicTransform]] = {
@@ -52,3 +58,37 @@ def corrupt(images: np.ndarray, name: str, seed: int) -> np.ndarray:
 def corrupted_sets(images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Every corruption of the test images, made once and shared by all variants."""
     return {name: corrupt(images, name, seed) for name in CORRUPTIONS}
+
+
+def fgsm_accuracy(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    stats: ChannelStats,
+    epsilons: list[float],
+    batch_size: int = 256,
+) -> dict[str, float]:
+    r"""Accuracy under the fast gradient sign method (Goodfellow, Shlens & Szegedy,
+    "Explaining and Harnessing Adversarial Examples", ICLR 2015):
+    :math:`x' = \mathrm{clip}(x + \epsilon\,\mathrm{sign}(\nabla_x L(f(x), y)))`.
+
+    ``epsilon`` is on the [0, 1] pixel scale (0.03 is about 8 grey levels), and
+    the perturbed image stays a valid image. White-box, so fp32 models only.
+    """
+    model.eval()
+    mean = torch.tensor(stats.mean, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(stats.std, dtype=torch.float32)[None, :, None, None]
+    low, high = (0.0 - mean) / std, (1.0 - mean) / std
+    correct = dict.fromkeys(epsilons, 0)
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(normalise(images[start : start + batch_size], stats))
+        y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long)
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            for eps in epsilons:
+                adversarial = torch.maximum(torch.minimum(x + eps / std * grad.sign(), high), low)
+                correct[eps] += int((model(adversarial).argmax(1) == y).sum())
+    return {f"eps_{eps:g}": correct[eps] / len(images) for eps in epsilons}

@@ -9,30 +9,12 @@ import torch
 from PIL import Image
 
 from tasks.gradcam import grad_cam, pick_examples, plot_grad_cam
-from tasks.models import build_model
-
-
-def _corner_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """16x16 noise; class 1 has a bright 5x5 patch in the top-left corner, class 0 does not."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 1, 16, 16, generator=generator) * 0.5
-    labels = torch.arange(n) % 2
-    images[labels == 1, :, :5, :5] += 3.0
-    return images, labels
+from tests.toymodels import corner_data, trained_corner_model
 
 
 def test_grad_cam_highlights_the_corner_that_carries_the_class() -> None:
-    torch.manual_seed(0)
-    model = build_model("cnn", 1, 2, 8, 0.0)
-    images, labels = _corner_data(256, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for _ in range(60):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-    model.eval()
-    test, test_labels = _corner_data(64, seed=1)
+    model = trained_corner_model()
+    test, test_labels = corner_data(64, seed=1)
     with torch.no_grad():
         assert (model(test).argmax(1) == test_labels).float().mean() > 0.95
 
