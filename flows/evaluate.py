@@ -93,6 +93,12 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                     run.info.run_id, results[variant.name], [*files[variant.name], report]
                 )
                 tracking.log_results(run.info.run_id, {}, [variant.artifact], "model")
+                # the per-class table, also as an MLflow table (shown in the artifact view)
+                tracking.log_table(
+                    run.info.run_id,
+                    t.per_class_rows(results[variant.name], prepared.classes),
+                    "per_class.json",
+                )
 
     t.write_metrics(METRICS, results)
     create_markdown_artifact(

@@ -151,3 +151,9 @@ def log_results(
     )
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Log dict rows (same keys) as an MLflow table artifact, one column per key."""
+    columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+    mlflow.MlflowClient().log_table(run_id, data=columns, artifact_file=artifact_file)

@@ -162,9 +162,10 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
         assert run.data.tags["data_hash"] == data_md5
         assert run.data.tags["git_commit"] == commit
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {f"{variant}.png", f"{variant}_per_class.csv", f"{variant}_reliability.png"} <= (
-            artifacts
-        )
+        assert {
+            f"{variant}.png", f"{variant}_per_class.csv", f"{variant}_reliability.png",
+            "per_class.json", "report.md",
+        } <= artifacts  # fmt: skip
         assert run.data.params  # the variant's own training params
 
     fits = {r.data.tags["stage"]: r for r in runs if r.data.tags["stage"] in ("train", "distill")}
