@@ -1,11 +1,18 @@
 """Evaluate stage: teacher, student and int8 student on the same held-out test split.
 
 Run with ``dvc repro evaluate`` (or ``python -m flows.evaluate``). Reads
-``evaluate`` and ``mlflow.experiment``. Writes ``metrics/evaluate.json`` (one
-object per variant), ``reports/confusion/<variant>.csv`` (a DVC confusion
-plot) and ``.png``. Each variant runs in the runtime it ships in: the fp32
-checkpoints in PyTorch, the int8 model in ONNX Runtime; latency is measured
-on the CPU with ``evaluate.num_threads`` threads after warm-up.
+``seed``, ``evaluate`` and ``mlflow.experiment``. Each variant runs in the
+runtime it ships in: the fp32 checkpoints in PyTorch, the int8 model in ONNX
+Runtime; latency is measured on the CPU with ``evaluate.num_threads`` threads
+after warm-up. Writes:
+
+- ``metrics/evaluate.json``: one object per variant (scores from
+  ``tasks/scoring.py``, calibration, bootstrap intervals, robustness, FGSM,
+  size and latency), and per compression step a paired comparison;
+- ``reports/confusion/<variant>.{csv,png}``: DVC confusion plots and images;
+- ``reports/evaluation/``: per-class tables, micro-averaged ROC/PR curves for
+  DVC plots, per-class ROC/PR, reliability and Grad-CAM images, the delta
+  confusion matrices of each step, and ``report.md`` tying them together.
 """
 
 from __future__ import annotations
