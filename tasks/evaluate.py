@@ -245,29 +245,34 @@ def evaluate_variant(
     return Evaluation(metrics, predicted, probs)
 
 
-def plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], title: str, path: Path) -> Path:
-    """Rows actual, columns predicted; colour is the row share, numbers are counts."""
+def _matrix_figure(
+    values: np.ndarray, classes: tuple[str, ...], title: str, cmap: str, vmin: float, vmax: float
+) -> tuple[plt.Figure, plt.Axes]:
+    """A class-by-class heatmap, rows actual, that stays legible up to 50 classes."""
     n = len(classes)
-    rows = matrix.sum(axis=1, keepdims=True)
-    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
     side = min(4 + 0.45 * n, 24)
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0, fontsize=max(5, 11 - n // 8))
     ax.set_yticks(range(n), classes, fontsize=max(5, 11 - n // 8))
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(title)
+    return fig, ax
+
+
+def plot_confusion(matrix: np.ndarray, classes: tuple[str, ...], title: str, path: Path) -> Path:
+    """Rows actual, columns predicted; colour is the row share, numbers are counts."""
+    n = len(classes)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, float), where=rows > 0)
+    fig, ax = _matrix_figure(share, classes, title, cmap="Blues", vmin=0.0, vmax=1.0)
     if n <= 20:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
                 colour = "white" if share[i, j] > 0.5 else "black"
                 ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 @stage_task(name="write-confusion")
@@ -288,10 +293,10 @@ def write_confusion(
     return csv_path, png_path
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
 
@@ -343,14 +348,7 @@ def plot_delta(matrix: np.ndarray, classes: tuple[str, ...], title: str, path: P
     """A delta confusion matrix: red cells lost images, blue cells gained them."""
     n = len(classes)
     limit = max(int(np.abs(matrix).max()), 1)
-    side = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit)
-    ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0, fontsize=max(5, 11 - n // 8))
-    ax.set_yticks(range(n), classes, fontsize=max(5, 11 - n // 8))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
+    fig, ax = _matrix_figure(matrix, classes, title, cmap="RdBu", vmin=-limit, vmax=limit)
     if n <= 20:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
