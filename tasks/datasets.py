@@ -220,6 +220,11 @@ def write_prepared(
 ) -> None:
     for name in SPLITS:
         write_split(directory / name, splits[name])
+    write_description(directory, classes, stats)
+
+
+def write_description(directory: Path, classes: tuple[str, ...], stats: ChannelStats) -> None:
+    """``classes.json`` and ``stats.json``: what the label indices and pixel scale mean."""
     write_json(directory / "classes.json", list(classes))
     write_json(directory / "stats.json", {"mean": stats.mean, "std": stats.std})
 

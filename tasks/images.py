@@ -13,6 +13,7 @@ truncated or otherwise fails to decode, or is smaller than ``data.min_size``.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,6 @@ class FileItems:
         return Path(self.paths[i]).read_bytes()
 
     def open(self, raw: bytes) -> Image.Image:
-        import io
-
         return Image.open(io.BytesIO(raw))
 
 

@@ -38,7 +38,14 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tasks.artifacts import atomic_dir, remove_leftovers, write_json
-from tasks.datasets import SPLITS, ChannelStats, NpyWriter, StatsAccumulator, create_npy
+from tasks.datasets import (
+    SPLITS,
+    ChannelStats,
+    NpyWriter,
+    StatsAccumulator,
+    create_npy,
+    write_description,
+)
 from tasks.images import ImageSpec, Outcome, decode_chunk
 from tasks.orchestration import stage_task
 from tasks.params import BUILTIN_SOURCES, DataParams
@@ -364,8 +371,7 @@ def copy_splits(
             with NpyWriter(out_dir / name / "labels.npy", (len(positions),), np.int64) as out:
                 out.append(labels[positions])
     stats = accumulator.result()
-    write_json(out_dir / "classes.json", list(classes))
-    write_json(out_dir / "stats.json", {"mean": stats.mean, "std": stats.std})
+    write_description(out_dir, classes, stats)
     return stats
 
 
