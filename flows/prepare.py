@@ -32,7 +32,7 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
         decoded = t.decode(source, spec, staging, t.worker_count(data.workers), logger.info)
         selection = t.select_usable(source, decoded, data.min_per_class)
         plan = t.split(source, selection, data, seed)
-        t.write_prepared(PREPARED_DIR, staging, plan, source, logger.info)
+        t.write_prepared(PREPARED_DIR, staging, plan, source, spec, logger.info)
     metrics = t.report(METRICS, QUALITY, source, decoded, selection, plan, data)
     logger.info(t.summary(metrics, source, selection, QUALITY))
     return metrics

@@ -32,16 +32,20 @@ def tracked_fit(
     outputs: tuple[Path, Path, Path],
     augment: AugmentParams,
     seed: int,
+    extra: Callable[[FitResult], dict[str, Any]] | None = None,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics.
 
     The run also gets the exact augmentation pipelines (``augment.yaml``) and a
-    grid of augmented train images (``augment_grid.png``).
+    grid of augmented train images (``augment_grid.png``). ``extra`` adds
+    numbers computed from the fitted model to the summary (and so to the
+    metrics file, the checkpoint and the MLflow run).
     """
     logger = get_run_logger()
     checkpoint, metrics, curve = outputs
     with tracking.start_run(
-        experiment, stage, stage=stage, variant=variant, params=run_params
+        experiment, run_name or stage, stage=stage, variant=variant, params=run_params
     ) as run:
         run_id = run.info.run_id
 
@@ -51,8 +55,9 @@ def tracked_fit(
 
         result = fit_model(on_epoch)
         summary = t.write_model(
-            result, data, params, run_params, checkpoint, metrics, curve, run_id
-        )
+            result, data, params, run_params, checkpoint, metrics, curve, run_id,
+            extra(result) if extra else {},
+        )  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             shown = t.augment_artifacts(data, augment, seed, Path(tmp))
             tracking.log_results(run_id, summary, [checkpoint, curve, *shown])

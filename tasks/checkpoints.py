@@ -32,14 +32,22 @@ class Checkpoint:
     metrics: dict[str, float]
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     mlflow_run_id: str | None = None
+    width_multiplier: float = 1.0
     # Class frequencies seen in training (per epoch, in expectation): the prior
     # that logit adjustment at evaluation divides out.
     class_prior: tuple[float, ...] | None = None
+    # How a new image becomes an input (ImageSpec.preprocessing): what predict repeats.
+    preprocessing: dict[str, Any] | None = None
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
         model = build_model(
-            self.model_name, self.in_channels, len(self.classes), self.width, self.dropout
+            self.model_name,
+            self.in_channels,
+            len(self.classes),
+            self.width,
+            self.dropout,
+            self.width_multiplier,
         )
         model.load_state_dict(self.state_dict)
         return model.eval()
@@ -66,3 +74,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if payload.get("class_prior") is not None:
         payload["class_prior"] = tuple(payload["class_prior"])
     return Checkpoint(**payload)
+
+
+def resolve_checkpoint(ref: str | Path) -> Path:
+    """A checkpoint by local path, or by MLflow URI (``runs:/<id>/model``, ``models:/name@alias``,
+    ``mlflow-artifacts:/...``): downloaded, then the one ``.pt`` file in it."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    if ":/" not in str(ref):
+        raise FileNotFoundError(f"{ref}: no such checkpoint file and not an MLflow URI")
+    import mlflow.artifacts  # slow to import; only URIs need it
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(ref)))
+    if local.is_file():
+        return local
+    found = sorted(local.rglob("*.pt"))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"{ref} holds {len(found)} .pt files ({', '.join(p.name for p in found) or 'none'}); "
+            "point the URI at exactly one checkpoint"
+        )
+    return found[0]

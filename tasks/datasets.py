@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -191,6 +192,7 @@ class PreparedData:
     test: Split
     classes: tuple[str, ...]
     stats: ChannelStats
+    preprocessing: dict[str, Any] | None = None  # ImageSpec.preprocessing() of the images
 
     @property
     def num_classes(self) -> int:
@@ -216,17 +218,29 @@ def read_split(directory: Path) -> Split:
 
 
 def write_prepared(
-    directory: Path, splits: dict[str, Split], classes: tuple[str, ...], stats: ChannelStats
+    directory: Path,
+    splits: dict[str, Split],
+    classes: tuple[str, ...],
+    stats: ChannelStats,
+    preprocessing: dict[str, Any] | None = None,
 ) -> None:
     for name in SPLITS:
         write_split(directory / name, splits[name])
-    write_description(directory, classes, stats)
+    write_description(directory, classes, stats, preprocessing)
 
 
-def write_description(directory: Path, classes: tuple[str, ...], stats: ChannelStats) -> None:
-    """``classes.json`` and ``stats.json``: what the label indices and pixel scale mean."""
+def write_description(
+    directory: Path,
+    classes: tuple[str, ...],
+    stats: ChannelStats,
+    preprocessing: dict[str, Any] | None = None,
+) -> None:
+    """``classes.json``, ``stats.json`` and ``preprocessing.json``: what the label
+    indices, the pixel scale and the stored images mean (``ImageSpec.preprocessing``)."""
     write_json(directory / "classes.json", list(classes))
     write_json(directory / "stats.json", {"mean": stats.mean, "std": stats.std})
+    if preprocessing is not None:
+        write_json(directory / "preprocessing.json", preprocessing)
 
 
 def load_prepared(directory: Path = PREPARED_DIR) -> PreparedData:
@@ -234,10 +248,12 @@ def load_prepared(directory: Path = PREPARED_DIR) -> PreparedData:
     if not (directory / "classes.json").is_file():
         raise FileNotFoundError(f"{directory} holds no prepared data: run `dvc repro prepare`")
     stats = read_json(directory / "stats.json")
+    preprocessing = directory / "preprocessing.json"
     return PreparedData(
         **{name: read_split(directory / name) for name in SPLITS},
         classes=tuple(read_json(directory / "classes.json")),
         stats=ChannelStats(mean=tuple(stats["mean"]), std=tuple(stats["std"])),
+        preprocessing=read_json(preprocessing) if preprocessing.is_file() else None,
     )
 
 

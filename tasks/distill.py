@@ -3,28 +3,115 @@
 Run with ``dvc repro distill`` (or ``python -m flows.distill``). Reads ``seed``,
 ``distill``, ``augment`` and ``mlflow.experiment``; needs ``models/teacher.pt``.
 Writes ``models/student.pt``, ``metrics/distill.json`` and
-``plots/distill_curve.csv``. The loss is ``tasks.losses.KDLoss``.
+``plots/distill_curve.csv``. The loss is ``tasks.losses.KDLoss``, plus
+``AttentionTransferLoss`` with ``distill.feature_loss: attention``.
+
+With ``distill.compare_scratch`` the stage first trains the same student
+*without* the teacher, from the same initial weights and in the same data
+order (both fits call ``seed_everything(seed)`` before building the network
+and loaders, and the teacher's forward pass draws no random numbers), so
+``kd_gain`` = distilled minus scratch macro-F1 isolates what the teacher added.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint
-from tasks.engine import EpochRecord, FitResult, Objective, fit, seed_everything, select_device
-from tasks.losses import KDLoss
-from tasks.models import build_model
+from tasks.engine import (
+    EpochRecord,
+    FitResult,
+    Objective,
+    fit,
+    make_loader,
+    predict_logits,
+    seed_everything,
+    select_device,
+    supervised_objective,
+)
+from tasks.losses import AttentionTransferLoss, KDLoss
+from tasks.metrics import f1_macro
+from tasks.models import Classifier, build_model
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams
 from tasks.train import TrainingData, build_loaders, supervised_loss
 
 
-def distillation_objective(teacher: nn.Module, loss: KDLoss) -> Objective:
-    """Student logits against the teacher's on the *same* augmented batch."""
+class FeatureTaps:
+    """Keeps the latest output of each tapped module (forward hooks); ``close`` removes them."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
+        self._handles = [
+            module.register_forward_hook(self._keeper(i)) for i, module in enumerate(modules)
+        ]
+
+    def _keeper(self, index: int):
+        def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.outputs[index] = output
+
+        return keep
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def stage_ends(model: Classifier, input_shape: tuple[int, int, int]) -> dict[int, nn.Module]:
+    """For each spatial resolution inside ``model.features``, the last block producing it.
+
+    Found by a dry run on a zero image, so any architecture built as a
+    ``Sequential`` of blocks works (resnet: 3 resolutions, cnn: 3, mobilenet: 3).
+    """
+    ends: dict[int, nn.Module] = {}
+    x = torch.zeros(1, *input_shape)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for block in model.features:
+            x = block(x)
+            ends[x.shape[-1]] = block
+    model.train(was_training)
+    return ends
+
+
+@contextmanager
+def matched_taps(
+    student: Classifier, teacher: Classifier, input_shape: tuple[int, int, int]
+) -> Iterator[tuple[FeatureTaps, FeatureTaps]]:
+    """Taps on student and teacher blocks at the resolutions both have, paired in order."""
+    s_ends, t_ends = stage_ends(student, input_shape), stage_ends(teacher, input_shape)
+    shared = sorted(set(s_ends) & set(t_ends), reverse=True)
+    if not shared:
+        raise ValueError(
+            "distill.feature_loss: attention needs student and teacher feature maps at a "
+            f"common resolution; student has {sorted(s_ends)}, teacher {sorted(t_ends)}"
+        )
+    taps = FeatureTaps([s_ends[r] for r in shared]), FeatureTaps([t_ends[r] for r in shared])
+    try:
+        yield taps
+    finally:
+        for tap in taps:
+            tap.close()
+
+
+def distillation_objective(
+    teacher: nn.Module,
+    loss: KDLoss,
+    attention: AttentionTransferLoss | None = None,
+    taps: tuple[FeatureTaps, FeatureTaps] | None = None,
+) -> Objective:
+    """Student logits against the teacher's on the *same* augmented batch.
+
+    With ``attention`` (and the ``taps`` that record both networks' feature
+    maps) the attention-transfer term is added to the KD loss.
+    """
     teacher.eval()
     teacher.requires_grad_(False)
 
@@ -34,7 +121,11 @@ def distillation_objective(teacher: nn.Module, loss: KDLoss) -> Objective:
         with torch.no_grad():
             teacher_logits = teacher(images)
         student_logits = student(images)
-        return loss(student_logits, teacher_logits, labels), student_logits
+        total = loss(student_logits, teacher_logits, labels)
+        if attention is not None and taps is not None:
+            student_taps, teacher_taps = taps
+            total = total + attention(student_taps.outputs, teacher_taps.outputs)
+        return total, student_logits
 
     return objective
 
@@ -44,27 +135,87 @@ def load_teacher(path: Path) -> Checkpoint:
     return load_checkpoint(path)
 
 
+def _student(data: TrainingData, params: DistillParams, seed: int) -> Classifier:
+    """The student's initial weights: a function of ``seed`` alone (seeded just before)."""
+    seed_everything(seed, params.deterministic)
+    channels = data.prepared.image_shape[2]
+    return build_model(
+        params.model,
+        channels,
+        data.prepared.num_classes,
+        params.width,
+        params.dropout,
+        params.width_multiplier,
+    )
+
+
 @stage_task(name="fit-student")
 def fit_student(
     data: TrainingData,
-    teacher: Checkpoint,
+    teacher: Checkpoint | None,
     params: DistillParams,
     augment: AugmentParams,
     seed: int,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FitResult:
-    if teacher.classes != data.prepared.classes:
+    """Fit the student; ``teacher=None`` trains it from scratch on the labels alone.
+
+    Scratch and distilled fits build the same initial weights and draw the
+    same batches in the same order, so their difference is the teacher's doing.
+    """
+    if teacher is not None and teacher.classes != data.prepared.classes:
         raise ValueError(
             "models/teacher.pt was trained on other classes than data/prepared holds: "
             "re-run the train stage (dvc repro train)"
         )
-    seed_everything(seed, params.deterministic)
     device = select_device(params.device)
-    student = build_model(
-        params.model, teacher.in_channels, len(teacher.classes), params.width, params.dropout
-    )
+    # Built before the student is seeded: rebuilding it draws random numbers
+    # (its initialisation, overwritten by the checkpoint), which would
+    # otherwise shift the student's dropout masks away from the scratch run's.
+    network = teacher.build().to(device) if teacher is not None else None
+    student = _student(data, params, seed)
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
     hard = supervised_loss(params, data).to(device)
+    if network is None:
+        return fit(student, supervised_objective(hard), train_loader, val_loader, params, device,
+                   on_epoch)  # fmt: skip
     kd = KDLoss(params.temperature, params.alpha, params.label_smoothing, hard=hard)
-    objective = distillation_objective(teacher.build().to(device), kd)
-    return fit(student, objective, train_loader, val_loader, params, device, on_epoch)
+    if params.feature_loss == "none":
+        objective = distillation_objective(network, kd)
+        return fit(student, objective, train_loader, val_loader, params, device, on_epoch)
+    height, _, channels = data.prepared.image_shape
+    with matched_taps(student, network, (channels, height, height)) as taps:
+        attention = AttentionTransferLoss(params.feature_weight)
+        objective = distillation_objective(network, kd, attention, taps)
+        return fit(student, objective, train_loader, val_loader, params, device, on_epoch)
+
+
+@dataclass(frozen=True)
+class SplitScore:
+    """Macro-F1 and accuracy of a fitted model on one split."""
+
+    f1_macro: float
+    accuracy: float
+
+
+def score(model: nn.Module, data: TrainingData, split: str, batch_size: int) -> SplitScore:
+    """How ``model`` does on ``split`` of the prepared data (a report, never a selection)."""
+    chosen = getattr(data.prepared, split)
+    loader = make_loader(chosen, data.prepared.stats, batch_size, seed=0)
+    device = next(model.parameters()).device
+    predicted = predict_logits(model, loader, device).argmax(axis=1)
+    labels = chosen.labels
+    return SplitScore(
+        f1_macro=f1_macro(labels, predicted, data.prepared.num_classes),
+        accuracy=float((predicted == labels).mean()),
+    )
+
+
+def kd_gain(distilled: SplitScore, scratch: SplitScore) -> dict[str, float]:
+    """What distillation added over the same student trained on labels alone."""
+    return {
+        "scratch_test_f1_macro": scratch.f1_macro,
+        "scratch_test_accuracy": scratch.accuracy,
+        "kd_gain": distilled.f1_macro - scratch.f1_macro,
+        "kd_gain_accuracy": distilled.accuracy - scratch.accuracy,
+    }

@@ -164,23 +164,42 @@ class FitResult:
     seconds: float
 
 
-def _optimizer(model: nn.Module, params: FitParams) -> torch.optim.Optimizer:
-    # Decay weights only: shrinking BN scales and biases towards zero only hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": params.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=params.lr,
-    )
+@dataclass(frozen=True)
+class Finetune:
+    """Transfer learning: train only the head for ``freeze_epochs`` epochs, then
+    everything, the backbone (``model.features``) at ``lr * backbone_lr_mult``.
+
+    While frozen, the backbone's BatchNorm layers stay in eval mode too, so
+    the pretrained running statistics are not dragged towards the new data
+    before its weights may follow.
+    """
+
+    freeze_epochs: int = 0
+    backbone_lr_mult: float = 1.0
+
+
+def _optimizer(model: nn.Module, params: FitParams, finetune: Finetune) -> torch.optim.Optimizer:
+    """AdamW over four groups: head then backbone, each split into decayed and not.
+
+    Decay weights only: shrinking BN scales and biases towards zero only hurts.
+    The head comes first so ``param_groups[0]`` carries the headline lr.
+    """
+    backbone = {id(p) for p in getattr(model, "features", nn.Identity()).parameters()}
+    groups = []
+    for in_backbone, lr in ((False, params.lr), (True, params.lr * finetune.backbone_lr_mult)):
+        chosen = [p for p in model.parameters() if (id(p) in backbone) == in_backbone]
+        for decayed in (True, False):
+            members = [p for p in chosen if (p.ndim > 1) == decayed]
+            if members:
+                decay = params.weight_decay if decayed else 0.0
+                groups.append({"params": members, "weight_decay": decay, "lr": lr})
+    return torch.optim.AdamW(groups, lr=params.lr)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, params: FitParams, total_steps: int):
     if params.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=params.lr, total_steps=total_steps
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps
         )
     if params.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -213,14 +232,18 @@ def fit(
     params: FitParams,
     device: torch.device,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    finetune: Finetune | None = None,
 ) -> FitResult:
     """Train ``model`` with ``objective``; stop when val macro-F1 stalls for ``patience`` epochs.
 
     The best epoch is the one with the highest val macro-F1, ties going to the
-    lower val loss (small val sets saturate F1 early).
+    lower val loss (small val sets saturate F1 early). ``finetune`` freezes the
+    backbone for its first epochs and gives it a lower learning rate.
     """
+    finetune = finetune or Finetune()
     model.to(device)
-    optimizer = _optimizer(model, params)
+    backbone = getattr(model, "features", None)
+    optimizer = _optimizer(model, params, finetune)
     scheduler = _scheduler(optimizer, params, params.epochs * len(train_loader))
     best_key = (-1.0, float("-inf"))
     best_state, best_epoch, best_loss, stale = None, 0, float("inf"), 0
@@ -228,6 +251,11 @@ def fit(
     started = time.perf_counter()
     for epoch in range(1, params.epochs + 1):
         model.train()
+        frozen = backbone is not None and epoch <= finetune.freeze_epochs
+        if backbone is not None:
+            backbone.requires_grad_(not frozen)
+            if frozen:
+                backbone.eval()
         epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
         for step, (images, labels) in enumerate(train_loader, start=1):
             images = images.to(device, non_blocking=True)
@@ -265,7 +293,7 @@ def fit(
             best_key = (val_f1, -val_loss)
             best_state = copy.deepcopy(model.state_dict())
             best_epoch, best_loss, stale = epoch, val_loss, 0
-        else:
+        elif not frozen:  # head-only epochs do not count towards patience
             stale += 1
             if stale >= params.patience:
                 break

@@ -17,7 +17,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,6 +42,31 @@ class ImageSpec:
     @property
     def row_bytes(self) -> int:
         return self.size * self.size * self.channels
+
+    def preprocessing(self) -> dict[str, int | str]:
+        """What inference must repeat to feed a model trained on these images.
+
+        Models carry this (checkpoint field, ONNX metadata ``preprocessing``), so
+        ``visionpipe predict`` decodes a new image exactly as prepare did, whatever
+        params.yaml says by then.
+        """
+        return {
+            "image_size": self.size,
+            "channels": self.channels,
+            "resize": self.resize,
+            "background": self.background,
+        }
+
+    @classmethod
+    def from_preprocessing(cls, preprocessing: dict[str, Any]) -> ImageSpec:
+        """The spec that decodes one new image the way ``preprocessing`` says (no size floor)."""
+        return cls(
+            size=int(preprocessing["image_size"]),
+            channels=int(preprocessing["channels"]),
+            resize=str(preprocessing["resize"]),
+            background=int(preprocessing["background"]),
+            min_size=1,
+        )
 
 
 class Items(Protocol):

@@ -73,6 +73,51 @@ class KDLoss(nn.Module):
         return self.alpha * t * t * soft + (1.0 - self.alpha) * hard
 
 
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of a (N, C, H, W) feature map: mean over channels of the squared
+    activations, flattened and L2-normalised per image -> (N, H*W)."""
+    return F.normalize(features.pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+class AttentionTransferLoss(nn.Module):
+    r"""Activation-based attention transfer (Zagoruyko & Komodakis, "Paying More
+    Attention to Attention", ICLR 2017, arXiv:1612.03928).
+
+    .. math::
+        L_{AT} = rac{eta}{2} \sum_j \operatorname{mean}\Big(
+            ig(	frac{Q_S^j}{\|Q_S^j\|_2} - 	frac{Q_T^j}{\|Q_T^j\|_2}ig)^2\Big),
+        \qquad Q^j = \operatorname{vec}ig(	frac{1}{C}	extstyle\sum_c A_c^{j\,2}ig)
+
+    over pairs ``j`` of student/teacher feature maps at the same resolution:
+    the student learns *where* the teacher looks, whatever its channel count,
+    so no adapter layer is needed (unlike FitNets hints). The mean over batch
+    and positions and ``beta = 1000`` follow the authors' reference code.
+    Student maps at another resolution than their teacher's are resized
+    (bilinear) to the teacher's.
+    """
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def forward(
+        self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        if len(student_features) != len(teacher_features) or not student_features:
+            raise ValueError(
+                f"attention transfer needs pairs of feature maps, got {len(student_features)} "
+                f"student and {len(teacher_features)} teacher maps"
+            )
+        total = student_features[0].new_zeros(())
+        for s, t in zip(student_features, teacher_features, strict=True):
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            total = total + (attention_map(s) - attention_map(t)).pow(2).mean()
+        return self.beta / 2 * total
+
+
 def class_weights(counts: Sequence[int], method: str, beta: float = 0.999) -> torch.Tensor | None:
     r"""Per-class loss weights from the class counts ``n_c`` the model trains on.
 

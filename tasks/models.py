@@ -1,8 +1,16 @@
 """The networks, in plain PyTorch (no torchvision here; see ENVIRONMENT.md).
 
 ``build_model(name, ...)`` picks one from ``MODELS``; the teacher defaults to
-``resnet`` and the student to ``cnn`` in params.yaml. Both end in global
-average pooling, so any ``data.image_size`` works without changing the head.
+``resnet`` and the student to ``cnn`` in params.yaml; ``mobilenet`` is the
+depthwise-separable alternative for the student. All end in global average
+pooling, so any ``data.image_size`` works without changing the head.
+
+``width`` is the first stage's channel count and ``width_multiplier`` scales
+every layer (MobileNet's alpha): the knob that trades accuracy for size
+without changing the architecture's shape.
+
+Every conv is followed by BatchNorm inside one ``nn.Sequential`` (conv, BN,
+ReLU): the pattern ``tasks/quantize.py`` folds before quantizing.
 """
 
 from __future__ import annotations
@@ -13,12 +21,32 @@ import torch
 from torch import nn
 
 
-def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+def conv_bn_relu(
+    cin: int, cout: int, stride: int = 1, kernel: int = 3, groups: int = 1
+) -> nn.Sequential:
     # No conv bias: the BatchNorm shift that follows makes it redundant.
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
+    )
+
+
+def scaled(channels: int, multiplier: float) -> int:
+    """``channels * multiplier``, rounded, at least one."""
+    return max(1, round(channels * multiplier))
+
+
+def depthwise_separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """A 3x3 depthwise conv (one filter per channel) then a 1x1 pointwise conv, each BN-ReLU.
+
+    Howard et al., "MobileNets: Efficient Convolutional Neural Networks for
+    Mobile Vision Applications", 2017: about ``1/cout + 1/9`` of a full 3x3
+    conv's multiply-adds and weights.
+    """
+    return nn.Sequential(
+        conv_bn_relu(cin, cin, stride, groups=cin),
+        conv_bn_relu(cin, cout, kernel=1),
     )
 
 
@@ -83,16 +111,44 @@ def cnn(in_channels: int, num_classes: int, width: int, dropout: float) -> Class
     return Classifier(features, 4 * width, num_classes, dropout)
 
 
-MODELS: dict[str, Callable[[int, int, int, float], Classifier]] = {"resnet": resnet, "cnn": cnn}
+def mobilenet(in_channels: int, num_classes: int, width: int, dropout: float) -> Classifier:
+    """MobileNet-style: a full 3x3 stem, then depthwise-separable blocks to 8x width.
+
+    Two stride-2 steps (not MobileNet's five) because inputs here are 16-32 px.
+    """
+    features = nn.Sequential(
+        conv_bn_relu(in_channels, width),
+        depthwise_separable(width, 2 * width, stride=2),
+        depthwise_separable(2 * width, 2 * width),
+        depthwise_separable(2 * width, 4 * width, stride=2),
+        depthwise_separable(4 * width, 4 * width),
+        depthwise_separable(4 * width, 8 * width),
+    )
+    return Classifier(features, 8 * width, num_classes, dropout)
+
+
+MODELS: dict[str, Callable[[int, int, int, float], Classifier]] = {
+    "resnet": resnet,
+    "cnn": cnn,
+    "mobilenet": mobilenet,
+}
 
 
 def build_model(
-    name: str, in_channels: int, num_classes: int, width: int, dropout: float
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    width: int,
+    dropout: float,
+    width_multiplier: float = 1.0,
 ) -> Classifier:
-    """The network ``name`` (a key of MODELS), freshly initialised."""
+    """The network ``name`` (a key of MODELS), freshly initialised.
+
+    ``width_multiplier`` scales the base ``width`` and so every layer after it.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
-    return MODELS[name](in_channels, num_classes, width, dropout)
+    return MODELS[name](in_channels, num_classes, scaled(width, width_multiplier), dropout)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -31,7 +31,9 @@ SamplerName = Literal[
 FeatureSpace = Literal["pixels", "embeddings"]
 LossName = Literal["ce", "focal"]
 ClassWeightName = Literal["none", "balanced", "sqrt_inv", "effective_number"]
-ModelName = Literal["resnet", "cnn"]
+ModelName = Literal["resnet", "cnn", "mobilenet"]
+FeatureLossName = Literal["none", "attention"]
+QuantizeMethod = Literal["ptq", "qat", "auto"]
 ScheduleName = Literal["onecycle", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 CalibrationName = Literal["minmax", "percentile", "entropy"]
@@ -154,6 +156,7 @@ class FitParams(Section):
 
     model: ModelName
     width: int = Field(ge=1)
+    width_multiplier: float = Field(gt=0.0, le=8.0)  # scales every layer (MobileNet's alpha)
     dropout: float = Field(ge=0.0, lt=1.0)
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -173,18 +176,39 @@ class FitParams(Section):
 
 
 class TrainParams(FitParams):
-    pass
+    # Transfer learning: start from these weights (a .pt path or an MLflow URI)...
+    init_from: str | None
+    # ...train only the head for this many epochs, then everything, the
+    # backbone (``features``) at ``lr * backbone_lr_mult``.
+    freeze_backbone_epochs: int = Field(ge=0)
+    backbone_lr_mult: float = Field(gt=0.0, le=1.0)
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_exists(cls, value: str | None) -> str | None:
+        if value is None or ":/" in value or Path(value).is_file():
+            return value  # an MLflow URI (runs:/, models:/, ...) is resolved when training
+        raise ValueError("must be null, an existing checkpoint (.pt) or an MLflow model URI")
 
 
 class DistillParams(FitParams):
     temperature: float = Field(gt=0.0)
     alpha: float = Field(ge=0.0, le=1.0)
+    feature_loss: FeatureLossName  # attention: Zagoruyko & Komodakis 2017, on top of KD
+    feature_weight: float = Field(ge=0.0)  # beta of the attention-transfer term
+    compare_scratch: bool  # also train the student without the teacher: kd_gain
 
 
 class QuantizeParams(Section):
+    method: QuantizeMethod
     calibration_size: int = Field(ge=1)
     calibration_method: CalibrationName
     per_channel: bool
+    keep_first_conv_fp32: bool  # ORT's int8 conv is slow on 1-3 input channels
+    max_drop: float = Field(ge=0.0, le=1.0)  # auto: val f1_macro PTQ may lose before QAT runs
+    qat_epochs: int = Field(ge=1)
+    qat_lr: float = Field(gt=0.0)
+    qat_batch_size: int = Field(ge=2)
 
 
 class EvaluateParams(Section):

@@ -348,6 +348,7 @@ def copy_splits(
     labels: np.ndarray,
     out_dir: Path,
     classes: tuple[str, ...],
+    spec: ImageSpec,
     log: Callable[[str], None] = print,
 ) -> ChannelStats:
     """Write each split's rows from staging into ``out_dir`` in blocks; train statistics."""
@@ -371,17 +372,22 @@ def copy_splits(
             with NpyWriter(out_dir / name / "labels.npy", (len(positions),), np.int64) as out:
                 out.append(labels[positions])
     stats = accumulator.result()
-    write_description(out_dir, classes, stats)
+    write_description(out_dir, classes, stats, spec.preprocessing())
     return stats
 
 
 @stage_task(name="write-prepared")
 def write_prepared(
-    out_dir: Path, staging: Staging, plan: SplitPlan, source: Source, log: Callable[[str], None]
+    out_dir: Path,
+    staging: Staging,
+    plan: SplitPlan,
+    source: Source,
+    spec: ImageSpec,
+    log: Callable[[str], None],
 ) -> ChannelStats:
     """Swap the new prepared data in whole, or leave the old in place on any failure."""
     with atomic_dir(out_dir) as tmp:
-        return copy_splits(staging, plan, source.labels, tmp, source.classes, log)
+        return copy_splits(staging, plan, source.labels, tmp, source.classes, spec, log)
 
 
 @stage_task(name="report")

@@ -12,11 +12,21 @@ QuantizeLinear/DequantizeLinear (QDQ) nodes is a standard, versioned format
 that any ONNX Runtime (server, mobile, browser) runs with integer kernels. It
 was also the fastest int8 path measured on these machines (ENVIRONMENT.md).
 
-Steps: export the fp32 student with the dynamo exporter (BatchNorm folds
-into the convs), let ORT's pre-processing run shape inference and graph
-optimisation, calibrate activation ranges on ``quantize.calibration_size``
-train images (normalised exactly as at inference), then write int8 weights
-(per-channel when ``quantize.per_channel``) and int8 activations.
+Steps: export the fp32 student with the dynamo exporter (Conv-BN folds into
+one conv; ORT fuses each conv with its ReLU when it builds the int8 kernels),
+let ORT's pre-processing run shape inference and graph optimisation,
+calibrate activation ranges on ``quantize.calibration_size`` train images
+(normalised exactly as at inference), then write int8 weights (per-channel
+when ``quantize.per_channel``) and uint8 activations. The first conv stays
+float with ``quantize.keep_first_conv_fp32``: on 1-3 input channels ORT's
+int8 conv is several times slower than its fp32 one (measured in
+``benchmarks/quantize_latency.py``), and it holds a negligible share of the weights.
+
+``quantize.method``: ``ptq`` stops there; ``qat`` fine-tunes with simulated
+int8 first (``tasks/qat.py``) and quantizes the result the same way;
+``auto`` runs PTQ and, only when its val macro-F1 drop exceeds
+``quantize.max_drop``, QAT too, keeping whichever int8 model scores higher
+on the validation split. ``metrics/quantize.json`` says which won and why.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -48,6 +59,7 @@ from tasks.datasets import Split
 from tasks.metrics import f1_macro
 from tasks.orchestration import stage_task
 from tasks.params import QuantizeParams
+from tasks.qat import qat_finetune
 from tasks.transforms import normalise
 
 INPUT_NAME = "images"
@@ -68,12 +80,53 @@ def model_metadata(checkpoint: Checkpoint, **extra: object) -> dict[str, str]:
         "image_size": str(checkpoint.image_size),
         "channels": str(checkpoint.in_channels),
         "params": json.dumps(checkpoint.params),
+        "preprocessing": json.dumps(checkpoint.preprocessing),
         **{key: json.dumps(value) for key, value in extra.items()},
     }
 
 
+def _compact(graph: onnx.GraphProto) -> None:
+    """Short names for every internal tensor and node; no all-zero int32 zero points.
+
+    The quantizer names tensors like ``features.2.0.weight_bias_quantized_scale``
+    and adds an explicit int32 zero point of zeros to every bias. Neither
+    changes a result (a missing zero point *is* zero in the ONNX spec), but in
+    a 24k-parameter model they are a tenth of the int8 file.
+    """
+    zeros = {
+        init.name
+        for init in graph.initializer
+        if init.data_type == onnx.TensorProto.INT32
+        and not numpy_helper.to_array(init).any()
+        and init.name.endswith("zero_point")
+    }
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in zeros:
+            del node.input[2]
+    used = {name for node in graph.node for name in node.input}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    keep = {value.name for value in [*graph.input, *graph.output]}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names):x}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(graph.node):
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+        node.name = f"n{i:x}"
+    for value in graph.value_info:
+        value.name = short(value.name)
+
+
 def _finalise(path: Path, metadata: dict[str, str]) -> None:
-    """Set the model's own metadata and drop the exporter's per-node debug info.
+    """Set the model's own metadata, drop the exporter's per-node debug info, compact names.
 
     The dynamo exporter records a stack trace and FX names on every node
     (over 1 KB each): useful when debugging an export, pure weight in a
@@ -83,6 +136,7 @@ def _finalise(path: Path, metadata: dict[str, str]) -> None:
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+    _compact(model.graph)
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
@@ -134,25 +188,41 @@ class ArrayCalibrationReader(CalibrationDataReader):
         self.position = 0
 
 
+def first_conv(path: Path) -> str:
+    """The name of the first Conv node (graphs are stored in topological order)."""
+    return next(node.name for node in onnx.load(path).graph.node if node.op_type == "Conv")
+
+
 def quantize_onnx(
-    fp32_path: Path, int8_path: Path, calibration: np.ndarray, params: QuantizeParams
+    fp32_path: Path,
+    int8_path: Path,
+    calibration: np.ndarray,
+    params: QuantizeParams,
+    method: str = "ptq",
 ) -> Path:
-    """Static int8 quantization (QDQ; int8 weights and activations) calibrated on images."""
+    """Static int8 quantization (QDQ; int8 weights, uint8 activations) calibrated on images.
+
+    uint8 activations with int8 weights (U8S8) is the combination ORT's x86
+    kernels are built for; S8S8 measured no faster here.
+    """
     metadata = {p.key: p.value for p in onnx.load(fp32_path).metadata_props}
     with tempfile.TemporaryDirectory() as scratch, atomic_path(int8_path) as tmp:
         prepared = Path(scratch) / "preprocessed.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
+        excluded = [first_conv(prepared)] if params.keep_first_conv_fp32 else []
         quantize_static(
             str(prepared),
             str(tmp),
             ArrayCalibrationReader(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=params.per_channel,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CALIBRATION_METHODS[params.calibration_method],
+            nodes_to_exclude=excluded,
         )
-        _finalise(tmp, {**metadata, "quantization": json.dumps(params.model_dump())})
+        quantization = {**params.model_dump(), "method_used": method}
+        _finalise(tmp, {**metadata, "quantization": json.dumps(quantization)})
     return int8_path
 
 
@@ -198,27 +268,56 @@ def calibration_set(train: Split, checkpoint: Checkpoint, size: int, seed: int) 
     return normalise(train.images[rows], checkpoint.stats)
 
 
+def input_shape(checkpoint: Checkpoint) -> tuple[int, int, int]:
+    return (checkpoint.in_channels, checkpoint.image_size, checkpoint.image_size)
+
+
 @stage_task(name="export-onnx")
 def export_student(checkpoint: Checkpoint, path: Path) -> Path:
-    shape = (checkpoint.in_channels, checkpoint.image_size, checkpoint.image_size)
-    return export_onnx(checkpoint.build(), shape, path, model_metadata(checkpoint))
+    return export_onnx(
+        checkpoint.build(), input_shape(checkpoint), path, model_metadata(checkpoint)
+    )
 
 
 @stage_task(name="quantize-int8")
 def quantize(
-    fp32_path: Path, int8_path: Path, calibration: np.ndarray, params: QuantizeParams
+    fp32_path: Path, int8_path: Path, calibration: np.ndarray, params: QuantizeParams,
+    method: str = "ptq",
+) -> Path:  # fmt: skip
+    return quantize_onnx(fp32_path, int8_path, calibration, params, method)
+
+
+@stage_task(name="quantization-aware-training")
+def qat_student(
+    checkpoint: Checkpoint, train: Split, params: QuantizeParams, seed: int, out_dir: Path
 ) -> Path:
-    return quantize_onnx(fp32_path, int8_path, calibration, params)
+    """Fine-tune with simulated int8 (``tasks/qat.py``); the fp32 ONNX of the result."""
+    tuned = qat_finetune(
+        checkpoint.build(),
+        train,
+        checkpoint.stats,
+        epochs=params.qat_epochs,
+        lr=params.qat_lr,
+        batch_size=params.qat_batch_size,
+        seed=seed,
+        skip_first_conv=params.keep_first_conv_fp32,
+    )
+    path = out_dir / "student_qat.onnx"
+    return export_onnx(tuned, input_shape(checkpoint), path, model_metadata(checkpoint))
 
 
 @dataclass(frozen=True)
 class QuantizationCheck:
-    """How the int8 model compares with the fp32 student on the validation split."""
+    """How an int8 model compares with the fp32 student on the validation split."""
 
     val_f1_macro_fp32: float
     val_f1_macro_int8: float
     top1_agreement: float
     max_abs_logit_diff: float
+
+    @property
+    def drop(self) -> float:
+        return self.val_f1_macro_fp32 - self.val_f1_macro_int8
 
 
 @stage_task(name="check-int8")
@@ -235,25 +334,56 @@ def check_int8(checkpoint: Checkpoint, int8_path: Path, val: Split) -> Quantizat
     )
 
 
+def needs_qat(method: str, ptq: QuantizationCheck, max_drop: float) -> bool:
+    """``qat`` always; ``auto`` only when PTQ lost more than ``max_drop`` val macro-F1."""
+    return method == "qat" or (method == "auto" and ptq.drop > max_drop)
+
+
+def pick(method: str, ptq: QuantizationCheck, qat: QuantizationCheck | None) -> str:
+    """The int8 model that ships: QAT's under ``qat``; under ``auto`` the one with the
+    higher val macro-F1, PTQ on a tie (it is the simpler of the two)."""
+    if qat is None:
+        return "ptq"
+    if method == "qat":
+        return "qat"
+    return "qat" if qat.val_f1_macro_int8 > ptq.val_f1_macro_int8 else "ptq"
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """How many nodes of each op type a model has: shows what was quantized and fused."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(path).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 @stage_task(name="write-quantize-metrics")
 def write_metrics(
     path: Path, student_path: Path, fp32_path: Path, int8_path: Path,
-    check: QuantizationCheck, params: QuantizeParams,
+    checks: dict[str, QuantizationCheck], chosen: str, params: QuantizeParams,
 ) -> dict:  # fmt: skip
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    check = checks[chosen]
     metrics = {
+        "method": params.method,
+        "method_used": chosen,
         "student_pt_bytes": student_path.stat().st_size,
         "fp32_onnx_bytes": fp32_bytes,
         "int8_onnx_bytes": int8_bytes,
         "size_ratio": round(int8_bytes / fp32_bytes, 4),
         "val_f1_macro_fp32": check.val_f1_macro_fp32,
         "val_f1_macro_int8": check.val_f1_macro_int8,
-        "val_f1_drop": check.val_f1_macro_fp32 - check.val_f1_macro_int8,
+        "val_f1_drop": check.drop,
         "top1_agreement": check.top1_agreement,
         "max_abs_logit_diff": check.max_abs_logit_diff,
+        **{f"{name}_val_f1_macro_int8": c.val_f1_macro_int8 for name, c in checks.items()},
+        "max_drop": params.max_drop,
         "calibration_size": params.calibration_size,
         "calibration_method": params.calibration_method,
         "per_channel": params.per_channel,
+        "keep_first_conv_fp32": params.keep_first_conv_fp32,
+        "fp32_ops": op_counts(fp32_path),
+        "int8_ops": op_counts(int8_path),
     }
     write_json(path, metrics)
     return metrics

@@ -8,6 +8,7 @@ Run with ``dvc repro train`` (or ``python -m flows.train``). Reads ``seed``,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tasks.artifacts import write_csv, write_json
-from tasks.checkpoints import Checkpoint, save_checkpoint
+from tasks.checkpoints import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tasks.datasets import (
     PREPARED_DIR,
     RESAMPLED_DIR,
@@ -32,6 +33,7 @@ from tasks.datasets import (
 )
 from tasks.engine import (
     EpochRecord,
+    Finetune,
     FitResult,
     fit,
     make_loader,
@@ -117,6 +119,30 @@ def build_loaders(
     return train, val
 
 
+def initialise_from(model: nn.Module, checkpoint: Checkpoint, classes: tuple[str, ...]) -> bool:
+    """Copy ``checkpoint``'s weights into ``model`` (transfer learning).
+
+    The backbone must match exactly; the head is copied only when the classes
+    are the same ones in the same order, else it keeps its fresh
+    initialisation. Returns whether the head was copied.
+    """
+    source = checkpoint.state_dict
+    keep_head = tuple(checkpoint.classes) == tuple(classes)
+    wanted = {k: v for k, v in source.items() if keep_head or not k.startswith("head.")}
+    target = model.state_dict()
+    mismatched = [k for k, v in wanted.items() if k not in target or target[k].shape != v.shape] + [
+        k for k in target if k.startswith("features.") and k not in wanted
+    ]
+    if mismatched:
+        raise ValueError(
+            f"train.init_from: the checkpoint ({checkpoint.model_name}, width "
+            f"{checkpoint.width} x {checkpoint.width_multiplier}) does not fit train.model "
+            f"with these params; first mismatches: {', '.join(mismatched[:5])}"
+        )
+    model.load_state_dict(wanted, strict=False)
+    return keep_head
+
+
 @stage_task(name="fit-teacher")
 def fit_teacher(
     data: TrainingData,
@@ -129,11 +155,24 @@ def fit_teacher(
     device = select_device(params.device)
     channels = data.prepared.image_shape[2]
     model = build_model(
-        params.model, channels, data.prepared.num_classes, params.width, params.dropout
+        params.model,
+        channels,
+        data.prepared.num_classes,
+        params.width,
+        params.dropout,
+        params.width_multiplier,
     )
+    if params.init_from is not None:
+        initial = load_checkpoint(resolve_checkpoint(params.init_from))
+        head = initialise_from(model, initial, data.prepared.classes)
+        logging.getLogger(__name__).info(
+            "train: initialised from %s (%s head)", params.init_from,
+            "its" if head else "a fresh",
+        )  # fmt: skip
+    finetune = Finetune(params.freeze_backbone_epochs, params.backbone_lr_mult)
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
     objective = supervised_objective(supervised_loss(params, data).to(device))
-    return fit(model, objective, train_loader, val_loader, params, device, on_epoch)
+    return fit(model, objective, train_loader, val_loader, params, device, on_epoch, finetune)
 
 
 def fit_summary(result: FitResult) -> dict[str, float | int | bool]:
@@ -162,15 +201,17 @@ def write_model(
     metrics_path: Path,
     curve_path: Path,
     mlflow_run_id: str | None,
+    extra: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Checkpoint (with params, classes and stats embedded), metrics and the learning curve."""
-    summary = fit_summary(result)
+    summary = {**fit_summary(result), **(extra or {})}
     height, _, channels = data.prepared.image_shape
     save_checkpoint(
         checkpoint_path,
         Checkpoint(
             model_name=params.model,
             width=params.width,
+            width_multiplier=params.width_multiplier,
             dropout=params.dropout,
             in_channels=channels,
             image_size=height,
@@ -181,6 +222,7 @@ def write_model(
             state_dict=result.model.state_dict(),
             mlflow_run_id=mlflow_run_id,
             class_prior=tuple(data.class_prior),
+            preprocessing=data.prepared.preprocessing,
         ),
     )
     write_csv(curve_path, [asdict(record) for record in result.history])

@@ -19,12 +19,12 @@ def test_check_accepts_the_real_params(capsys):
 
 def test_check_rejects_a_bad_value_naming_key_and_choices(tmp_path, capsys):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["distill"]["model"] = "mobilenet"
+    params["distill"]["model"] = "vit"
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
     assert main(["check", "--params", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "distill.model" in err and "'resnet'" in err and "'cnn'" in err
+    assert "distill.model" in err and "'resnet'" in err and "'cnn'" in err and "'mobilenet'" in err
 
 
 def test_compare_prints_one_row_per_variant(tmp_path, monkeypatch, capsys):

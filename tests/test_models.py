@@ -31,7 +31,25 @@ def test_width_scales_parameters(name: str) -> None:
 def test_unknown_model_lists_valid_names() -> None:
     with pytest.raises(ValueError, match="'vit'") as info:
         build_model("vit", 1, 10, width=4, dropout=0.0)
-    assert "valid choices: resnet, cnn" in str(info.value)
+    assert "valid choices: resnet, cnn, mobilenet" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_width_multiplier_scales_every_layer(name: str) -> None:
+    half = build_model(name, 1, 10, width=8, dropout=0.0, width_multiplier=0.5)
+    assert count_params(half) == count_params(build_model(name, 1, 10, width=4, dropout=0.0))
+
+
+def test_mobilenet_is_depthwise_separable_and_smaller_than_the_plain_cnn() -> None:
+    model = build_model("mobilenet", 1, 10, width=16, dropout=0.0)
+    depthwise = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
+    ]
+    assert len(depthwise) == 5
+    # 8x the base width at the end, yet fewer weights than the cnn's 4x
+    assert count_params(model) < count_params(build_model("cnn", 1, 10, width=16, dropout=0.0))
 
 
 def test_student_is_at_most_a_quarter_of_the_teacher(params: Params) -> None:

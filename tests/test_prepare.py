@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tasks.datasets import ChannelStats, load_prepared
-from tasks.images import ArrayItems, Outcome
+from tasks.images import ArrayItems, ImageSpec, Outcome
 from tasks.params import DataParams, Params
 from tasks.prepare import (
     Decoded,
@@ -224,8 +224,12 @@ def test_copy_splits_writes_rows_labels_and_train_stats(tmp_path: Path) -> None:
     plan = SplitPlan(
         {"train": np.arange(0, 20), "val": np.arange(20, 25), "test": np.arange(25, 30)}, 0
     )
-    stats = copy_splits(staging, plan, labels, tmp_path / "out", ("x", "y", "z"), log=print)
+    spec = ImageSpec(size=6, channels=3, resize="pad", background=0, min_size=2)
+    stats = copy_splits(staging, plan, labels, tmp_path / "out", ("x", "y", "z"), spec, log=print)
     prepared = load_prepared(tmp_path / "out")
+    # inference repeats exactly this decoding; min_size is a prepare-only filter
+    assert prepared.preprocessing == spec.preprocessing()
+    assert ImageSpec.from_preprocessing(prepared.preprocessing) == ImageSpec(6, 3, "pad", 0, 1)
     assert np.array_equal(prepared.train.images, pixels[:20])
     assert np.array_equal(prepared.test.labels, labels[25:])
     assert prepared.classes == ("x", "y", "z")

@@ -1,4 +1,4 @@
-"""ONNX export and int8 quantization of a tiny cnn, and checkpoint round-trips."""
+"""ONNX export, int8 quantization (PTQ and QAT) of tiny cnns, and checkpoint round-trips."""
 
 from __future__ import annotations
 
@@ -10,29 +10,38 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from tasks.datasets import ChannelStats, Split
 from tasks.models import build_model
 from tasks.params import QuantizeParams
+from tasks.qat import ActivationFakeQuant, fake_quant_weight, fold_batchnorm, qat_finetune
 from tasks.quantize import (
     ArrayCalibrationReader,
+    QuantizationCheck,
     calibration_set,
     export_onnx,
     model_metadata,
+    needs_qat,
     onnx_logits,
     onnx_session,
+    pick,
     quantize_onnx,
     torch_logits,
 )
 from tasks.transforms import normalise
+from tests.toymodels import corner_data, trained_corner_model
 
 CLASSES = ("a", "b", "c")
 # torch's own exporter still calls a deprecated pytree API; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
-QUANTIZE = QuantizeParams(calibration_size=64, calibration_method="minmax", per_channel=True)
+QUANTIZE = QuantizeParams(
+    method="auto", calibration_size=64, calibration_method="minmax", per_channel=True,
+    keep_first_conv_fp32=True, max_drop=0.003, qat_epochs=2, qat_lr=5e-4, qat_batch_size=32,
+)  # fmt: skip
 
 
 def _checkpoint() -> Checkpoint:
@@ -126,7 +135,10 @@ def test_models_describe_themselves(exported: Exported) -> None:
         assert json.loads(metadata["std"]) == [0.3]
         assert (metadata["image_size"], metadata["channels"]) == ("8", "1")
         assert json.loads(metadata["params"]) == exported.checkpoint.params
-    assert json.loads(_metadata(exported.int8)["quantization"]) == QUANTIZE.model_dump()
+    assert json.loads(_metadata(exported.int8)["quantization"]) == {
+        **QUANTIZE.model_dump(),
+        "method_used": "ptq",
+    }
 
 
 def test_exporter_debug_info_is_dropped(exported: Exported) -> None:
@@ -182,3 +194,126 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     images = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(images), checkpoint.build()(images))
+
+
+# ------------------------------------------------- a trained model, PTQ and QAT
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: nn.Module
+    fp32: Path
+    calibration: np.ndarray
+    test: np.ndarray  # held-out images, NCHW float32
+    train: Split  # uint8 NHWC, for QAT
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    directory = tmp_path_factory.mktemp("trained")
+    model = trained_corner_model()
+    fp32 = export_onnx(model, (1, 16, 16), directory / "corner.onnx", {})
+    calibration, _ = corner_data(128, seed=2)
+    test, _ = corner_data(512, seed=1)
+    images, labels = corner_data(128, seed=3)
+    # as uint8 NHWC with mean 0 and std 1/32, so normalise() gives back roughly `images`
+    pixels = np.clip(images.numpy().transpose(0, 2, 3, 1) * 32 + 128, 0, 255).astype(np.uint8)
+    return Trained(model, fp32, calibration.numpy(), test.numpy(), Split(pixels, labels.numpy()))
+
+
+def _agreement(model: nn.Module, int8: Path, images: np.ndarray) -> float:
+    fp32 = torch_logits(model, images, batch_size=128)
+    quantized = onnx_logits(onnx_session(int8, threads=1), images, batch_size=128)
+    return float((fp32.argmax(1) == quantized.argmax(1)).mean())
+
+
+@pytest.mark.parametrize("keep_first_conv_fp32", [True, False])
+def test_int8_of_a_trained_model_agrees_on_99_percent_of_held_out_predictions(
+    trained: Trained, tmp_path: Path, keep_first_conv_fp32: bool
+) -> None:
+    params = QUANTIZE.model_copy(update={"keep_first_conv_fp32": keep_first_conv_fp32})
+    int8 = quantize_onnx(trained.fp32, tmp_path / "int8.onnx", trained.calibration, params)
+    assert _agreement(trained.model, int8, trained.test) >= 0.99
+    graph = onnx.load(int8).graph
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    # the first conv reads float weights directly only when it was kept in fp32
+    assert (convs[0].input[1] in floats) is keep_first_conv_fp32
+    assert all(conv.input[1] not in floats for conv in convs[1:])
+    assert "BatchNormalization" not in {node.op_type for node in graph.node}  # folded
+
+
+def test_int8_file_names_are_compact_and_zero_points_implicit(trained: Trained, tmp_path) -> None:
+    int8 = quantize_onnx(trained.fp32, tmp_path / "int8.onnx", trained.calibration, QUANTIZE)
+    graph = onnx.load(int8).graph
+    assert max(len(node.name) for node in graph.node) <= 4
+    int32_zeros = [
+        init.name for init in graph.initializer
+        if init.data_type == onnx.TensorProto.INT32 and not numpy_helper.to_array(init).any()
+    ]  # fmt: skip
+    assert not int32_zeros
+
+
+def test_fold_batchnorm_keeps_the_function_and_removes_every_bn() -> None:
+    model = _checkpoint().build()
+    folded = fold_batchnorm(model)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # a copy was folded
+    resnet = build_model("resnet", 1, 3, 4, 0.0).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fold_batchnorm(resnet).modules())
+
+
+def test_fake_quant_weight_rounds_onto_a_per_channel_int8_grid() -> None:
+    weight = torch.tensor([[0.5, -1.0, 0.26], [0.01, 0.02, -0.02]])
+    rounded = fake_quant_weight(weight)
+    steps = rounded / (weight.abs().amax(dim=1, keepdim=True) / 127.5)
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+    assert (rounded - weight).abs().max() <= 1.0 / 127.5 / 2 + 1e-6
+
+
+def test_activation_fake_quant_tracks_the_range_and_passes_gradients() -> None:
+    quant = ActivationFakeQuant()
+    x = torch.linspace(-1.0, 3.0, 101, requires_grad=True)
+    y = quant(x)
+    assert quant.low.item() == pytest.approx(-1.0) and quant.high.item() == pytest.approx(3.0)
+    assert (y - x).abs().max().item() <= 4.0 / 255 / 2 + 1e-6
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight-through inside the range
+
+
+def test_qat_returns_a_plain_float_network_whose_int8_agrees(trained: Trained, tmp_path) -> None:
+    stats = ChannelStats(mean=(128 / 255,), std=(32 / 255,))
+    tuned = qat_finetune(
+        trained.model, trained.train, stats, epochs=2, lr=5e-4, batch_size=32, seed=0,
+        skip_first_conv=True,
+    )  # fmt: skip
+    kinds = {type(m).__name__ for m in tuned.modules()}
+    assert "FakeQuantLayer" not in kinds and "BatchNorm2d" not in kinds
+    assert not tuned.training
+    fp32 = export_onnx(tuned, (1, 16, 16), tmp_path / "qat.onnx", {})
+    int8 = quantize_onnx(fp32, tmp_path / "qat_int8.onnx", trained.calibration, QUANTIZE, "qat")
+    assert _agreement(tuned, int8, trained.test) >= 0.99
+    assert _agreement(trained.model, int8, trained.test) >= 0.99  # still the same classifier
+    assert json.loads(_metadata(int8)["quantization"])["method_used"] == "qat"
+
+
+def _check(int8_f1: float) -> QuantizationCheck:
+    return QuantizationCheck(0.95, int8_f1, 1.0, 0.0)
+
+
+def test_auto_runs_qat_only_when_ptq_loses_more_than_the_budget() -> None:
+    assert not needs_qat("auto", _check(0.948), max_drop=0.003)
+    assert needs_qat("auto", _check(0.94), max_drop=0.003)
+    assert needs_qat("qat", _check(0.95), max_drop=0.003)
+    assert not needs_qat("ptq", _check(0.5), max_drop=0.003)
+
+
+def test_auto_keeps_the_better_int8_model_and_ptq_on_a_tie() -> None:
+    assert pick("auto", _check(0.94), None) == "ptq"
+    assert pick("auto", _check(0.94), _check(0.945)) == "qat"
+    assert pick("auto", _check(0.94), _check(0.94)) == "ptq"
+    assert pick("auto", _check(0.94), _check(0.93)) == "ptq"
+    assert pick("qat", _check(0.94), _check(0.93)) == "qat"

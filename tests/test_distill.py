@@ -1,0 +1,155 @@
+"""Distillation: scratch and distilled students start equal, attention transfer, kd_gain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.checkpoints import Checkpoint
+from tasks.distill import (
+    FeatureTaps,
+    SplitScore,
+    _student,
+    fit_student,
+    kd_gain,
+    matched_taps,
+    stage_ends,
+)
+from tasks.losses import AttentionTransferLoss, attention_map
+from tasks.models import build_model
+from tasks.params import Params
+from tasks.train import TrainingData, build_loaders
+
+
+def _data(tiny) -> TrainingData:
+    return TrainingData(tiny, tiny.train, np.ones(len(tiny.train)))
+
+
+def _distill(params: Params, **update):
+    fixed = {"epochs": 2, "width": 4, "batch_size": 8, "device": "cpu", "patience": 5}
+    return params.distill.model_copy(update={**fixed, **update})
+
+
+def _teacher(tiny) -> Checkpoint:
+    torch.manual_seed(1)
+    model = build_model("resnet", 1, tiny.num_classes, 4, 0.0)
+    return Checkpoint(
+        model_name="resnet", width=4, dropout=0.0, in_channels=1, image_size=8,
+        classes=tiny.classes, stats=tiny.stats, params={}, metrics={},
+        state_dict=model.state_dict(),
+    )  # fmt: skip
+
+
+def test_scratch_and_distilled_students_share_initial_weights_and_batches(
+    params: Params, tiny_prepared
+) -> None:
+    data, distill = _data(tiny_prepared), _distill(params)
+    first = _student(data, distill, seed=3).state_dict()
+    second = _student(data, distill, seed=3).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    device = torch.device("cpu")
+
+    def batches() -> list[torch.Tensor]:
+        loader, _ = build_loaders(data, distill, params.augment, 3, device)
+        return [images for images, _ in loader]
+
+    assert all(torch.equal(a, b) for a, b in zip(batches(), batches(), strict=True))
+
+
+def test_distilling_with_alpha_zero_is_training_from_scratch(params: Params, tiny_prepared) -> None:
+    # With no weight on the soft targets the teacher changes nothing, so any
+    # difference would come from diverging initial weights, batches, dropout
+    # masks or augmentation draws between the two fits.
+    data = _data(tiny_prepared)
+    distill = _distill(params, alpha=0.0, dropout=0.3)
+    scratch = fit_student.fn(data, None, distill, params.augment, seed=5)
+    taught = fit_student.fn(data, _teacher(tiny_prepared), distill, params.augment, seed=5)
+    a, b = scratch.model.state_dict(), taught.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r.train_loss for r in scratch.history] == [r.train_loss for r in taught.history]
+
+
+def test_the_teacher_changes_the_student_when_it_has_weight(params: Params, tiny_prepared) -> None:
+    data = _data(tiny_prepared)
+    distill = _distill(params, alpha=0.9, epochs=1)
+    scratch = fit_student.fn(data, None, distill, params.augment, seed=5)
+    taught = fit_student.fn(data, _teacher(tiny_prepared), distill, params.augment, seed=5)
+    assert not torch.equal(
+        scratch.model.state_dict()["head.2.weight"], taught.model.state_dict()["head.2.weight"]
+    )
+
+
+def test_attention_transfer_runs_end_to_end_and_removes_its_hooks(
+    params: Params, tiny_prepared
+) -> None:
+    data = _data(tiny_prepared)
+    distill = _distill(params, feature_loss="attention", model="mobilenet", epochs=1)
+    result = fit_student.fn(data, _teacher(tiny_prepared), distill, params.augment, seed=0)
+    assert np.isfinite(result.history[0].train_loss)
+    assert all(not block._forward_hooks for block in result.model.features)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("resnet", 3), ("cnn", 3), ("mobilenet", 3)])
+def test_stage_ends_finds_one_block_per_resolution(name: str, expected: int) -> None:
+    model = build_model(name, 1, 10, 4, 0.0)
+    ends = stage_ends(model, (1, 16, 16))
+    assert sorted(ends) == [4, 8, 16][-expected:]
+
+
+def test_matched_taps_pair_student_and_teacher_maps_by_resolution() -> None:
+    student, teacher = build_model("cnn", 1, 3, 4, 0.0), build_model("resnet", 1, 3, 6, 0.0)
+    with matched_taps(student, teacher, (1, 16, 16)) as (s_taps, t_taps):
+        x = torch.rand(2, 1, 16, 16)
+        student(x), teacher(x)
+        shapes = [
+            (s.shape[-1], t.shape[-1]) for s, t in zip(s_taps.outputs, t_taps.outputs, strict=True)
+        ]
+        assert shapes == [(16, 16), (8, 8), (4, 4)]
+        assert s_taps.outputs[0].shape[1] == 4 and t_taps.outputs[0].shape[1] == 6
+    assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])
+
+
+def test_feature_taps_keep_only_the_latest_output() -> None:
+    layer = torch.nn.Identity()
+    taps = FeatureTaps([layer])
+    layer(torch.zeros(1)), layer(torch.ones(1))
+    assert torch.equal(taps.outputs[0], torch.ones(1))
+    taps.close()
+
+
+# Golden value: computed once by hand below from the formula in the docstring.
+S = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]])  # (1, 2, 2, 2)
+T = torch.tensor([[[[0.0, 2.0], [0.0, 0.0]]]])  # (1, 1, 2, 2)
+
+
+def test_attention_transfer_golden_value() -> None:
+    # Q_S = mean_c s^2 = [1, 0, 0, 0] -> normalised [1, 0, 0, 0];
+    # Q_T = [0, 4, 0, 0] -> [0, 1, 0, 0]; mean squared difference = 2 / 4 = 0.5;
+    # beta / 2 * 0.5 = 250 at beta = 1000.
+    assert attention_map(S).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert AttentionTransferLoss(1000.0)([S], [T]).item() == pytest.approx(250.0)
+    assert AttentionTransferLoss(1000.0)([S, S], [T, S]).item() == pytest.approx(250.0)
+
+
+def test_attention_transfer_is_zero_for_proportional_maps_and_resizes_the_student() -> None:
+    t = torch.rand(2, 3, 8, 8)
+    assert AttentionTransferLoss(1000.0)([3 * t], [t]).item() == pytest.approx(0.0, abs=1e-9)
+    small = torch.rand(2, 5, 4, 4, requires_grad=True)
+    loss = AttentionTransferLoss(1000.0)([small], [t])
+    loss.backward()
+    assert small.grad is not None and torch.isfinite(small.grad).all()
+
+
+def test_attention_transfer_rejects_unpaired_maps() -> None:
+    with pytest.raises(ValueError, match="pairs"):
+        AttentionTransferLoss(1.0)([S], [])
+    with pytest.raises(ValueError, match="beta"):
+        AttentionTransferLoss(-1.0)
+
+
+def test_kd_gain_is_distilled_minus_scratch() -> None:
+    gain = kd_gain(SplitScore(0.9, 0.92), SplitScore(0.85, 0.9))
+    assert gain["kd_gain"] == pytest.approx(0.05)
+    assert gain["kd_gain_accuracy"] == pytest.approx(0.02)
+    assert gain["scratch_test_f1_macro"] == 0.85
