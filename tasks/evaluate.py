@@ -1,14 +1,18 @@
 """Evaluate stage: teacher, student and int8 student on the same held-out test split.
 
 Run with ``dvc repro evaluate`` (or ``python -m flows.evaluate``). Reads
-``seed``, ``evaluate`` and ``mlflow.experiment``. Each variant runs in the
-runtime it ships in: the fp32 checkpoints in PyTorch, the int8 model in ONNX
-Runtime; latency is measured on the CPU with ``evaluate.num_threads`` threads
-after warm-up. Writes:
+``seed``, ``evaluate`` and ``mlflow.experiment``. Scores come from the fp32
+checkpoints in PyTorch and the int8 model in ONNX Runtime. Latency is measured
+in every runtime a variant can ship in (PyTorch eager and ONNX Runtime fp32 for
+the fp32 variants, ONNX Runtime int8 for the int8 one), on the CPU with
+``evaluate.num_threads`` threads, after warm-up, interleaved in one process
+(``tasks/latency.py``); each variant reports its fastest runtime at batch 64.
+Writes:
 
 - ``metrics/evaluate.json``: one object per variant (scores from
   ``tasks/scoring.py``, calibration, bootstrap intervals, robustness, FGSM,
-  size and latency), and per compression step a paired comparison;
+  size, latency per runtime), per compression step a paired comparison, and in
+  ``student_int8`` the issue's compression ``targets`` (size, latency, macro-F1);
 - ``reports/confusion/<variant>.{csv,png}``: DVC confusion plots and images;
 - ``reports/evaluation/``: per-class tables, micro-averaged ROC/PR curves for
   DVC plots, per-class ROC/PR, reliability and Grad-CAM images, the delta
@@ -18,9 +22,8 @@ after warm-up. Writes:
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
@@ -39,26 +43,42 @@ from tasks.artifacts import atomic_path, write_csv, write_json
 from tasks.checkpoints import load_checkpoint
 from tasks.datasets import ChannelStats, Split
 from tasks.gradcam import grad_cam, pick_examples, plot_grad_cam
+from tasks.latency import (
+    BATCH,
+    Latency,
+    fastest,
+    latency_metrics,
+    measure_runtimes,
+    tile_batch,
+)
+from tasks.latency import measure_latency as measure_latency  # re-exported: benchmarks use it
 from tasks.metrics import f1_macro
 from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
-from tasks.quantize import onnx_logits, onnx_session, torch_logits
+from tasks.quantize import export_onnx, onnx_logits, onnx_session, torch_logits
 from tasks.robustness import corrupted_sets, fgsm_accuracy
 from tasks.transforms import normalise
 
 VARIANTS = ("teacher", "student", "student_int8")
 Predict = Callable[[np.ndarray], np.ndarray]  # normalised NCHW float32 -> logits
+TORCH_EAGER = f"torch-{torch.__version__.split('+')[0]}-eager"
+ORT_FP32 = f"onnxruntime-{ort.__version__}-fp32"
+ORT_INT8 = f"onnxruntime-{ort.__version__}-int8"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A model as it ships: how to run it, where its artifact is, what made it."""
+    """A model as it ships: how to run it, where its artifact is, what made it.
+
+    ``predict`` gives the scores; ``runtimes`` runs the same network in each
+    runtime it can ship in, for the latency comparison.
+    """
 
     name: str
     predict: Predict
     artifact: Path
-    runtime: str
+    runtimes: Mapping[str, Predict]
     params: int
     classes: tuple[str, ...]
     stats: ChannelStats
@@ -68,20 +88,52 @@ class Variant:
     module: torch.nn.Module | None = None  # the PyTorch network, for Grad-CAM (fp32 only)
 
 
+def _torch_predict(model: torch.nn.Module) -> Predict:
+    return lambda x: torch_logits(model, x, batch_size=len(x))
+
+
+def _onnx_predict(session: ort.InferenceSession) -> Predict:
+    return lambda x: onnx_logits(session, x, batch_size=len(x))
+
+
+def _teacher_session(
+    model: torch.nn.Module, input_shape: tuple[int, int, int], threads: int
+) -> ort.InferenceSession:
+    """An ONNX Runtime session of ``model``, exported on the fly: only to time it.
+
+    The quantize stage exports the student, not the teacher; this file is not an
+    artifact, so it lives in a temporary folder (the session keeps the graph in memory).
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        return onnx_session(export_onnx(model, input_shape, Path(scratch) / "t.onnx", {}), threads)
+
+
 @stage_task(name="load-variants")
-def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int) -> list[Variant]:
-    """The three variants, each ready to predict on normalised images."""
+def load_variants(
+    teacher: Path, student: Path, student_fp32_onnx: Path, student_int8: Path, threads: int
+) -> list[Variant]:
+    """The three variants, each ready to predict on normalised images in each of its runtimes.
+
+    ``student_fp32_onnx`` is the quantize stage's fp32 export of the student
+    (what the int8 model was made from); the teacher is exported here.
+    """
     torch.set_num_threads(threads)
     variants = []
     for name, path in (("teacher", teacher), ("student", student)):
         checkpoint = load_checkpoint(path)
         model = checkpoint.build()
+        if name == "student":
+            session = onnx_session(student_fp32_onnx, threads)
+        else:
+            shape = (checkpoint.in_channels, checkpoint.image_size, checkpoint.image_size)
+            session = _teacher_session(model, shape, threads)
+        eager = _torch_predict(model)
         variants.append(
             Variant(
                 name=name,
-                predict=lambda x, m=model: torch_logits(m, x, batch_size=len(x)),
+                predict=eager,
                 artifact=path,
-                runtime=f"torch-{torch.__version__.split('+')[0]}-eager",
+                runtimes={TORCH_EAGER: eager, ORT_FP32: _onnx_predict(session)},
                 params=count_params(model),
                 classes=checkpoint.classes,
                 stats=checkpoint.stats,
@@ -91,16 +143,16 @@ def load_variants(teacher: Path, student: Path, student_int8: Path, threads: int
                 module=model,
             )
         )
-    session = onnx_session(student_int8, threads)
+    int8 = _onnx_predict(onnx_session(student_int8, threads))
     student_variant = variants[1]
     metadata = {p.key: p.value for p in onnx.load(student_int8).metadata_props}
     quantization = json.loads(metadata.get("quantization", "{}"))
     variants.append(
         Variant(
             name="student_int8",
-            predict=lambda x: onnx_logits(session, x, batch_size=len(x)),
+            predict=int8,
             artifact=student_int8,
-            runtime="onnxruntime-int8",
+            runtimes={ORT_INT8: int8},
             # Quantization changes how weights are stored, not how many there are.
             params=student_variant.params,
             classes=student_variant.classes,
@@ -131,18 +183,27 @@ def adjust_logits(logits: np.ndarray, prior: tuple[float, ...] | None, tau: floa
     return (logits - tau * log_prior).astype(logits.dtype)
 
 
-def measure_latency(predict: Predict, sample: np.ndarray, warmup: int, repeats: int) -> dict:
-    """Median and p95 wall time of ``predict(sample)``, in ms per image, after warm-up."""
-    for _ in range(warmup):
-        predict(sample)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predict(sample)
-        times.append((time.perf_counter() - start) * 1000.0 / len(sample))
-    # "inclusive" interpolates between measured times; the default extrapolates past them.
-    p95 = statistics.quantiles(times, n=20, method="inclusive")[18] if len(times) > 1 else times[0]
-    return {"median_ms": statistics.median(times), "p95_ms": p95}
+@stage_task(name="measure-latency")
+def measure_variants_latency(
+    variants: list[Variant], images: np.ndarray, params: EvaluateParams
+) -> dict[str, dict[str, Latency]]:
+    """Every runtime of every variant, timed back to back on the same test images.
+
+    One call for all of them, so the int8 model and the fp32 runtimes it is
+    compared with see the same machine at the same time.
+    """
+    torch.set_num_threads(params.num_threads)  # ONNX Runtime sessions have theirs
+    batch = tile_batch(np.asarray(images), BATCH)
+    runtimes = {
+        (variant.name, runtime): (predict, normalise(batch, variant.stats))
+        for variant in variants
+        for runtime, predict in variant.runtimes.items()
+    }
+    measured = measure_runtimes(runtimes, params.latency_warmup, params.latency_repeats)
+    by_variant: dict[str, dict[str, Latency]] = {variant.name: {} for variant in variants}
+    for (name, runtime), latency in measured.items():
+        by_variant[name][runtime] = latency
+    return by_variant
 
 
 @dataclass(frozen=True)
@@ -174,13 +235,15 @@ def evaluate_variant(
     val: Split,
     params: EvaluateParams,
     seed: int,
+    latency: Mapping[str, Latency],
     corrupted: dict[str, np.ndarray] | None = None,
 ) -> Evaluation:
-    """Scores, calibration and latency of one variant on the test split.
+    """Scores, calibration and cost of one variant on the test split.
 
     Logit adjustment (``logit_adjust_tau``) changes predictions; a temperature
     fitted on the validation split (``temperature_scaling``) changes only the
-    confidence, so the ECE is reported before and after it. ``corrupted`` holds
+    confidence, so the ECE is reported before and after it. ``latency`` is the
+    variant's per runtime (``measure_variants_latency``). ``corrupted`` holds
     the test images under each fixed corruption (``tasks/robustness.py``).
     """
     tau, prior = params.logit_adjust_tau, variant.class_prior
@@ -195,12 +258,6 @@ def evaluate_variant(
     labels = np.asarray(test.labels)
     num_classes = len(variant.classes)
     samples = params.bootstrap_samples
-    latency = measure_latency(
-        variant.predict,
-        normalise(test.images[:1], variant.stats),
-        params.latency_warmup,
-        params.latency_repeats,
-    )
     metrics = {
         **scoring.classification_report(labels, probs, variant.classes, params.top_k),
         "f1_macro_ci": list(
@@ -220,9 +277,7 @@ def evaluate_variant(
         ),
         "params": variant.params,
         "size_bytes": variant.artifact.stat().st_size,
-        "latency_ms_b1": latency["median_ms"],
-        "p95_ms_b1": latency["p95_ms"],
-        "runtime": variant.runtime,
+        **latency_metrics(latency),  # the fastest runtime's numbers, and every runtime's
         "logit_adjust_tau": tau,
     }
     if corrupted:
@@ -476,6 +531,48 @@ def compare_steps(
     return steps
 
 
+# The issue's targets for int8 against the fp32 student it was quantized from; each is an
+# upper bound on value. Constants, not params: they are what the work is judged against.
+TARGETS = {
+    "size_ratio": 0.3,  # int8 ONNX bytes / fp32 student ONNX bytes
+    "latency_ratio_b64": 0.7,  # int8 ms per batch of 64 / the student's fastest fp32 runtime's
+    "f1_macro_drop": 0.003,  # fp32 student f1_macro - int8 f1_macro: 0.3 points
+}
+# Slack for float rounding, so that e.g. 0.983 - 0.980 still meets a 0.003 bound.
+_TOLERANCE = 1e-9
+
+
+def compression_targets(
+    fp32_onnx_bytes: int,
+    int8_onnx_bytes: int,
+    student_latency: Mapping[str, Latency],
+    int8_latency: Latency,
+    student_f1_macro: float,
+    int8_f1_macro: float,
+) -> dict[str, dict[str, Any]]:
+    """Each target: the measured ``value``, the ``target`` bound, ``met``, and what it compares
+    against. Latency is held against the student's fastest fp32 runtime, not only eager PyTorch.
+    """
+    reference = fastest(student_latency)
+    measured = {
+        "size_ratio": (int8_onnx_bytes / fp32_onnx_bytes, "fp32 student ONNX file"),
+        "latency_ratio_b64": (
+            int8_latency.latency_ms_b64 / student_latency[reference].latency_ms_b64,
+            f"student in {reference}, its fastest fp32 runtime at batch 64",
+        ),
+        "f1_macro_drop": (student_f1_macro - int8_f1_macro, "fp32 student f1_macro (test)"),
+    }
+    return {
+        key: {
+            "value": value,
+            "target": TARGETS[key],
+            "met": bool(value <= TARGETS[key] + _TOLERANCE),
+            "reference": against,
+        }
+        for key, (value, against) in measured.items()
+    }
+
+
 def report_markdown(results: dict[str, dict[str, Any]], classes: tuple[str, ...]) -> str:
     """Everything one run's evaluation found, as one markdown page beside its images."""
     variants = list(results)
@@ -539,19 +636,25 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]]) -> dict:
 
 
 def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """The trade-off at a glance: one row per variant."""
+    """The trade-off at a glance: one row per variant, latency per runtime, compression targets.
+
+    Latency columns are the variant's fastest runtime at batch 64 (``runtime``).
+    """
     header = (
         "| variant | f1_macro | f1_macro 95% CI | accuracy | ECE | params | size_bytes "
-        "| latency_ms_b1 | runtime |"
+        "| latency_ms_b1 | latency_ms_b64 | throughput_ips_b64 | runtime |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
-        # an evaluate.json written before confidence intervals and ECE has neither
+        # an evaluate.json written before confidence intervals, ECE and batch 64 has none
         ci = "[{:.4f}, {:.4f}]".format(*m["f1_macro_ci"]) if "f1_macro_ci" in m else "—"
         ece = f"{m['ece']:.4f}" if "ece" in m else "—"
+        b64 = f"{m['latency_ms_b64']:.3f}" if "latency_ms_b64" in m else "—"
+        ips = f"{m['throughput_ips_b64']:,.0f}" if "throughput_ips_b64" in m else "—"
         lines.append(
             f"| {name} | {m['f1_macro']:.4f} | {ci} | {m['accuracy']:.4f} | {ece} "
-            f"| {m['params']:,} | {m['size_bytes']:,} | {m['latency_ms_b1']:.3f} | {m['runtime']} |"
+            f"| {m['params']:,} | {m['size_bytes']:,} | {m['latency_ms_b1']:.3f} | {b64} | {ips} "
+            f"| {m['runtime']} |"
         )
     steps = [
         (name, key, m[key]) for name, m in results.items() for key in m if key.startswith("vs_")
@@ -564,4 +667,80 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
                 f"| {name} {key.replace('_', ' ')} | {c['f1_macro_delta']:+.4f} "
                 f"| [{low:+.4f}, {high:+.4f}] | {c['mcnemar_p']:.3g} |"
             )
+    lines += _runtimes_markdown(results)
+    lines += _targets_markdown(results)
     return "\n".join(lines)
+
+
+def _runtimes_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every runtime each variant was timed in; the one it reports is marked."""
+    rows = [
+        f"| {name} | {runtime} | {r['latency_ms_b1']:.3f} | {r['p95_ms_b1']:.3f} "
+        f"| {r['latency_ms_b64']:.3f} | {r['throughput_ips_b64']:,.0f} "
+        f"| {'fastest' if runtime == m['runtime'] else ''} |"
+        for name, m in results.items()
+        for runtime, r in m.get("latency_by_runtime", {}).items()
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Latency by runtime (ms per call; same threads, same run, interleaved)",
+        "",
+        "| variant | runtime | latency_ms_b1 | p95_ms_b1 | latency_ms_b64 | throughput_ips_b64 "
+        "| reported |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def _targets_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The compression targets, with every miss and every place int8 is slower said in words."""
+    lines: list[str] = []
+    reference_of = {candidate: reference for reference, candidate in STEPS}
+    for name, m in results.items():
+        if "targets" not in m:
+            continue
+        reference = reference_of.get(name, "the fp32 model")
+        lines += [
+            "",
+            f"## Compression targets ({name} vs {reference})",
+            "",
+            "| target | measured | target | met | against |",
+            "|---|---|---|---|---|",
+        ]
+        for key, t in m["targets"].items():
+            met = "yes" if t["met"] else "**NO (missed)**"
+            lines.append(
+                f"| {key} | {t['value']:.4f} | <= {t['target']:g} | {met} | {t['reference']} |"
+            )
+        missed = [(key, t) for key, t in m["targets"].items() if not t["met"]]
+        lines.append("")
+        if missed:
+            lines.append(
+                f"**{len(missed)} of {len(m['targets'])} targets missed:** "
+                + "; ".join(
+                    f"{key} is {t['value']:.4f}, above the target {t['target']:g}"
+                    for key, t in missed
+                )
+                + "."
+            )
+        else:
+            lines.append("All compression targets met.")
+        lines += _slower_notes(name, m, results.get(reference, {}))
+    return lines
+
+
+def _slower_notes(name: str, int8: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
+    """One line per fp32 runtime and batch size where ``name`` is slower than its reference."""
+    notes = []
+    for runtime, r in fp32.get("latency_by_runtime", {}).items():
+        for key, batch in (("latency_ms_b1", 1), ("latency_ms_b64", 64)):
+            mine = int8.get(key)
+            if mine is not None and mine > r[key]:
+                notes.append(
+                    f"- {name} ({int8['runtime']}) is slower than the fp32 model in {runtime} "
+                    f"at batch {batch}: {mine:.3f} vs {r[key]:.3f} ms per call "
+                    f"({mine / r[key]:.2f}x)."
+                )
+    return ["", *notes] if notes else []

@@ -1,4 +1,5 @@
-"""Evaluate stage cores: metrics, latency, confusion outputs; and MLflow metric flattening."""
+"""Evaluate stage cores: metrics, latency per runtime, compression targets, confusion outputs;
+and MLflow metric flattening. No test asserts a speed: that is the benchmarks' job."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
@@ -18,7 +20,29 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from tasks.evaluate import measure_latency, plot_confusion, write_confusion
+from tasks import evaluate
+from tasks.evaluate import (
+    ORT_FP32,
+    ORT_INT8,
+    TORCH_EAGER,
+    Variant,
+    comparison_markdown,
+    compression_targets,
+    measure_latency,
+    measure_variants_latency,
+    plot_confusion,
+    write_confusion,
+)
+from tasks.latency import (
+    BATCH,
+    Latency,
+    b64_repeats,
+    fastest,
+    latency_metrics,
+    measure_runtimes,
+    tile_batch,
+)
+from tasks.models import build_model
 from tasks.scoring import classification_report
 from tasks.tracking import scalar_metrics
 
@@ -166,3 +190,188 @@ def test_logit_adjustment_moves_decisions_towards_rare_classes() -> None:
     # the head class won both; after adjustment the close call goes to the rare class
     assert logits.argmax(axis=1).tolist() == [0, 0]
     assert adjusted.argmax(axis=1).tolist() == [1, 1]
+
+
+LATENCY_KEYS = {"latency_ms_b1", "p95_ms_b1", "latency_ms_b64", "throughput_ips_b64"}
+
+
+def test_measure_runtimes_interleaves_and_counts_calls() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def recorder(name: str):
+        return lambda batch: calls.append((name, len(batch)))
+
+    batch = tile_batch(np.ones((3, 1, 4, 4), np.float32))
+    runtimes = {name: (recorder(name), batch) for name in ("a", "b")}
+    latency = measure_runtimes(runtimes, warmup=2, repeats=20)
+    assert set(latency) == {"a", "b"}
+    for name in ("a", "b"):
+        assert set(latency[name].as_dict()) == LATENCY_KEYS
+        assert calls.count((name, 1)) == 2 + 20  # warm-up, then the repeats
+        assert calls.count((name, BATCH)) == 2 + b64_repeats(20)
+        assert latency[name].throughput_ips_b64 == pytest.approx(
+            BATCH * 1000.0 / latency[name].latency_ms_b64
+        )
+    # all warm-up first, then timed rounds in which both runtimes take turns
+    timed = [name for name, _ in calls[8:]]
+    assert timed[0] == "a" and "b" in timed[: len(timed) // 2] and timed[-1] == "b"
+
+
+def test_batch_64_takes_fewer_repeats_but_never_fewer_than_ten() -> None:
+    assert b64_repeats(200) == 20
+    assert b64_repeats(5) == b64_repeats(1) == 10
+
+
+def test_tile_batch_repeats_real_images_up_to_64() -> None:
+    images = np.arange(5)[:, None, None, None] * np.ones((1, 1, 2, 2))
+    batch = tile_batch(images)
+    assert batch.shape == (BATCH, 1, 2, 2)
+    assert batch[:, 0, 0, 0].tolist() == [i % 5 for i in range(BATCH)]
+    assert tile_batch(np.ones((100, 1, 2, 2))).shape == (BATCH, 1, 2, 2)
+    with pytest.raises(ValueError, match="no images"):
+        tile_batch(np.ones((0, 1, 2, 2)))
+
+
+def _latency(b1: float, b64: float) -> Latency:
+    return Latency(
+        latency_ms_b1=b1, p95_ms_b1=b1 * 1.5, latency_ms_b64=b64, throughput_ips_b64=64e3 / b64
+    )
+
+
+def test_fastest_runtime_is_the_lower_batch_64_latency() -> None:
+    # eager wins at batch 1, ONNX Runtime at batch 64: batch 64 decides
+    by_runtime = {TORCH_EAGER: _latency(0.10, 9.0), ORT_FP32: _latency(0.20, 3.0)}
+    assert fastest(by_runtime) == ORT_FP32
+    assert fastest({ORT_FP32: _latency(1.0, 5.0), TORCH_EAGER: _latency(1.0, 4.0)}) == TORCH_EAGER
+    with pytest.raises(ValueError):
+        fastest({})
+
+
+def test_latency_metrics_report_the_fastest_runtime_and_keep_all() -> None:
+    by_runtime = {TORCH_EAGER: _latency(0.10, 9.0), ORT_FP32: _latency(0.20, 3.0)}
+    metrics = latency_metrics(by_runtime)
+    assert metrics["runtime"] == ORT_FP32
+    assert metrics["latency_ms_b64"] == 3.0 and metrics["latency_ms_b1"] == 0.20
+    assert metrics["throughput_ips_b64"] == pytest.approx(64e3 / 3.0)
+    assert metrics["p95_ms_b1"] == pytest.approx(0.30)
+    assert metrics["latency_by_runtime"] == {
+        TORCH_EAGER: by_runtime[TORCH_EAGER].as_dict(),
+        ORT_FP32: by_runtime[ORT_FP32].as_dict(),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_measure_variants_latency_times_torch_and_onnxruntime(tiny_prepared, params) -> None:
+    """A tiny cnn in PyTorch eager and in ONNX Runtime (exported on the fly, as the teacher
+    is); the 20 test images are fewer than 64, so the batch repeats them."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 10, width=4, dropout=0.0).eval()
+    session = evaluate._teacher_session(model, (1, 8, 8), threads=1)  # its folder is gone
+    fp32 = Variant(
+        name="student",
+        predict=evaluate._torch_predict(model),
+        artifact=Path("unused"),
+        runtimes={
+            TORCH_EAGER: evaluate._torch_predict(model),
+            ORT_FP32: evaluate._onnx_predict(session),
+        },
+        params=0,
+        classes=tiny_prepared.classes,
+        stats=tiny_prepared.stats,
+        run_params={},
+        source_run_id=None,
+    )
+    images = evaluate.normalise(tiny_prepared.test.images, fp32.stats)
+    np.testing.assert_allclose(  # the same network in both runtimes
+        fp32.runtimes[ORT_FP32](images), fp32.runtimes[TORCH_EAGER](images), rtol=1e-4, atol=1e-4
+    )
+    quick = params.evaluate.model_copy(update={"latency_warmup": 1, "latency_repeats": 3})
+    latency = measure_variants_latency.fn([fp32], tiny_prepared.test.images, quick)
+    assert set(latency) == {"student"}
+    assert set(latency["student"]) == {TORCH_EAGER, ORT_FP32}
+    for measured in latency["student"].values():
+        numbers = measured.as_dict()
+        assert set(numbers) == LATENCY_KEYS
+        assert all(np.isfinite(v) and v > 0 for v in numbers.values())
+
+
+STUDENT_LATENCY = {TORCH_EAGER: _latency(0.10, 8.0), ORT_FP32: _latency(0.05, 2.0)}
+
+
+def test_compression_targets_all_met() -> None:
+    targets = compression_targets(
+        fp32_onnx_bytes=100_000,
+        int8_onnx_bytes=28_000,
+        student_latency=STUDENT_LATENCY,
+        int8_latency=_latency(0.04, 1.2),
+        student_f1_macro=0.983,
+        int8_f1_macro=0.980,  # exactly 0.3 points: met despite float rounding
+    )
+    assert set(targets) == {"size_ratio", "latency_ratio_b64", "f1_macro_drop"}
+    assert targets["size_ratio"]["value"] == pytest.approx(0.28)
+    # against the fastest fp32 runtime (ONNX Runtime, 2 ms), not eager PyTorch (8 ms)
+    assert targets["latency_ratio_b64"]["value"] == pytest.approx(0.6)
+    assert ORT_FP32 in targets["latency_ratio_b64"]["reference"]
+    assert targets["f1_macro_drop"]["value"] == pytest.approx(0.003)
+    assert [t["target"] for t in targets.values()] == [0.3, 0.7, 0.003]
+    assert all(t["met"] is True for t in targets.values())
+
+
+def test_compression_targets_missed() -> None:
+    targets = compression_targets(
+        fp32_onnx_bytes=101_846,
+        int8_onnx_bytes=35_757,
+        student_latency=STUDENT_LATENCY,
+        # 0.5x eager PyTorch would pass; 2x the fastest fp32 runtime does not
+        int8_latency=_latency(0.04, 4.0),
+        student_f1_macro=0.98,
+        int8_f1_macro=0.97,
+    )
+    assert targets["size_ratio"]["value"] == pytest.approx(0.3511, abs=1e-4)
+    assert targets["latency_ratio_b64"]["value"] == pytest.approx(2.0)
+    assert targets["f1_macro_drop"]["value"] == pytest.approx(0.01)
+    assert not any(t["met"] for t in targets.values())
+    # an int8 model better than its fp32 student is a negative drop: met
+    better = compression_targets(1, 1, STUDENT_LATENCY, _latency(1, 1), 0.9, 0.95)
+    assert better["f1_macro_drop"]["met"] is True
+
+
+def _results(int8_b1: float, int8_b64: float, int8_bytes: int) -> dict:
+    row = {"f1_macro": 0.98, "accuracy": 0.98, "params": 24_058, "size_bytes": 100_000}
+    student = {**row, **latency_metrics(STUDENT_LATENCY)}
+    int8_latency = {ORT_INT8: _latency(int8_b1, int8_b64)}
+    int8 = {**row, "size_bytes": int8_bytes, **latency_metrics(int8_latency)}
+    int8["targets"] = compression_targets(100_000, int8_bytes, STUDENT_LATENCY,
+                                          int8_latency[ORT_INT8], 0.98, 0.98)  # fmt: skip
+    return {"student": student, "student_int8": int8}
+
+
+def test_markdown_says_plainly_which_target_is_missed() -> None:
+    markdown = comparison_markdown(_results(int8_b1=0.08, int8_b64=1.0, int8_bytes=35_000))
+    assert "## Compression targets (student_int8 vs student)" in markdown
+    assert "| size_ratio | 0.3500 | <= 0.3 | **NO (missed)** |" in markdown
+    assert "| latency_ratio_b64 | 0.5000 | <= 0.7 | yes |" in markdown
+    assert "**1 of 3 targets missed:** size_ratio is 0.3500, above the target 0.3." in markdown
+    # faster at batch 64, slower than ONNX Runtime fp32 at batch 1: said, not hidden
+    assert f"slower than the fp32 model in {ORT_FP32} at batch 1: 0.080 vs 0.050" in markdown
+    assert sum(line.startswith("- student_int8 ") for line in markdown.splitlines()) == 1
+    # every runtime's numbers, the reported one marked
+    assert f"| student | {ORT_FP32} | 0.050 | 0.075 | 2.000 | 32,000 | fastest |" in markdown
+    assert f"| student | {TORCH_EAGER} | 0.100 | 0.150 | 8.000 | 8,000 |  |" in markdown
+
+
+def test_markdown_when_every_target_is_met() -> None:
+    markdown = comparison_markdown(_results(int8_b1=0.04, int8_b64=1.0, int8_bytes=25_000))
+    assert "All compression targets met." in markdown
+    assert "missed" not in markdown.lower() and "slower" not in markdown
+
+
+def test_new_latency_numbers_become_mlflow_metrics() -> None:
+    flat = scalar_metrics(_results(int8_b1=0.08, int8_b64=1.0, int8_bytes=35_000)["student_int8"])
+    for key in ("latency_ms_b1", "p95_ms_b1", "latency_ms_b64", "throughput_ips_b64"):
+        assert flat[key] > 0
+        assert flat[f"latency_by_runtime.{ORT_INT8}.{key}"] == flat[key]
+    assert "runtime" not in flat  # a string: logged as the run's tag instead
+    assert flat["targets.size_ratio.value"] == pytest.approx(0.35)
+    assert flat["targets.size_ratio.met"] == 0.0
+    assert flat["targets.latency_ratio_b64.met"] == 1.0
