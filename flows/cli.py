@@ -2,6 +2,7 @@
 
     visionpipe check    validate params.yaml; print every section as the stages will see it
     visionpipe compare  teacher, student and int8 student side by side (metrics/evaluate.json)
+    visionpipe predict  top-k labels for image files or folders (int8 student unless --model)
     visionpipe status   where runs are recorded: the Prefect UI/API and the MLflow tracking URI
     visionpipe down     stop the local Prefect server that the stages started
 
@@ -64,6 +65,31 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """One line (or JSON object) per image on stdout, broken ones included; exit 1 if any."""
+    from tasks.predict import ModelError, collect_paths, load_model, predict_paths
+
+    try:
+        model = load_model(args.model, threads=args.threads)
+    except ModelError as exc:
+        print(f"visionpipe: {exc}", file=sys.stderr)
+        return 2
+    print(f"visionpipe: predicting with {model.describe()}", file=sys.stderr)
+    predictions = predict_paths(model, collect_paths(args.paths), args.top_k)
+    if args.json:
+        print(json.dumps([p.to_json() for p in predictions], indent=2))
+    else:
+        print("\n".join(p.to_text() for p in predictions))
+    return 0 if all(p.ok for p in predictions) else 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def _down(args: argparse.Namespace) -> int:
     from flows.prefect_api import state_dir, stop_local_server
 
@@ -83,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("compare", help="the three variants side by side").set_defaults(
         run=_compare
     )
+    predict = commands.add_parser(
+        "predict",
+        help="top-k labels for images",
+        description="Exit status: 0 every image predicted, 1 some could not be read "
+        "(each reported, the others still predicted), 2 the model cannot be loaded.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument(
+        "--model",
+        default="student_int8",
+        help="teacher, student, student_int8 (default), a .pt/.onnx file or an MLflow URI",
+    )
+    predict.add_argument("--top-k", type=_positive, default=3, help="labels per image (3)")
+    predict.add_argument("--json", action="store_true", help="print a JSON list")
+    predict.add_argument("--threads", type=_positive, default=1, help="CPU threads (1)")
+    predict.set_defaults(run=_predict)
     commands.add_parser("status", help="show the Prefect API and MLflow URI").set_defaults(
         run=_status
     )

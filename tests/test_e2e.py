@@ -30,7 +30,7 @@ VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
     "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
     "balanced_accuracy", "params", "size_bytes", "latency_ms_b1", "ece", "roc_auc_ovr",
-    "pr_auc_macro", "temperature",
+    "pr_auc_macro", "temperature", "latency_ms_b64", "p95_ms_b1", "throughput_ips_b64",
 )  # fmt: skip
 TINY = {
     "data": {"image_size": 8},
@@ -139,6 +139,22 @@ def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
     assert results["student"]["params"] < results["teacher"]["params"]
     assert results["student_int8"]["params"] == results["student"]["params"]
     assert results["student_int8"]["size_bytes"] < results["student"]["size_bytes"]
+    assert (
+        set(results["student"]["latency_by_runtime"])
+        == {results["student"]["runtime"], *results["student"]["latency_by_runtime"]}
+        and len(results["student"]["latency_by_runtime"]) == 2
+    )  # torch eager and ORT fp32
+    targets = results["student_int8"]["targets"]
+    assert set(targets) == {"size_ratio", "latency_ratio_b64", "f1_macro_drop"}
+    assert all(isinstance(t["met"], bool) for t in targets.values())
+
+    distill = json.loads((repo / "metrics/distill.json").read_text())
+    assert distill["kd_gain"] == pytest.approx(
+        distill["test_f1_macro"] - distill["scratch_test_f1_macro"]
+    )
+    quantize = json.loads((repo / "metrics/quantize.json").read_text())
+    assert quantize["method_used"] in ("ptq", "qat")
+    assert quantize["int8_ops"].get("BatchNormalization", 0) == 0
 
 
 def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
@@ -168,15 +184,22 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
         } <= artifacts  # fmt: skip
         assert run.data.params  # the variant's own training params
 
-    fits = {r.data.tags["stage"]: r for r in runs if r.data.tags["stage"] in ("train", "distill")}
-    assert set(fits) == {"train", "distill"}
-    for stage, run in fits.items():
+    fits = {r.data.tags["variant"]: r for r in runs if r.data.tags["stage"] in ("train", "distill")}
+    assert set(fits) == {"teacher", "student", "student_scratch"}
+    for variant, stage in (("teacher", "train"), ("student", "distill")):
+        run = fits[variant]
         history = client.get_metric_history(run.info.run_id, "val_f1_macro")
         epochs_run = json.loads((repo / f"metrics/{stage}.json").read_text())["epochs_run"]
         assert [m.step for m in history] == list(range(1, epochs_run + 1))
         logged = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"augment.yaml", "augment_grid.png"} <= logged, stage
-    assert fits["train"].data.params["train.width"] == "8"
+    assert fits["teacher"].data.params["train.width"] == "8"
+    # the scratch twin is a full run of its own, and the distilled run knows the gain
+    scratch = fits["student_scratch"]
+    assert scratch.data.metrics["test_f1_macro"] == pytest.approx(
+        fits["student"].data.metrics["scratch_test_f1_macro"]
+    )
+    assert "kd_gain" in fits["student"].data.metrics
 
 
 def test_second_repro_is_a_no_op_and_distill_params_rerun_only_downstream(pipeline):

@@ -1,0 +1,292 @@
+"""Predict: top-k labels for new image files, decoded exactly as the model's training data was.
+
+Run with ``visionpipe predict PATH... [--model REF] [--top-k K] [--json]``.
+``REF`` is a variant (``teacher``, ``student``, ``student_int8``: the files
+``dvc repro`` wrote under ``models/``), a ``.pt`` or ``.onnx`` file, or an
+MLflow artifact URI (``runs:/<run_id>/model``, ``models:/<name>/<version>``).
+
+The preprocessing comes from the artifact itself (checkpoint field or ONNX
+metadata ``preprocessing``, written from ``ImageSpec.preprocessing``), never
+from params.yaml: params.yaml describes the *next* run, and a model found in
+MLflow months later must still see images the way it saw them in training.
+Each file goes through ``decode_item``, the function prepare used, so EXIF
+orientation, alpha compositing and the resize mode match too; a file it
+cannot use is reported with prepare's quarantine reason, and the rest go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.datasets import ChannelStats
+from tasks.images import FileItems, ImageSpec, Outcome, decode_item
+from tasks.layout import STUDENT, STUDENT_INT8, TEACHER
+from tasks.quantize import onnx_logits, onnx_session, torch_logits
+from tasks.scoring import probabilities
+from tasks.sources import IMAGE_SUFFIXES
+from tasks.transforms import normalise
+
+VARIANTS: dict[str, Path] = {"teacher": TEACHER, "student": STUDENT, "student_int8": STUDENT_INT8}
+MODEL_SUFFIXES = (".onnx", ".pt")
+
+
+class ModelError(Exception):
+    """The model cannot be found or used; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """A trained classifier with everything needed to turn an image file into class scores."""
+
+    source: str  # what was asked for: a variant, a path or an MLflow URI
+    artifact: str  # the file that was loaded (its name inside the URI's download)
+    classes: tuple[str, ...]
+    stats: ChannelStats
+    spec: ImageSpec
+    runtime: str  # onnxruntime | torch
+    logits: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
+
+    def describe(self) -> str:
+        """What answered: ``student_int8: models/student_int8.onnx (onnxruntime; 16x16x1, ...)``."""
+        where = self.source if self.artifact == self.source else f"{self.source}: {self.artifact}"
+        spec = self.spec
+        return (
+            f"{where} ({self.runtime}; {spec.size}x{spec.size}x{spec.channels}, "
+            f"resize={spec.resize}, background={spec.background})"
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One file's top-k (label, probability), best first, or why it could not be read."""
+
+    path: str
+    top_k: tuple[tuple[str, float], ...] = ()
+    error: str | None = None  # not_found | no_images | prepare's quarantine reasons
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.ok:
+            return {"path": self.path, "error": self.error, "detail": self.detail}
+        top = [{"label": label, "probability": p} for label, p in self.top_k]
+        return {"path": self.path, "top_k": top}
+
+    def to_text(self) -> str:
+        if not self.ok:
+            return f"{self.path}: ERROR {self.error} ({self.detail})"
+        return f"{self.path}: " + ", ".join(f"{label} {p:.3f}" for label, p in self.top_k)
+
+
+def _spec(preprocessing: dict[str, Any] | None, artifact: Path) -> ImageSpec:
+    if preprocessing is None:
+        raise ModelError(
+            f"{artifact} predates preprocessing metadata: it does not record how images "
+            "were decoded for training, so predict cannot repeat it. Re-run `dvc repro` "
+            "to rebuild the models with it."
+        )
+    try:
+        return ImageSpec.from_preprocessing(preprocessing)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(
+            f"{artifact}: unreadable preprocessing {preprocessing!r} ({exc!r})"
+        ) from exc
+
+
+def _load_onnx(path: Path, source: str, artifact: str, threads: int) -> Model:
+    try:
+        session = onnx_session(path, threads)
+    except Exception as exc:  # ORT raises its own types for each way a file can be bad
+        raise ModelError(f"{path}: not a usable ONNX model ({exc})") from exc
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ("classes", "mean", "std") if key not in metadata]
+    if missing:
+        raise ModelError(
+            f"{path}: no {', '.join(missing)} in its metadata: not a visionpipe export"
+        )
+    return Model(
+        source=source,
+        artifact=artifact,
+        classes=tuple(json.loads(metadata["classes"])),
+        stats=ChannelStats(
+            mean=tuple(json.loads(metadata["mean"])), std=tuple(json.loads(metadata["std"]))
+        ),
+        spec=_spec(json.loads(metadata.get("preprocessing", "null")), path),
+        runtime="onnxruntime",
+        logits=lambda images: onnx_logits(session, images, batch_size=len(images)),
+    )
+
+
+def _load_torch(path: Path, source: str, artifact: str, threads: int) -> Model:
+    import torch
+
+    from tasks.checkpoints import load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as exc:  # unpickling, missing keys, a file that is not torch's at all
+        raise ModelError(f"{path}: not a visionpipe checkpoint ({exc})") from exc
+    spec = _spec(checkpoint.preprocessing, path)
+    torch.set_num_threads(threads)
+    module = checkpoint.build()
+    return Model(
+        source=source,
+        artifact=artifact,
+        classes=checkpoint.classes,
+        stats=checkpoint.stats,
+        spec=spec,
+        runtime="torch",
+        logits=lambda images: torch_logits(module, images, batch_size=len(images)),
+    )
+
+
+def pick_artifact(directory: Path) -> Path:
+    """The one model file in a folder (an MLflow ``model`` artifact): ONNX over a checkpoint.
+
+    Several ONNX files are fine when exactly one is the int8 export (quantize
+    writes ``student.onnx`` beside ``student_int8.onnx``); any other choice is
+    the user's, so the error lists the candidates.
+    """
+    found = sorted(p for p in directory.rglob("*") if p.suffix in MODEL_SUFFIXES and p.is_file())
+    candidates = [p for p in found if p.suffix == ".onnx"] or found
+    if len(candidates) > 1:
+        int8 = [p for p in candidates if p.name.endswith("_int8.onnx")]
+        candidates = int8 if len(int8) == 1 else candidates
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ModelError(f"{directory} holds no .onnx or .pt file")
+    names = ", ".join(str(p.relative_to(directory)) for p in candidates)
+    raise ModelError(f"{directory} holds several models ({names}): name one of them")
+
+
+def _load_file(path: Path, source: str, threads: int, root: Path | None = None) -> Model:
+    """Load ``path`` (a folder: its one model file); ``root``: name it relative to this."""
+    if path.is_dir():
+        path = pick_artifact(path)
+    artifact = str(path.resolve().relative_to(root.resolve()) if root else path)
+    if path.suffix == ".onnx":
+        return _load_onnx(path, source, artifact, threads)
+    if path.suffix == ".pt":
+        return _load_torch(path, source, artifact, threads)
+    raise ModelError(f"{path}: a model is a .onnx or .pt file")
+
+
+def _load_uri(uri: str, threads: int) -> Model:
+    import mlflow.artifacts
+
+    from tasks.tracking import tracking_uri
+
+    # runs:/ and models:/ resolve through the tracking server the pipeline logs to.
+    mlflow.set_tracking_uri(tracking_uri())
+    # The weights are in memory once loaded, so the download need not outlive this call.
+    with tempfile.TemporaryDirectory(prefix="visionpipe-predict-") as scratch:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
+        except Exception as exc:  # MlflowException, OSError, a bad URI scheme...
+            raise ModelError(f"cannot download {uri} ({exc})") from exc
+        return _load_file(Path(local), uri, threads, root=Path(scratch))
+
+
+def load_model(ref: str, threads: int = 1) -> Model:
+    """The model ``ref`` names: a variant, a ``.pt``/``.onnx`` file (or folder), an MLflow URI."""
+    if ref in VARIANTS:
+        path = VARIANTS[ref]
+        if not path.is_file():
+            raise ModelError(f"{path} does not exist: run `dvc repro` (or `dvc pull`) first")
+        return _load_file(path, ref, threads)
+    if Path(ref).exists():
+        return _load_file(Path(ref), ref, threads)
+    if ":/" in ref:
+        return _load_uri(ref, threads)
+    raise ModelError(
+        f"unknown model {ref!r}: give a variant ({', '.join(VARIANTS)}), a .onnx or .pt "
+        "file, or an MLflow URI (runs:/<run_id>/model, models:/<name>/<version>)"
+    )
+
+
+def _walk(directory: Path) -> list[Path]:
+    """Image files under ``directory``, sorted, skipping hidden entries (as prepare does)."""
+    found: list[Path] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                found.extend(_walk(Path(entry.path)))
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def collect_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """The files to predict on, in the order given; folders are walked for image files.
+
+    A file named explicitly is kept whatever its suffix, so a broken one is
+    reported rather than skipped. A path that does not exist, or a folder
+    without images, is kept as itself: ``predict_paths`` reports it.
+    """
+    collected: list[Path] = []
+    for path in map(Path, paths):
+        found = _walk(path) if path.is_dir() else []
+        collected.extend(found or [path])
+    return collected
+
+
+def _top_k(probs: np.ndarray, classes: tuple[str, ...], k: int) -> tuple[tuple[str, float], ...]:
+    best = np.argsort(-probs, kind="stable")[:k]  # ties: the lower class index first
+    return tuple((classes[i], float(probs[i])) for i in best)
+
+
+def _decode(items: FileItems, i: int, spec: ImageSpec) -> tuple[Outcome, np.ndarray | None]:
+    """``decode_item``, after the two failures that only a path given by hand can have."""
+    path = Path(items.paths[i])
+    if not path.exists():
+        return Outcome("not_found", "no such file or folder"), None
+    if path.is_dir():
+        return Outcome("no_images", f"no {', '.join(sorted(IMAGE_SUFFIXES))} file in it"), None
+    return decode_item(items, i, spec)
+
+
+def predict_paths(
+    model: Model, paths: Sequence[Path], top_k: int = 3, batch_size: int = 64
+) -> list[Prediction]:
+    """One ``Prediction`` per path, in order; ``top_k`` is capped at the number of classes.
+
+    Files are decoded and run ``batch_size`` at a time, so a folder of any size
+    needs the memory of one batch.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (got {top_k})")
+    k = min(top_k, len(model.classes))
+    predictions: list[Prediction] = []
+    for start in range(0, len(paths), batch_size):
+        items = FileItems(np.asarray([str(p) for p in paths[start : start + batch_size]], object))
+        outcomes: list[Outcome] = []
+        arrays: list[np.ndarray] = []
+        for i in range(len(items)):
+            outcome, array = _decode(items, i, model.spec)
+            outcomes.append(outcome)
+            if array is not None:
+                arrays.append(array)
+        # One forward pass per batch; rows follow the good files in order.
+        rows = iter(
+            probabilities(model.logits(normalise(np.stack(arrays), model.stats))) if arrays else []
+        )
+        for path, outcome in zip(items.paths, outcomes, strict=True):
+            if outcome.ok:
+                predictions.append(Prediction(path, top_k=_top_k(next(rows), model.classes, k)))
+            else:
+                predictions.append(Prediction(path, error=outcome.reason, detail=outcome.detail))
+    return predictions
