@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from tasks.checkpoints import load_checkpoint  # noqa: E402
 from tasks.datasets import load_prepared  # noqa: E402
-from tasks.evaluate import measure_latency  # noqa: E402
+from tasks.latency import measure_latency  # noqa: E402
 from tasks.layout import PREPARED_DIR, STUDENT, STUDENT_FP32_ONNX, STUDENT_INT8  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.quantize import onnx_logits, onnx_session, torch_logits  # noqa: E402
@@ -52,7 +52,7 @@ def measure(
                 )
                 samples[name].append(latency["median_ms"])
         for name, values in samples.items():
-            results[name][f"latency_ms_b{batch}"] = statistics.median(values)
+            results[name][f"ms_per_image_b{batch}"] = statistics.median(values)
     return results
 
 
@@ -82,8 +82,8 @@ def main() -> None:
         for name in runtimes
     }
     ratios = [
-        t["onnxruntime_int8"]["latency_ms_b64"]
-        / min(t["torch_eager_fp32"]["latency_ms_b64"], t["onnxruntime_fp32"]["latency_ms_b64"])
+        t["onnxruntime_int8"]["ms_per_image_b64"]
+        / min(t["torch_eager_fp32"]["ms_per_image_b64"], t["onnxruntime_fp32"]["ms_per_image_b64"])
         for t in trials
     ]
     source = Path(load_params().data.source).name

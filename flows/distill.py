@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.prefect_api import stage_main
-from flows.train import tracked_fit
+from flows.train import resumable, tracked_fit
 from tasks import distill as t
 from tasks.layout import STUDENT, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, DistillParams, MlflowParams
@@ -29,10 +29,13 @@ def distill_flow(
 ) -> dict:
     data = load_training_data()
     teacher = t.load_teacher(TEACHER)
+    log = get_run_logger().info
+    run_params = {"seed": seed, **distill.flat("distill"), **augment.flat("augment")}
+    teacher_id = [teacher.mlflow_run_id, teacher.metrics]
     common = {
         "data": data,
         "params": distill,
-        "run_params": {"seed": seed, **distill.flat("distill"), **augment.flat("augment")},
+        "run_params": run_params,
         "experiment": mlflow.experiment,
         "augment": augment,
         "seed": seed,
@@ -54,7 +57,10 @@ def distill_flow(
                 return {"test_f1_macro": scratch.f1_macro, "test_accuracy": scratch.accuracy}
 
             tracked_fit(
-                lambda on_epoch: t.fit_student(data, None, distill, augment, seed, on_epoch),
+                lambda on_epoch: t.fit_student(
+                    data, None, distill, augment, seed, on_epoch,
+                    resumable("distill_scratch", run_params, data), log,
+                ),
                 stage="distill", variant="student_scratch", run_name="distill_scratch",
                 outputs=(out / "student_scratch.pt", out / "metrics.json", out / "curve.csv"),
                 extra=scratch_extra, **common,
@@ -66,7 +72,10 @@ def distill_flow(
         return numbers | (t.kd_gain(distilled, scratch) if scratch is not None else {})
 
     summary = tracked_fit(
-        lambda on_epoch: t.fit_student(data, teacher, distill, augment, seed, on_epoch),
+        lambda on_epoch: t.fit_student(
+            data, teacher, distill, augment, seed, on_epoch,
+            resumable("distill", run_params, data, teacher_id), log,
+        ),
         stage="distill", variant="student",
         outputs=(STUDENT, metrics_path("distill"), curve_path("distill")),
         extra=distilled_extra, **common,
@@ -79,5 +88,13 @@ def distill_flow(
     return summary
 
 
+def distill_worker(seed: int, distill: DistillParams, augment: AugmentParams, mlflow: MlflowParams):
+    """A rank other than 0 under torchrun: the same fits in the same order, no outputs."""
+    data = load_training_data.fn()
+    if distill.compare_scratch:
+        t.fit_student.fn(data, None, distill, augment, seed)
+    return t.fit_student.fn(data, t.load_teacher.fn(TEACHER), distill, augment, seed)
+
+
 if __name__ == "__main__":
-    stage_main(distill_flow)
+    stage_main(distill_flow, distill_worker)

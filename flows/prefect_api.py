@@ -175,13 +175,18 @@ def run_stage(flow: Callable[..., T], **parameters: Any) -> T:
         return flow(**parameters)
 
 
-def stage_main(flow: Any) -> Any:
+def stage_main(flow: Any, worker: Callable[..., Any] | None = None) -> Any:
     """Entry point of ``python -m flows.<stage>``: validate params, then run the flow.
 
     The flow's parameters are named after the params.yaml sections it reads
     (``seed``, ``data``, ``train``, ...), so each gets exactly those and no
     more. A bad value anywhere in params.yaml stops here, before any server
     starts or data is touched.
+
+    Under ``torchrun`` only rank 0 runs the Prefect flow (and so talks to
+    Prefect and MLflow and writes outputs); the other ranks call ``worker``
+    with the same sections: the same fits as plain functions, joining rank 0's
+    collectives. A stage without a ``worker`` has nothing to share out.
     """
     try:
         params = load_params()
@@ -189,6 +194,8 @@ def stage_main(flow: Any) -> Any:
         print(f"visionpipe: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     sections = {name: getattr(params, name) for name in flow_sections(flow)}
+    if int(os.environ.get("RANK", "0")) > 0:  # set by torchrun (tasks/distributed.py)
+        return worker(**sections) if worker is not None else None
     return run_stage(flow, **sections)
 
 

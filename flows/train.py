@@ -18,6 +18,7 @@ from tasks import train as t
 from tasks.engine import EpochRecord, FitResult
 from tasks.layout import TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, FitParams, MlflowParams, TrainParams
+from tasks.resume import Resume, fingerprint, resume_path
 
 
 def tracked_fit(
@@ -69,16 +70,24 @@ def tracked_fit(
     return summary
 
 
+def resumable(stage: str, run_params: dict[str, Any], data: t.TrainingData, *extra: Any) -> Resume:
+    """Per-epoch state for ``stage``, valid only for these params and this data."""
+    return Resume(resume_path(stage), fingerprint(run_params, data.describe(), *extra))
+
+
 @flow(name="train")
 def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: MlflowParams) -> dict:
     data = t.load_training_data()
+    run_params = {"seed": seed, **train.flat("train"), **augment.flat("augment")}
+    resume = resumable("train", run_params, data)
+    log = get_run_logger().info
     return tracked_fit(
-        lambda on_epoch: t.fit_teacher(data, train, augment, seed, on_epoch),
+        lambda on_epoch: t.fit_teacher(data, train, augment, seed, on_epoch, resume, log),
         stage="train",
         variant="teacher",
         data=data,
         params=train,
-        run_params={"seed": seed, **train.flat("train"), **augment.flat("augment")},
+        run_params=run_params,
         experiment=mlflow.experiment,
         outputs=(TEACHER, metrics_path("train"), curve_path("train")),
         augment=augment,
@@ -86,5 +95,11 @@ def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: Ml
     )
 
 
+def train_worker(seed: int, train: TrainParams, augment: AugmentParams, mlflow: MlflowParams):
+    """What a rank other than 0 does under torchrun: the same fit, no outputs."""
+    data = t.load_training_data.fn()
+    return t.fit_teacher.fn(data, train, augment, seed)
+
+
 if __name__ == "__main__":
-    stage_main(train_flow)
+    stage_main(train_flow, train_worker)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint
+from tasks.distributed import World, init_process_group
 from tasks.engine import (
     EpochRecord,
     FitResult,
@@ -40,6 +41,7 @@ from tasks.metrics import f1_macro
 from tasks.models import Classifier, build_model
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams
+from tasks.resume import Resume
 from tasks.train import TrainingData, build_loaders, supervised_loss
 
 
@@ -116,10 +118,11 @@ def distillation_objective(
     teacher.requires_grad_(False)
 
     def objective(student: nn.Module, images: torch.Tensor, labels: torch.Tensor):
-        # no_grad rather than inference_mode: the KL term keeps these logits
-        # for its backward pass, which inference tensors do not allow.
-        with torch.no_grad():
+        with torch.inference_mode():
             teacher_logits = teacher(images)
+        # The KL term keeps these logits for its backward pass, which inference
+        # tensors do not allow: a clone made outside inference mode is a normal tensor.
+        teacher_logits = teacher_logits.clone()
         student_logits = student(images)
         total = loss(student_logits, teacher_logits, labels)
         if attention is not None and taps is not None:
@@ -157,6 +160,8 @@ def fit_student(
     augment: AugmentParams,
     seed: int,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    resume: Resume | None = None,
+    log: Callable[[str], None] = print,
 ) -> FitResult:
     """Fit the student; ``teacher=None`` trains it from scratch on the labels alone.
 
@@ -168,7 +173,7 @@ def fit_student(
             "models/teacher.pt was trained on other classes than data/prepared holds: "
             "re-run the train stage (dvc repro train)"
         )
-    device = select_device(params.device)
+    device = init_process_group(World.from_env(), select_device(params.device))
     # Built before the student is seeded: rebuilding it draws random numbers
     # (its initialisation, overwritten by the checkpoint), which would
     # otherwise shift the student's dropout masks away from the scratch run's.
@@ -176,18 +181,20 @@ def fit_student(
     student = _student(data, params, seed)
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
     hard = supervised_loss(params, data).to(device)
+
+    def run(objective: Objective) -> FitResult:
+        return fit(student, objective, train_loader, val_loader, params, device, on_epoch,
+                   resume=resume, log=log)  # fmt: skip
+
     if network is None:
-        return fit(student, supervised_objective(hard), train_loader, val_loader, params, device,
-                   on_epoch)  # fmt: skip
+        return run(supervised_objective(hard))
     kd = KDLoss(params.temperature, params.alpha, params.label_smoothing, hard=hard)
     if params.feature_loss == "none":
-        objective = distillation_objective(network, kd)
-        return fit(student, objective, train_loader, val_loader, params, device, on_epoch)
+        return run(distillation_objective(network, kd))
     height, _, channels = data.prepared.image_shape
     with matched_taps(student, network, (channels, height, height)) as taps:
         attention = AttentionTransferLoss(params.feature_weight)
-        objective = distillation_objective(network, kd, attention, taps)
-        return fit(student, objective, train_loader, val_loader, params, device, on_epoch)
+        return run(distillation_objective(network, kd, attention, taps))
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,31 @@ What differs between teacher and student is only the ``Objective``.
 
 from __future__ import annotations
 
-import copy
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from tasks.datasets import ChannelStats, Split
+from tasks.distributed import (
+    ShardedSampler,
+    World,
+    all_reduce_sum,
+    broadcast_buffers,
+    local_batch_size,
+)
 from tasks.metrics import f1_macro
 from tasks.params import FitParams
+from tasks.resume import Resume, capture_rng, discard, load_state, restore_rng, save_state
 from tasks.transforms import Augment, normalise
 
 # (model, images, labels) -> (loss, logits). The teacher's is cross-entropy;
@@ -47,11 +57,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def select_device(name: str) -> torch.device:
-    """``auto`` takes CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
+    """``auto``: CUDA, else Apple's MPS, else the CPU; asking for an absent one is an error."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+    if name == "mps" and not mps:
+        raise RuntimeError("device: mps was asked for but torch sees no MPS device")
     return torch.device(name)
 
 
@@ -97,30 +110,32 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     weights: np.ndarray | None = None,
+    world: World | None = None,
 ) -> DataLoader:
     """A loader over ``split``; ``train`` shuffles and drops a last partial batch.
 
     With unequal ``weights`` (``resample.strategy: balanced_sampler``) a train
     epoch is ``len(split)`` draws with replacement, row ``i`` drawn with
     probability proportional to ``weights[i]``: rebalanced per epoch, no copies.
+    Under ``torchrun`` (``world``) a train loader yields this rank's shard of
+    each global batch of ``batch_size`` (``tasks/distributed.py``).
     """
+    world = world or World()
     dataset = ImageDataset(split, stats, augment if train else None)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
-    if train and weights is not None and not np.allclose(weights, weights[0]):
-        sampler = WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double),
-            num_samples=len(dataset),
-            replacement=True,
-            generator=generator,
-        )
+    if train:
+        balanced = weights is not None and not np.allclose(weights, weights[0])
+        sampler = ShardedSampler(len(dataset), seed, world, weights if balanced else None)
+        batch_size = local_batch_size(batch_size, world)
+        if augment is not None and world.rank > 0:
+            augment.set_random_seed(seed + 7919 * world.rank)  # its own draws per rank
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         # BatchNorm cannot train on a batch of one.
-        drop_last=train and len(dataset) > batch_size,
+        drop_last=train and len(sampler or dataset) > batch_size,
         num_workers=num_workers,
         worker_init_fn=_seed_worker if num_workers else None,
         generator=generator,
@@ -224,6 +239,40 @@ def _validate(
     return loss, accuracy, f1_macro(labels, predicted, num_classes=logits.shape[1])
 
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast and gradient scaling for ``train.precision`` on ``device``.
+
+    bf16 keeps fp32's exponent range, so it needs no loss scaling; fp16 does
+    (a ``GradScaler`` skips steps whose gradients overflowed and adapts the scale).
+    """
+
+    device_type: str
+    dtype: torch.dtype | None
+
+    @classmethod
+    def of(cls, name: str, device: torch.device) -> Precision:
+        if name not in AMP_DTYPES:
+            raise ValueError(f"precision: unknown {name!r}; valid choices: {', '.join(AMP_DTYPES)}")
+        return cls(device.type, AMP_DTYPES[name])
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the weights (also of a compiled or DDP-wrapped model's)."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    return {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
+
+
 def fit(
     model: nn.Module,
     objective: Objective,
@@ -233,49 +282,121 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     finetune: Finetune | None = None,
+    resume: Resume | None = None,
+    log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train ``model`` with ``objective``; stop when val macro-F1 stalls for ``patience`` epochs.
 
     The best epoch is the one with the highest val macro-F1, ties going to the
     lower val loss (small val sets saturate F1 early). ``finetune`` freezes the
     backbone for its first epochs and gives it a lower learning rate.
+
+    On CUDA, batches and weights are channels_last (what tensor-core
+    convolutions want) and copies are non-blocking from pinned memory;
+    ``params.precision`` turns on autocast (and loss scaling for fp16) on any
+    device; ``params.compile`` runs the training forward through
+    ``torch.compile``. With ``resume``, the whole training state is saved
+    atomically after every epoch and a re-run continues from it (``tasks/resume.py``).
     """
     finetune = finetune or Finetune()
-    model.to(device)
+    world = World.from_env()
+    precision = Precision.of(params.precision, device)
+    channels_last = device.type == "cuda"
+    if world.distributed and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     backbone = getattr(model, "features", None)
     optimizer = _optimizer(model, params, finetune)
     scheduler = _scheduler(optimizer, params, params.epochs * len(train_loader))
+    scaler = precision.scaler()
+    forward: nn.Module = model
+    if world.distributed:
+        forward = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # a frozen backbone produces no gradients for DDP to wait for
+            find_unused_parameters=finetune.freeze_epochs > 0,
+        )
+    if params.compile:
+        forward = torch.compile(forward)
+    sampler = getattr(train_loader, "sampler", None)
     best_key = (-1.0, float("-inf"))
-    best_state, best_epoch, best_loss, stale = None, 0, float("inf"), 0
+    best_state, best_epoch, best_loss, stale, stopped = None, 0, float("inf"), 0, False
     history: list[EpochRecord] = []
-    started = time.perf_counter()
-    for epoch in range(1, params.epochs + 1):
+    first_epoch, spent = 1, 0.0
+    augment = getattr(train_loader.dataset, "augment", None)
+    if resume is not None:
+        state, why_not = load_state(resume)
+        if state is None:
+            if why_not != "no saved state":
+                log(f"not resuming from {resume.path}: {why_not}; starting over")
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"], train_loader.generator, augment)
+            best_key = tuple(state["best_key"])
+            best_state, best_epoch = state["best_state"], state["best_epoch"]
+            best_loss, stale, stopped = state["best_loss"], state["stale"], state["stopped"]
+            history = [EpochRecord(**record) for record in state["history"]]
+            first_epoch, spent = state["epoch"] + 1, state["seconds"]
+            log(
+                f"resuming from {resume.path}: epoch {state['epoch']} of {params.epochs} was "
+                f"finished, continuing at epoch {first_epoch}"
+            )
+    started = time.perf_counter() - spent
+    for epoch in range(first_epoch, params.epochs + 1):
+        if stopped:
+            break
         model.train()
         frozen = backbone is not None and epoch <= finetune.freeze_epochs
         if backbone is not None:
             backbone.requires_grad_(not frozen)
             if frozen:
                 backbone.eval()
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        bar = tqdm(
+            total=len(train_loader), desc=f"epoch {epoch}/{params.epochs}", unit="step",
+            disable=not (sys.stderr.isatty() and world.is_main), leave=False,
+        )  # fmt: skip
         for step, (images, labels) in enumerate(train_loader, start=1):
-            images = images.to(device, non_blocking=True)
+            images = images.to(
+                device,
+                non_blocking=True,
+                memory_format=torch.channels_last if channels_last else torch.preserve_format,
+            )
             labels = labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = objective(model, images, labels)
+            with precision.autocast():
+                loss, _ = objective(forward, images, labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at epoch {epoch}, step {step}: "
                     "lower the learning rate or turn on grad_clip"
                 )
-            loss.backward()
+            scaler.scale(loss).backward()
             if params.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
+            bar.update()
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}",
+                img_s=f"{seen / max(time.perf_counter() - epoch_start, 1e-9):.0f}",
+            )
+        bar.close()
+        loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over every rank's shard
         train_seconds = time.perf_counter() - epoch_start
-        val_loss, val_accuracy, val_f1 = _validate(model, val_loader, device)
+        broadcast_buffers(model)  # every rank validates rank 0's model: same early stop
+        with precision.autocast():
+            val_loss, val_accuracy, val_f1 = _validate(model, val_loader, device)
         record = EpochRecord(
             epoch=epoch,
             train_loss=loss_sum / max(seen, 1),
@@ -291,14 +412,26 @@ def fit(
             on_epoch(record)
         if (val_f1, -val_loss) > best_key:
             best_key = (val_f1, -val_loss)
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _state_dict(model)
             best_epoch, best_loss, stale = epoch, val_loss, 0
         elif not frozen:  # head-only epochs do not count towards patience
             stale += 1
-            if stale >= params.patience:
-                break
+            stopped = stale >= params.patience
+        if resume is not None and world.is_main:
+            save_state(
+                resume,
+                {
+                    "epoch": epoch, "seconds": time.perf_counter() - started,
+                    "model": _state_dict(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": capture_rng(train_loader.generator, augment),
+                    "best_key": list(best_key), "best_state": best_state,
+                    "best_epoch": best_epoch, "best_loss": best_loss, "stale": stale,
+                    "stopped": stopped, "history": [asdict(r) for r in history],
+                },
+            )  # fmt: skip
     model.load_state_dict(best_state)
-    return FitResult(
+    result = FitResult(
         model=model,
         best_epoch=best_epoch,
         best_val_f1_macro=best_key[0],
@@ -307,3 +440,6 @@ def fit(
         stopped_early=len(history) < params.epochs,
         seconds=time.perf_counter() - started,
     )
+    if world.is_main:
+        discard(resume)
+    return result

@@ -51,7 +51,6 @@ from tasks.latency import (
     measure_runtimes,
     tile_batch,
 )
-from tasks.latency import measure_latency as measure_latency  # re-exported: benchmarks use it
 from tasks.metrics import f1_macro
 from tasks.models import count_params
 from tasks.orchestration import stage_task

@@ -35,7 +35,8 @@ ModelName = Literal["resnet", "cnn", "mobilenet"]
 FeatureLossName = Literal["none", "attention"]
 QuantizeMethod = Literal["ptq", "qat", "auto"]
 ScheduleName = Literal["onecycle", "cosine"]
-DeviceName = Literal["auto", "cpu", "cuda"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+PrecisionName = Literal["fp32", "bf16", "fp16"]
 CalibrationName = Literal["minmax", "percentile", "entropy"]
 ResizeName = Literal["stretch", "pad", "center_crop"]
 
@@ -172,6 +173,8 @@ class FitParams(Section):
     patience: int = Field(ge=1)
     num_workers: int = Field(ge=0)
     device: DeviceName
+    precision: PrecisionName  # autocast dtype; fp16 adds loss scaling
+    compile: bool  # torch.compile the training forward
     deterministic: bool
 
 

@@ -8,7 +8,7 @@ Run with ``dvc repro train`` (or ``python -m flows.train``). Reads ``seed``,
 
 from __future__ import annotations
 
-import logging
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from tasks.datasets import (
     load_resampled_train,
     load_sample_weights,
 )
+from tasks.distributed import World, init_process_group
 from tasks.engine import (
     EpochRecord,
     Finetune,
@@ -45,6 +46,7 @@ from tasks.losses import build_loss
 from tasks.models import build_model, count_params
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, FitParams, TrainParams
+from tasks.resume import Resume
 from tasks.transforms import Augment, build_augment
 
 
@@ -63,6 +65,23 @@ class TrainingData:
             self.train.labels, weights=self.weights, minlength=self.prepared.num_classes
         )
         return (mass / mass.sum()).tolist()
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this training data cheaply: classes, statistics (sums over
+        every train pixel), row count and hashes of the labels and sampling weights."""
+
+        def digest(array: np.ndarray) -> str:
+            return hashlib.blake2b(
+                np.ascontiguousarray(array).tobytes(), digest_size=12
+            ).hexdigest()
+
+        return {
+            "classes": list(self.prepared.classes),
+            "stats": [list(self.prepared.stats.mean), list(self.prepared.stats.std)],
+            "rows": len(self.train),
+            "labels": digest(np.asarray(self.train.labels)),
+            "weights": digest(self.weights),
+        }
 
     @property
     def class_counts(self) -> list[float]:
@@ -113,6 +132,7 @@ def build_loaders(
         num_workers=params.num_workers,
         pin_memory=pin,
         weights=data.weights,
+        world=World.from_env(),
         **common,
     )
     val = make_loader(data.prepared.val, pin_memory=pin, **common)
@@ -150,9 +170,11 @@ def fit_teacher(
     augment: AugmentParams,
     seed: int,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    resume: Resume | None = None,
+    log: Callable[[str], None] = print,
 ) -> FitResult:
     seed_everything(seed, params.deterministic)
-    device = select_device(params.device)
+    device = init_process_group(World.from_env(), select_device(params.device))
     channels = data.prepared.image_shape[2]
     model = build_model(
         params.model,
@@ -165,14 +187,13 @@ def fit_teacher(
     if params.init_from is not None:
         initial = load_checkpoint(resolve_checkpoint(params.init_from))
         head = initialise_from(model, initial, data.prepared.classes)
-        logging.getLogger(__name__).info(
-            "train: initialised from %s (%s head)", params.init_from,
-            "its" if head else "a fresh",
-        )  # fmt: skip
+        log(f"train: initialised from {params.init_from} ({'its' if head else 'a fresh'} head)")
     finetune = Finetune(params.freeze_backbone_epochs, params.backbone_lr_mult)
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
     objective = supervised_objective(supervised_loss(params, data).to(device))
-    return fit(model, objective, train_loader, val_loader, params, device, on_epoch, finetune)
+    return fit(
+        model, objective, train_loader, val_loader, params, device, on_epoch, finetune, resume, log
+    )
 
 
 def fit_summary(result: FitResult) -> dict[str, float | int | bool]:

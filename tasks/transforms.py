@@ -114,6 +114,35 @@ class Augment:
         if self.strong is not None:
             self.strong.set_random_seed(seed + 1)
 
+    def _generators(self) -> list:
+        """Every object in both pipelines that draws random numbers, in a fixed order."""
+        found = []
+
+        def walk(transform) -> None:
+            found.append(transform)
+            for child in getattr(transform, "transforms", []):
+                walk(child)
+
+        for pipeline in (self.common, self.strong):
+            if pipeline is not None:
+                walk(pipeline)
+        return found
+
+    def get_state(self) -> list[dict]:
+        """The state of every generator (to resume training exactly where it stopped)."""
+        return [
+            {"numpy": t.random_generator.bit_generator.state, "python": t.py_random.getstate()}
+            for t in self._generators()
+        ]
+
+    def set_state(self, state: list[dict]) -> None:
+        generators = self._generators()
+        if len(state) != len(generators):
+            raise ValueError("augmentation state does not match this pipeline")
+        for transform, saved in zip(generators, state, strict=True):
+            transform.random_generator.bit_generator.state = saved["numpy"]
+            transform.py_random.setstate(_as_tuples(saved["python"]))
+
     def to_dict(self) -> dict:
         """The exact pipelines in albumentations' own serialisation (``A.from_dict`` reads them)."""
         return {
@@ -121,6 +150,10 @@ class Augment:
             "minority_classes": sorted(self.minority),
             "minority_pipeline": None if self.strong is None else A.to_dict(self.strong),
         }
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def build_augment(

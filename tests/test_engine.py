@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from tasks.datasets import ChannelStats, PreparedData, Split
+from tasks.distributed import ShardedSampler, World, local_batch_size
 from tasks.engine import (
     FitResult,
     Objective,
+    Precision,
     fit,
     make_loader,
     predict_logits,
@@ -20,6 +22,7 @@ from tasks.engine import (
 )
 from tasks.models import build_model
 from tasks.params import AugmentParams, Params, TrainParams
+from tasks.train import TrainingData, fit_teacher
 from tasks.transforms import build_augment, normalise
 
 CPU = torch.device("cpu")
@@ -317,7 +320,11 @@ def test_balanced_weights_draw_every_class_equally_often(tiny_prepared: Prepared
         loader = make_loader(
             split, tiny_prepared.stats, batch_size=32, seed=seed, train=True, weights=weights
         )
-        return torch.cat([torch.cat([y for _, y in loader]) for _ in range(20)])
+        epochs = []
+        for epoch in range(20):
+            loader.sampler.set_epoch(epoch)  # fit does this: a fresh draw per epoch
+            epochs.append(torch.cat([y for _, y in loader]))
+        return torch.cat(epochs)
 
     counts = torch.bincount(drawn(0), minlength=3).double()
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.03  # 20 epochs of 96 draws
@@ -325,3 +332,47 @@ def test_balanced_weights_draw_every_class_equally_often(tiny_prepared: Prepared
     # equal weights: plain shuffling, every row exactly once per epoch
     loader = make_loader(split, tiny_prepared.stats, 16, seed=0, train=True, weights=np.ones(96))
     assert sorted(torch.cat([y for _, y in loader]).tolist()) == sorted(labels.tolist())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_cpu_too(params, tiny_prepared, precision: str) -> None:
+    data = TrainingData(tiny_prepared, tiny_prepared.train, np.ones(len(tiny_prepared.train)))
+    fit_params = params.train.model_copy(
+        update={"model": "cnn", "width": 4, "epochs": 2, "batch_size": 8, "device": "cpu",
+                "precision": precision}
+    )  # fmt: skip
+    result = fit_teacher.fn(data, fit_params, params.augment, seed=0)
+    assert all(np.isfinite(r.train_loss) and np.isfinite(r.val_loss) for r in result.history)
+    # autocast changes the arithmetic, never the stored weights
+    assert all(
+        v.dtype == torch.float32
+        for v in result.model.state_dict().values()
+        if v.is_floating_point()
+    )
+
+
+def test_precision_names_the_valid_choices() -> None:
+    assert Precision.of("bf16", CPU).dtype == torch.bfloat16
+    assert Precision.of("fp32", CPU).scaler().is_enabled() is False
+    with pytest.raises(ValueError, match="valid choices: fp32, bf16, fp16"):
+        Precision.of("fp8", CPU)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shards_of_two_ranks_make_up_the_single_process_batches(weighted: bool) -> None:
+    weights = np.linspace(1.0, 3.0, 20) if weighted else None
+    single = list(ShardedSampler(20, seed=4, weights=weights))
+    shards = [list(ShardedSampler(20, 4, World(rank, 2), weights)) for rank in (0, 1)]
+    # rank r's k-th batch of 3 is its share of the single process's k-th batch of 6
+    for k in range(3):
+        together = sorted(shards[0][3 * k : 3 * k + 3] + shards[1][3 * k : 3 * k + 3])
+        assert together == sorted(single[6 * k : 6 * k + 6])
+    sampler = ShardedSampler(20, seed=4)
+    sampler.set_epoch(1)
+    assert list(sampler) != single and sorted(sampler) == list(range(20))
+
+
+def test_global_batch_must_split_evenly_over_the_ranks() -> None:
+    assert local_batch_size(64, World(0, 4)) == 16
+    with pytest.raises(ValueError, match="multiple of --nproc_per_node"):
+        local_batch_size(64, World(0, 3))
