@@ -28,7 +28,6 @@ from tasks.evaluate import (
     Variant,
     comparison_markdown,
     compression_targets,
-    measure_latency,
     measure_variants_latency,
     plot_confusion,
     write_confusion,
@@ -39,6 +38,7 @@ from tasks.latency import (
     b64_repeats,
     fastest,
     latency_metrics,
+    measure_latency,
     measure_runtimes,
     tile_batch,
 )
