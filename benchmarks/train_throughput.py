@@ -1,0 +1,139 @@
+"""The pipeline's train step against a bare PyTorch loop: what the DataLoader, augmentation,
+AMP setting and per-epoch logging cost.
+
+    python benchmarks/train_throughput.py [--rounds 5] [--workers 0 1] [--precision fp32]
+
+After ``dvc repro prepare resample`` (it trains on data/prepared). For each
+DataLoader worker count, alternates in one process, ``--rounds`` times:
+
+- **pipeline**: one epoch of ``tasks.engine.fit`` on the real train loader
+  (``tasks.train.build_loaders``: albumentations on the fly, the sampler,
+  normalisation), the teacher from params.yaml, its batch size, optimizer,
+  schedule, grad clipping, autocast setting, validation excluded (``fit``
+  times the training loop alone, as ``images_per_second``);
+- **bare**: the same model, batch size, precision and AdamW on the same
+  images, normalised once and held in one tensor, shuffled by index: the
+  fastest this model can train on this machine.
+
+The ratio of the two is taken per round (side by side, so machine noise hits
+both) and the median is reported. Writes benchmarks/results/train_throughput_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from tasks.engine import (  # noqa: E402
+    Precision,
+    fit,
+    seed_everything,
+    select_device,
+    supervised_objective,
+)
+from tasks.models import build_model  # noqa: E402
+from tasks.params import load_params  # noqa: E402
+from tasks.train import build_loaders, load_training_data, supervised_loss  # noqa: E402
+from tasks.transforms import normalise  # noqa: E402
+
+
+def bare_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,
+               precision: Precision, device: torch.device) -> float:  # fmt: skip
+    """Images/s of one epoch of the plainest loop: index, forward, backward, step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    order = torch.randperm(len(images))
+    steps = len(images) // batch
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for step in range(steps):
+        rows = order[step * batch : (step + 1) * batch]
+        x, y = images[rows], labels[rows]
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+    loss.item()  # wait for the device
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--precision", default=None, help="default: train.precision")
+    args = parser.parse_args()
+    params = load_params(ROOT / "params.yaml")
+    precision_name = args.precision or params.train.precision
+    data = load_training_data.fn()
+    device = select_device(params.train.device)
+    precision = Precision.of(precision_name, device)
+    channels = data.prepared.image_shape[2]
+    pixels = np.stack([data.train.images[i] for i in range(len(data.train))])
+    images = torch.from_numpy(normalise(pixels, data.prepared.stats)).to(device)
+    labels = torch.as_tensor(data.train.labels, dtype=torch.long).to(device)
+
+    def model() -> nn.Module:
+        t = params.train
+        return build_model(t.model, channels, data.prepared.num_classes, t.width, t.dropout,
+                           t.width_multiplier).to(device)  # fmt: skip
+
+    results = {}
+    for workers in args.workers:
+        fit_params = params.train.model_copy(
+            update={"epochs": 1, "num_workers": workers, "precision": precision_name}
+        )
+        pipeline, bare, ratios = [], [], []
+        for round_ in range(args.rounds):
+            seed_everything(round_, fit_params.deterministic)
+            train_loader, val_loader = build_loaders(
+                data, fit_params, params.augment, round_, device
+            )
+            objective = supervised_objective(supervised_loss(fit_params, data).to(device))
+            logged = []
+            result = fit(model(), objective, train_loader, val_loader, fit_params, device,
+                         on_epoch=logged.append, log=lambda line: None)  # fmt: skip
+            pipeline.append(result.history[0].images_per_second)
+            bare.append(bare_epoch(model(), images, labels, fit_params.batch_size, precision,
+                                   device))  # fmt: skip
+            ratios.append(pipeline[-1] / bare[-1])
+            print(f"workers={workers} round {round_ + 1}: pipeline {pipeline[-1]:.0f} img/s, "
+                  f"bare {bare[-1]:.0f} img/s, ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+        results[f"num_workers={workers}"] = {
+            "pipeline_images_per_second": pipeline,
+            "bare_images_per_second": bare,
+            "ratio_per_round": ratios,
+            "median_ratio": statistics.median(ratios),
+        }
+    device_kind = "gpu" if device.type == "cuda" else "cpu"
+    path = write_result(
+        f"train_throughput_{device_kind}.json",
+        {
+            "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+            "machine": describe_machine(),
+            "device": str(device),
+            "precision": precision_name,
+            "model": params.train.model_dump(mode="json"),
+            "train_images": len(data.train),
+            "results": results,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
