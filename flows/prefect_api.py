@@ -5,10 +5,10 @@ Prefect needs an API to record flow and task runs. In order of preference:
 1. ``PREFECT_API_URL`` is set: use it as is (a team's server, Prefect Cloud, or
    your own ``prefect server start``).
 2. Otherwise visionpipe starts a real local ``prefect server start`` on
-   127.0.0.1 the first time a stage needs one, in the background, with its own
-   database under ``.visionpipe/prefect/``, and every later stage (and later
-   ``dvc repro``) reuses it. ``visionpipe down`` stops it; its UI is at the URL
-   the stage prints.
+   127.0.0.1 the first time a stage needs one (or at ``visionpipe up``), in the
+   background, with its own database under ``.visionpipe/prefect/``, and every
+   later stage (and later ``dvc repro``) reuses it. ``visionpipe down`` stops
+   it; its UI is at the URL the stage prints.
 3. ``VISIONPIPE_PREFECT=ephemeral`` falls back to Prefect's own per-process
    ephemeral server.
 
@@ -16,6 +16,13 @@ Why not 3 by default: the ephemeral server starts inside every stage process
 and costs about 10 s per stage on a 2-core machine (ENVIRONMENT.md), six times
 per ``dvc repro``; a server started once costs that once, then about 2 s of
 API traffic per stage (``benchmarks/prefect_overhead.py`` measures both).
+
+The machinery for such a local server (spawn it detached, wait for /health,
+record pid and URL in ``server.json``, stop exactly that process group) lives
+here too, and ``flows/services.py`` reuses it for the local MLflow server
+(``visionpipe up``). Not the other way round: every stage imports this
+module, so whatever it imports becomes a code dependency of every stage in
+``dvc.yaml`` (tests/test_dvc_yaml.py), and how servers start changes no output.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,34 +52,88 @@ STARTUP_TIMEOUT_ENV = "VISIONPIPE_PREFECT_STARTUP_TIMEOUT"
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 
 
+def home() -> Path:
+    """Where local servers keep their state: ``$VISIONPIPE_HOME`` (default ``./.visionpipe``)."""
+    return Path(os.environ.get(STATE_DIR_ENV, ".visionpipe")).resolve()
+
+
 def state_dir() -> Path:
     """Local server state: ``$VISIONPIPE_HOME/prefect`` (default ``./.visionpipe/prefect``)."""
-    return Path(os.environ.get(STATE_DIR_ENV, ".visionpipe")).resolve() / "prefect"
+    return home() / "prefect"
 
 
-def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+def local_server_url(directory: Path | None = None) -> str | None:
+    """The API URL of the local server visionpipe started, if it is up."""
+    state = read_state(directory or state_dir())
+    if state and healthy(state.get("api_url", "")):
+        return state["api_url"]
+    return None
+
+
+def start_local_server(directory: Path | None = None, timeout: float | None = None) -> str:
+    """Start (or reuse) the local Prefect server; return its API URL once it answers /health."""
+    directory = directory or state_dir()
+    timeout = timeout or float(os.environ.get(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT_S))
+    with locked(directory):
+        if url := local_server_url(directory):
+            return url
+        port = free_port()
+        api_url = f"http://127.0.0.1:{port}/api"
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(directory / "home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": api_url,
+        }
+        spawn_server(
+            directory,
+            [sys.executable, "-m", "prefect", "server", "start",
+             "--host", "127.0.0.1", "--port", str(port)],
+            api_url,
+            env=env,
+            timeout=timeout,
+            what="Prefect server",
+            hint=f"raise {STARTUP_TIMEOUT_ENV} on a slow machine, or set PREFECT_API_URL",
+            record={"port": port, "api_url": api_url},
+        )  # fmt: skip
+        return api_url
+
+
+def stop_local_server(directory: Path | None = None) -> bool:
+    """Stop the local server this state dir records; False when none was running."""
+    return stop_server(directory or state_dir()) is not None
+
+
+# --- Local servers in general: the Prefect server here, the MLflow one in flows/services.py ---
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """Whether ``url``/health answers 200 (Prefect's API and MLflow's server both have one)."""
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free right now (the server binds it a moment later)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _read_state(directory: Path) -> dict[str, Any] | None:
+def read_state(directory: Path) -> dict[str, Any] | None:
+    """The record ``spawn_server`` wrote in ``directory``, None if absent or unreadable."""
     try:
-        return json.loads((directory / "server.json").read_text())
+        state = json.loads((directory / "server.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return state if isinstance(state, dict) and "pid" in state else None
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[None]:
     """Serialise start/stop across processes (two stages must not start two servers)."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "lock", "w") as handle:
@@ -83,54 +144,99 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def local_server_url(directory: Path | None = None) -> str | None:
-    """The API URL of the local server visionpipe started, if it is up."""
-    state = _read_state(directory or state_dir())
-    if state and _healthy(state["api_url"]):
-        return state["api_url"]
-    return None
+def spawn_server(
+    directory: Path,
+    command: list[str],
+    url: str,
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    what: str,
+    hint: str,
+    record: Mapping[str, Any],
+    cwd: Path | None = None,
+) -> None:
+    """Start ``command`` detached, wait until ``url``/health answers, record it in server.json.
 
-
-def start_local_server(directory: Path | None = None, timeout: float | None = None) -> str:
-    """Start (or reuse) the local Prefect server; return its API URL once it answers /health."""
-    directory = directory or state_dir()
-    timeout = timeout or float(os.environ.get(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT_S))
-    with _locked(directory):
-        if url := local_server_url(directory):
-            return url
-        port = _free_port()
-        api_url = f"http://127.0.0.1:{port}/api"
-        env = {
-            **os.environ,
-            "PREFECT_HOME": str(directory / "home"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": api_url,
-        }
-        log_path = directory / "server.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start",
-                 "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,  # outlives this stage; stopped by `visionpipe down`
+    Call it holding ``locked(directory)``. The server runs in its own session,
+    so it outlives the process that started it and ``stop_server`` can end
+    its whole process group (servers fork workers). Output goes to
+    ``directory/server.log``. If it exits or does not answer within
+    ``timeout`` seconds, its group is killed and RuntimeError carries what it
+    logged.
+    """
+    log_path = directory / "server.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=cwd, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not healthy(url):
+        status = process.poll()
+        if status is not None or time.monotonic() > deadline:
+            kill_group(process.pid)
+            why = f"exited with status {status}" if status is not None else (
+                f"did not answer within {timeout:.0f} s"
             )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not _healthy(api_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                _kill_group(process.pid)
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(
-                    f"the local Prefect server did not come up on {api_url} within {timeout:.0f} s "
-                    f"(raise {STARTUP_TIMEOUT_ENV} on a slow machine, or set PREFECT_API_URL). "
-                    f"Last lines of {log_path}:\n{tail}"
-                )
-            time.sleep(0.25)
-        state = {"pid": process.pid, "port": port, "api_url": api_url, "started": time.time()}
-        (directory / "server.json").write_text(json.dumps(state))
-        return api_url
+            with open(log_path, "rb") as log:
+                log.seek(offset)
+                tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"the local {what} on {url} {why} ({hint}). Last lines of {log_path}:\n{tail}"
+            )
+        time.sleep(0.25)
+    state = {"pid": process.pid, "pid_start": _started_at(process.pid), **record}
+    state["started"] = time.time()
+    # Readers (every stage) never lock: replace the file whole so they never see half of it.
+    scratch = directory / "server.json.tmp"
+    scratch.write_text(json.dumps(state))
+    scratch.replace(directory / "server.json")
 
 
-def _kill_group(pid: int, grace: float = 10.0) -> None:
+def stop_server(directory: Path) -> dict[str, Any] | None:
+    """Stop the server recorded in ``directory``; its record, or None when none was running.
+
+    Only the recorded process group is signalled, and only if it is still the
+    process that was recorded: a stale record (the server died, the machine
+    rebooted, its pid now belongs to something else) is removed untouched.
+    """
+    with locked(directory):
+        state = read_state(directory)
+        if state is None:
+            return None
+        running = is_running(state)
+        if running:
+            kill_group(int(state["pid"]))
+        (directory / "server.json").unlink(missing_ok=True)
+        return state if running else None
+
+
+def is_running(state: Mapping[str, Any]) -> bool:
+    """Whether the process group ``spawn_server`` recorded still exists and is that server."""
+    pid = int(state["pid"])
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # A group with this id exists. If its leader's start time differs from the recorded one,
+    # the pid was reused by a new session leader; records without one predate the check.
+    recorded, current = state.get("pid_start"), _started_at(pid)
+    return recorded is None or current is None or recorded == current
+
+
+def _started_at(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (Linux /proc; None elsewhere or if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
+def kill_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group ``pid`` leads, SIGKILL it if still there after ``grace`` s."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -142,16 +248,7 @@ def _kill_group(pid: int, grace: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def stop_local_server(directory: Path | None = None) -> bool:
-    """Stop the local server this state dir records; False when none was recorded."""
-    directory = directory or state_dir()
-    with _locked(directory):
-        state = _read_state(directory)
-        if state is None:
-            return False
-        _kill_group(int(state["pid"]))
-        (directory / "server.json").unlink(missing_ok=True)
-        return True
+# --- How a stage runs ---
 
 
 def resolve_api_url() -> str | None:
