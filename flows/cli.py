@@ -4,7 +4,10 @@
     visionpipe compare  teacher, student and int8 student side by side (metrics/evaluate.json)
     visionpipe predict  top-k labels for image files or folders (int8 student unless --model)
     visionpipe status   where runs are recorded: the Prefect UI/API and the MLflow tracking URI
-    visionpipe down     stop the local Prefect server that the stages started
+    visionpipe up       start (or reuse) local Prefect and MLflow servers; print their UIs
+    visionpipe down     stop the local servers that `up` or the stages started
+    visionpipe serve    run the scheduled retrain deployment from this process (Ctrl-C stops)
+    visionpipe deploy   put the retrain deployment on a Prefect work pool (for `prefect worker`)
 
 The pipeline itself runs with ``dvc repro`` (DVC decides what is stale).
 """
@@ -12,6 +15,7 @@ The pipeline itself runs with ``dvc repro`` (DVC decides what is stale).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -33,6 +37,7 @@ def _status(args: argparse.Namespace) -> int:
     import os
 
     from flows.prefect_api import MODE_ENV, local_server_url, state_dir
+    from flows.services import mlflow_server_url, mlflow_state_dir
     from tasks.tracking import tracking_uri
 
     url = os.environ.get("PREFECT_API_URL")
@@ -49,6 +54,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"Prefect API: {url} ({how})")
     else:
         print(f"Prefect API: {how}")
+    if mlflow_url := mlflow_server_url():
+        print(f"MLflow UI:   {mlflow_url} (local server, state in {mlflow_state_dir()})")
+    else:
+        print("MLflow UI:   no local server running (`visionpipe up` starts one)")
     print(f"MLflow tracking URI: {tracking_uri()}")
     return 0
 
@@ -90,13 +99,72 @@ def _positive(text: str) -> int:
     return value
 
 
-def _down(args: argparse.Namespace) -> int:
-    from flows.prefect_api import state_dir, stop_local_server
+def _up(args: argparse.Namespace) -> int:
+    import os
 
-    if stop_local_server():
-        print(f"stopped the local Prefect server ({state_dir()})")
-    else:
-        print("no local Prefect server was recorded; nothing to stop")
+    from flows.prefect_api import state_dir
+    from flows.services import mlflow_state_dir, up
+
+    print("visionpipe: starting the local Prefect and MLflow servers...", file=sys.stderr)
+    try:
+        urls = up()
+    except RuntimeError as exc:
+        print(f"visionpipe: {exc}", file=sys.stderr)
+        return 1
+    if args.json:  # one line, for scripts and tests
+        print(json.dumps(urls))
+        return 0
+    print(f"Prefect UI:  {urls['prefect_ui']}")
+    print(f"Prefect API: {urls['prefect_api']}")
+    print(f"MLflow UI:   {urls['mlflow']}")
+    print(f"logs and PIDs: server.log, server.json in {state_dir()} and {mlflow_state_dir()}")
+    print("stop both with `visionpipe down`")
+    # Set in this shell, these win over the local servers (prefect_api.py, tasks/tracking.py).
+    for variable in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        if value := os.environ.get(variable):
+            print(f"note: {variable}={value} is set, so stages report there, not here")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from flows.services import down
+
+    stopped = down()
+    for line in stopped:
+        print(f"stopped the {line}")
+    if not stopped:
+        print("no local Prefect or MLflow server is running; nothing to stop")
+    return 0
+
+
+def _prefect_api() -> contextlib.AbstractContextManager:
+    """Prefect settings pointing at the API the stages use (started if need be)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.prefect_api import resolve_api_url
+
+    api_url = resolve_api_url()
+    return temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    with _prefect_api():
+        serve(args.name)  # until interrupted
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    config = load_params().retrain
+    with _prefect_api():
+        name = deploy(args.pool, args.name)
+    print(f"deployment {name} on work pool {args.pool!r}: cron {config.cron!r} "
+          f"({config.timezone}), at most 1 run at a time")  # fmt: skip
+    print(f"run it now:   prefect deployment run {name!r}")
+    print(f"run its runs: prefect worker start --pool {args.pool!r}")
     return 0
 
 
@@ -128,7 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="show the Prefect API and MLflow URI").set_defaults(
         run=_status
     )
-    commands.add_parser("down", help="stop the local Prefect server").set_defaults(run=_down)
+    up = commands.add_parser("up", help="start local Prefect and MLflow servers")
+    up.add_argument("--json", action="store_true", help="print the URLs as one JSON object")
+    up.set_defaults(run=_up)
+    commands.add_parser("down", help="stop the local servers").set_defaults(run=_down)
+    serve = commands.add_parser("serve", help="serve the scheduled retrain deployment")
+    serve.add_argument("--name", default="nightly", help="deployment name (nightly)")
+    serve.set_defaults(run=_serve)
+    deploy = commands.add_parser("deploy", help="deploy retrain to a Prefect work pool")
+    deploy.add_argument("--pool", required=True, help="work pool (prefect work-pool create)")
+    deploy.add_argument("--name", default="nightly", help="deployment name (nightly)")
+    deploy.set_defaults(run=_deploy)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -234,6 +234,30 @@ class MlflowParams(Section):
     experiment: str = Field(min_length=1)
 
 
+class PromoteParams(Section):
+    """When the retrain flow moves the ``champion`` alias to the new int8 student."""
+
+    max_f1_drop: float = Field(ge=0.0, le=1.0)  # below the champion's test f1_macro, at most
+    max_int8_drop: float = Field(ge=0.0, le=1.0)  # int8 below its own fp32 student, at most
+    max_latency_ratio: float = Field(gt=0.0)  # int8 b64 latency / fastest fp32 student runtime
+
+
+class RetrainParams(Section):
+    """The scheduled retrain deployment (``visionpipe serve`` / ``visionpipe deploy``)."""
+
+    cron: str = Field(min_length=9)  # five fields, e.g. "0 3 * * *"
+    timezone: str = Field(min_length=1)
+    pull: bool  # `dvc pull` first, when a DVC remote is configured
+    push: bool  # `dvc push` after, when a DVC remote is configured
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"a cron expression has 5 fields (got {value!r})")
+        return value
+
+
 class Params(Section):
     seed: int = Field(ge=0)
     data: DataParams
@@ -244,6 +268,8 @@ class Params(Section):
     quantize: QuantizeParams
     evaluate: EvaluateParams
     mlflow: MlflowParams
+    promote: PromoteParams
+    retrain: RetrainParams
 
 
 def _describe(error: dict[str, Any]) -> str:

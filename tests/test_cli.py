@@ -1,4 +1,4 @@
-"""The `visionpipe` command: check, compare, status."""
+"""The `visionpipe` command: check, compare, status, up, down."""
 
 from __future__ import annotations
 
@@ -55,3 +55,32 @@ def test_status_shows_the_prefect_ui_of_a_configured_api(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Prefect UI:  http://127.0.0.1:4200\n" in out
     assert "MLflow tracking URI:" in out
+
+
+def test_status_without_local_servers_says_how_to_start_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VISIONPIPE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "MLflow UI:   no local server running (`visionpipe up` starts one)" in out
+    assert f"MLflow tracking URI: sqlite:///{tmp_path.resolve()}/mlflow.db" in out
+
+
+def test_down_with_nothing_running_has_nothing_to_stop(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VISIONPIPE_HOME", str(tmp_path))
+    assert main(["down"]) == 0
+    assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_up_exits_1_with_the_reason_when_a_server_fails(monkeypatch, capsys):
+    # Real servers, up to down, are exercised in tests/test_services.py.
+    def fail() -> dict[str, str]:
+        raise RuntimeError("the local MLflow server on http://127.0.0.1:1 exited with status 1")
+
+    monkeypatch.setattr("flows.services.up", fail)
+    assert main(["up"]) == 1
+    assert "visionpipe: the local MLflow server on http://127.0.0.1:1 exited" in (
+        capsys.readouterr().err
+    )

@@ -25,6 +25,7 @@ from benchmarks.workspace import fresh_copy, git
 from flows.prefect_api import local_server_url, start_local_server, stop_local_server
 from tasks.robustness import CORRUPTIONS
 from tests.imagefolders import noise
+from tests.tinyrepo import TINY, set_params
 
 VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
@@ -32,15 +33,6 @@ CONTRACT_KEYS = (
     "balanced_accuracy", "params", "size_bytes", "latency_ms_b1", "ece", "roc_auc_ovr",
     "pr_auc_macro", "temperature", "latency_ms_b64", "p95_ms_b1", "throughput_ips_b64",
 )  # fmt: skip
-TINY = {
-    "data": {"image_size": 8},
-    "augment": {"affine_p": 0.5},
-    "train": {"width": 8, "epochs": 3, "patience": 2},
-    "distill": {"width": 4, "epochs": 3, "patience": 2},
-    "quantize": {"calibration_size": 64},
-    "evaluate": {"latency_warmup": 1, "latency_repeats": 5},
-}
-
 pytestmark = pytest.mark.slow
 
 
@@ -52,14 +44,6 @@ def prefect_api(tmp_path_factory):
     yield url, state
     assert stop_local_server(state)
     assert local_server_url(state) is None
-
-
-def _set_params(repo: Path, overrides: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _dvc(repo: Path, env: dict, *args: str) -> str:
@@ -91,7 +75,7 @@ def _stage_env(url: str, state: Path) -> dict[str, str]:
 def pipeline(tmp_path_factory, prefect_api):
     """The tiny pipeline, run once for the module: (repo, env, first dvc repro output)."""
     repo = fresh_copy(tmp_path_factory.mktemp("repo"))
-    _set_params(repo, TINY)
+    set_params(repo, TINY)
     git(repo, "commit", "-qam", "tiny params")
     env = _stage_env(*prefect_api)
     return repo, env, _dvc(repo, env, "repro")
@@ -247,7 +231,7 @@ def test_prepare_follows_the_content_of_a_dvc_tracked_image_folder(prefect_api, 
     folder = repo / "data/raw/shapes"
     for i in range(36):
         _image(folder / f"class{i % 3}" / f"{i}.png", seed=i)
-    _set_params(repo, {"data": {"source": "data/raw/shapes", "image_size": 8}})
+    set_params(repo, {"data": {"source": "data/raw/shapes", "image_size": 8}})
     _dvc(repo, env, "add", "data/raw/shapes")
     assert "/shapes" in (repo / "data/raw/.gitignore").read_text().split()
     git(repo, "add", "-A")

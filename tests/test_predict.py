@@ -13,9 +13,7 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.datasets import ChannelStats
-from tasks.images import ImageSpec
+from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.params import Params
 from tasks.predict import (
     ModelError,
@@ -25,25 +23,19 @@ from tasks.predict import (
     pick_artifact,
     predict_paths,
 )
-from tasks.quantize import export_onnx, model_metadata, quantize_onnx
-from tasks.transforms import normalise
-from tests.toymodels import corner_data, trained_corner_model
+from tests.toymodels import (
+    CORNER_CLASSES,
+    CORNER_SPEC,
+    CORNER_STATS,
+    corner_pixels,
+    export_corner_variants,
+)
 
 # torch's own exporter still calls a deprecated pytree API; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
-CLASSES = ("blank", "corner")  # class 1 has a bright top-left corner
-SPEC = ImageSpec(16, 1, "stretch", 255, 1)
-# corner_data is already standardised: pixel = (x * std + mean) * 255 maps it to uint8.
-STATS = ChannelStats(mean=(0.5,), std=(1 / 6,))
+CLASSES, SPEC, STATS = CORNER_CLASSES, CORNER_SPEC, CORNER_STATS
 GOOD = ("blank0.png", "corner1.png", "blank2.png", "corner3.png", "nested/deep/corner5.png")
-
-
-def _pixels(n: int, seed: int) -> np.ndarray:
-    """corner_data as uint8 (n, 16, 16): what a camera would have stored."""
-    images, _ = corner_data(n, seed)
-    scaled = (images[:, 0].numpy() * STATS.std[0] + STATS.mean[0]) * 255
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -59,27 +51,10 @@ class Artifacts:
 def artifacts(tmp_path_factory: pytest.TempPathFactory, params: Params) -> Artifacts:
     """Trained and exported once per module: the dynamo exporter takes a few seconds."""
     directory = tmp_path_factory.mktemp("models")
-    model = trained_corner_model(steps=30)
-    checkpoint = Checkpoint(
-        model_name="cnn",
-        width=8,
-        dropout=0.0,
-        in_channels=1,
-        image_size=16,
-        classes=CLASSES,
-        stats=STATS,
-        params={"seed": 0},
-        metrics={},
-        state_dict=model.state_dict(),
-        preprocessing=SPEC.preprocessing(),
-    )
-    pt = save_checkpoint(directory / "student.pt", checkpoint)
-    old_pt = save_checkpoint(directory / "old.pt", replace(checkpoint, preprocessing=None))
-    fp32 = export_onnx(model, (1, 16, 16), directory / "student.onnx", model_metadata(checkpoint))
-    calibration = normalise(_pixels(64, seed=2)[..., None], STATS)
     # The real quantize settings, so this int8 file is built as the pipeline builds its own.
     quantize = params.quantize.model_copy(update={"calibration_size": 64})
-    int8 = quantize_onnx(fp32, directory / "student_int8.onnx", calibration, quantize)
+    pt, fp32, int8 = export_corner_variants(directory, quantize)
+    old_pt = save_checkpoint(directory / "old.pt", replace(load_checkpoint(pt), preprocessing=None))
     old = onnx.load(int8)
     for prop in old.metadata_props:
         if prop.key == "preprocessing":
@@ -93,7 +68,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, params: Params) -> Artif
 def folder(tmp_path: Path) -> Path:
     """Good PNGs (nested too), a broken one, a truncated one, and files a walk must skip."""
     root = tmp_path / "images"
-    pixels = _pixels(6, seed=1)
+    pixels = corner_pixels(6, seed=1)
     for name in GOOD:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

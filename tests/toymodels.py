@@ -1,10 +1,23 @@
-"""A tiny CNN trained in seconds on data whose class sits in one corner, for explanation tests."""
+"""A tiny CNN trained in seconds on data whose class sits in one corner.
+
+Used by the explanation tests, and, exported as the pipeline exports its
+models, by the predict and registry tests.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
+from tasks.checkpoints import Checkpoint, save_checkpoint
+from tasks.datasets import ChannelStats
+from tasks.images import ImageSpec
 from tasks.models import build_model
+from tasks.params import QuantizeParams
+from tasks.quantize import export_onnx, model_metadata, quantize_onnx
+from tasks.transforms import normalise
 
 
 def corner_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,3 +40,44 @@ def trained_corner_model(steps: int = 60) -> torch.nn.Module:
         torch.nn.functional.cross_entropy(model(images), labels).backward()
         optimizer.step()
     return model.eval()
+
+
+CORNER_CLASSES = ("blank", "corner")  # class 1 has a bright top-left corner
+CORNER_SPEC = ImageSpec(16, 1, "stretch", 255, 1)
+# corner_data is already standardised: pixel = (x * std + mean) * 255 maps it to uint8.
+CORNER_STATS = ChannelStats(mean=(0.5,), std=(1 / 6,))
+
+
+def corner_pixels(n: int, seed: int) -> np.ndarray:
+    """corner_data as uint8 (n, 16, 16): what a camera would have stored."""
+    images, _ = corner_data(n, seed)
+    scaled = (images[:, 0].numpy() * CORNER_STATS.std[0] + CORNER_STATS.mean[0]) * 255
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def corner_checkpoint(model: torch.nn.Module) -> Checkpoint:
+    """``model`` (from trained_corner_model) as the pipeline would save it."""
+    return Checkpoint(
+        model_name="cnn",
+        width=8,
+        dropout=0.0,
+        in_channels=1,
+        image_size=16,
+        classes=CORNER_CLASSES,
+        stats=CORNER_STATS,
+        params={"seed": 0},
+        metrics={},
+        state_dict=model.state_dict(),
+        preprocessing=CORNER_SPEC.preprocessing(),
+    )
+
+
+def export_corner_variants(directory: Path, quantize: QuantizeParams) -> tuple[Path, Path, Path]:
+    """A trained corner model as the three files the pipeline ships: .pt, fp32 and int8 ONNX."""
+    model = trained_corner_model(steps=30)
+    checkpoint = corner_checkpoint(model)
+    pt = save_checkpoint(directory / "student.pt", checkpoint)
+    fp32 = export_onnx(model, (1, 16, 16), directory / "student.onnx", model_metadata(checkpoint))
+    calibration = normalise(corner_pixels(64, seed=2)[..., None], CORNER_STATS)
+    int8 = quantize_onnx(fp32, directory / "student_int8.onnx", calibration, quantize)
+    return pt, fp32, int8
