@@ -2,13 +2,16 @@
 AMP setting and per-epoch logging cost.
 
     python benchmarks/train_throughput.py [--rounds 5] [--workers 0 1] [--precision fp32]
+                                          [--no-device-path]
 
 After ``dvc repro prepare resample`` (it trains on data/prepared). For each
 DataLoader worker count, alternates in one process, ``--rounds`` times:
 
-- **pipeline**: one epoch of ``tasks.engine.fit`` on the real train loader
-  (``tasks.train.build_loaders``: albumentations on the fly, the sampler,
-  normalisation), the teacher from params.yaml, its batch size, optimizer,
+- **pipeline**: one epoch of ``tasks.engine.fit`` on the real train batches
+  (``tasks.train.build_loaders``: the DataLoader with albumentations on the fly,
+  the sampler and normalisation; and, as a separate row, ``data_on_device``:
+  the split on the device, augmented there in batches), the teacher from
+  params.yaml, its batch size, optimizer,
   schedule, grad clipping, autocast setting, validation excluded (``fit``
   times the training loop alone, as ``images_per_second``);
 - **bare**: the same model, batch size, precision and AdamW on the same
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--precision", default=None, help="default: train.precision")
+    parser.add_argument("--no-device-path", action="store_true",
+                        help="leave out the data_on_device row")  # fmt: skip
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
     precision_name = args.precision or params.train.precision
@@ -93,10 +98,14 @@ def main() -> None:
                            t.width_multiplier).to(device)  # fmt: skip
 
     results = {}
-    for workers in args.workers:
+    paths = [(f"num_workers={workers}", False, workers) for workers in args.workers]
+    if not args.no_device_path:
+        paths.append(("data_on_device", True, 0))
+    for name, on_device, workers in paths:
         fit_params = params.train.model_copy(
-            update={"epochs": 1, "num_workers": workers, "precision": precision_name}
-        )
+            update={"epochs": 1, "num_workers": workers, "precision": precision_name,
+                    "data_on_device": on_device}
+        )  # fmt: skip
         pipeline, bare, ratios = [], [], []
         for round_ in range(args.rounds):
             seed_everything(round_, fit_params.deterministic)
@@ -111,9 +120,9 @@ def main() -> None:
             bare.append(bare_epoch(model(), images, labels, fit_params.batch_size, precision,
                                    device))  # fmt: skip
             ratios.append(pipeline[-1] / bare[-1])
-            print(f"workers={workers} round {round_ + 1}: pipeline {pipeline[-1]:.0f} img/s, "
+            print(f"{name} round {round_ + 1}: pipeline {pipeline[-1]:.0f} img/s, "
                   f"bare {bare[-1]:.0f} img/s, ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
-        results[f"num_workers={workers}"] = {
+        results[name] = {
             "pipeline_images_per_second": pipeline,
             "bare_images_per_second": bare,
             "ratio_per_round": ratios,

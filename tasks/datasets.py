@@ -168,9 +168,28 @@ class Rows:
             return np.asarray(self.base[self.indices[index]])
         return self.extra[index - len(self.indices)]
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Many rows at once, in order, as one in-memory array (a DataLoader batch)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and not (-len(self) <= rows.min() and rows.max() < len(self)):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} of {len(self)}")
+        rows = rows % len(self)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        base = rows < len(self.indices)
+        out[base] = self.base[self.indices[rows[base]]]
+        out[~base] = self.extra[rows[~base] - len(self.indices)]
+        return out
+
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         rows = np.concatenate([self.base[self.indices], self.extra])
         return rows if dtype is None else rows.astype(dtype)
+
+
+def take_rows(images: np.ndarray | Rows, rows: np.ndarray) -> np.ndarray:
+    """``images[rows]`` as one in-memory array, for an array, a memory map or a Rows view."""
+    if isinstance(images, Rows):
+        return images.take(rows)
+    return np.asarray(images[np.asarray(rows, dtype=np.int64)])
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist")
 SamplerName = Literal[
@@ -39,6 +47,8 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 CalibrationName = Literal["minmax", "percentile", "entropy"]
 ResizeName = Literal["stretch", "pad", "center_crop"]
+# augment: keys the device data path (tasks/device_data.py) does not implement
+DEVICE_UNSUPPORTED = ("crop_p", "elastic_p", "blur_p", "hue_saturation_p")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Probability = Fraction
@@ -175,6 +185,7 @@ class FitParams(Section):
     device: DeviceName
     precision: PrecisionName  # autocast dtype; fp16 adds loss scaling
     compile: bool  # torch.compile the training forward
+    data_on_device: bool  # train split on the device, augmented there (tasks/device_data.py)
     deterministic: bool
 
 
@@ -270,6 +281,20 @@ class Params(Section):
     mlflow: MlflowParams
     promote: PromoteParams
     retrain: RetrainParams
+
+    @model_validator(mode="after")
+    def _device_augmentation(self) -> Params:
+        """The device data path has no crop/elastic/blur/hue: say so before any stage runs."""
+        for section in ("train", "distill"):
+            if getattr(self, section).data_on_device:
+                used = [key for key in DEVICE_UNSUPPORTED if getattr(self.augment, key) > 0]
+                if used:
+                    raise ValueError(
+                        f"{section}.data_on_device: true augments on the device, which has no "
+                        f"{', '.join(f'augment.{key}' for key in used)}: set them to 0 or "
+                        f"{section}.data_on_device to false"
+                    )
+        return self
 
 
 def _describe(error: dict[str, Any]) -> str:

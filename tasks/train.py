@@ -31,6 +31,7 @@ from tasks.datasets import (
     load_resampled_train,
     load_sample_weights,
 )
+from tasks.device_data import DeviceBatches
 from tasks.distributed import World, init_process_group
 from tasks.engine import (
     EpochRecord,
@@ -121,10 +122,27 @@ def supervised_loss(params: FitParams, data: TrainingData) -> nn.Module:
 
 def build_loaders(
     data: TrainingData, params: FitParams, augment: AugmentParams, seed: int, device: torch.device
-) -> tuple[DataLoader, DataLoader]:
-    """Augmented, shuffled (or class-balanced) train loader and a plain val loader."""
+) -> tuple[DataLoader | DeviceBatches, DataLoader]:
+    """Augmented, shuffled (or class-balanced) train batches and a plain val loader.
+
+    The train batches come from a DataLoader (albumentations per image, on the
+    CPU) or, with ``data_on_device``, from the split held on ``device`` and
+    augmented there in whole batches (``tasks/device_data.py``).
+    """
     common = {"stats": data.prepared.stats, "batch_size": params.batch_size, "seed": seed}
     pin = device.type == "cuda"
+    val = make_loader(data.prepared.val, pin_memory=pin, **common)
+    if params.data_on_device:
+        train = DeviceBatches(
+            data.train,
+            augment=augment,
+            device=device,
+            weights=data.weights,
+            world=World.from_env(),
+            class_counts=data.class_counts,
+            **common,
+        )
+        return train, val
     train = make_loader(
         data.train,
         train=True,
@@ -135,7 +153,6 @@ def build_loaders(
         world=World.from_env(),
         **common,
     )
-    val = make_loader(data.prepared.val, pin_memory=pin, **common)
     return train, val
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.datasets import ChannelStats, PreparedData, Split
+from tasks.datasets import ChannelStats, PreparedData, Rows, Split, take_rows
 from tasks.distributed import ShardedSampler, World, local_batch_size
 from tasks.engine import (
     FitResult,
+    ImageDataset,
     Objective,
     Precision,
     fit,
@@ -376,3 +377,31 @@ def test_global_batch_must_split_evenly_over_the_ranks() -> None:
     assert local_batch_size(64, World(0, 4)) == 16
     with pytest.raises(ValueError, match="multiple of --nproc_per_node"):
         local_batch_size(64, World(0, 3))
+
+
+def test_batched_dataset_reads_what_one_image_at_a_time_reads(params: Params) -> None:
+    """__getitems__ (what the DataLoader calls) = stacked __getitem__, augmentation included."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(20, 8, 8, 1), dtype=np.uint8)
+    split = Split(images, np.arange(20) % 4)
+    stats = ChannelStats.of(images)
+    rows = [7, 3, 3, 19, 0]
+    one, batched = (
+        ImageDataset(split, stats, build_augment(params.augment, seed=5, channels=1, size=8))
+        for _ in range(2)
+    )
+    singles = [one[i] for i in rows]
+    images_batch, labels_batch = batched.__getitems__(rows)
+    torch.testing.assert_close(images_batch, torch.stack([image for image, _ in singles]))
+    assert labels_batch.tolist() == [int(label) for _, label in singles] == [3, 3, 3, 3, 0]
+
+
+def test_rows_take_matches_row_by_row_reads() -> None:
+    base = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
+    extra = np.full((2, 2, 2, 1), 200, dtype=np.uint8)
+    view = Rows(base, np.array([4, 0, 4]), extra)
+    rows = np.array([4, 0, 2, -1, 3])
+    np.testing.assert_array_equal(view.take(rows), np.stack([view[i] for i in rows]))
+    np.testing.assert_array_equal(take_rows(base, [1, 1]), base[[1, 1]])
+    with pytest.raises(IndexError):
+        view.take(np.array([5]))
