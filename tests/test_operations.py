@@ -194,3 +194,58 @@ def test_prefect_ui_lists_the_stage_and_retrain_flow_runs(ops, retrains) -> None
     text = prefect_flow_runs_page(ops["urls"]["prefect_ui"], SCREENSHOTS / "prefect_runs.png")
     words = set(re.findall(r"[\w-]+", text))
     assert set(STAGES) | {"retrain"} <= words, text[:2000]
+
+
+def _deployment(env: dict[str, str], name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        return client.read_deployment_by_name(name)
+
+
+def _assert_schedule(deployment, repo: Path) -> None:
+    import yaml
+
+    config = yaml.safe_load((repo / "params.yaml").read_text())["retrain"]
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
+        config["cron"], config["timezone"], True)  # fmt: skip
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters == {"pull": config["pull"], "push": config["push"]}
+
+
+def test_deployed_retrain_has_the_params_schedule_and_one_run_at_a_time(ops) -> None:
+    deployment = _deployment(ops["env"], DEPLOYMENT)
+    assert deployment.work_pool_name == POOL
+    _assert_schedule(deployment, ops["repo"])
+
+
+def test_serve_creates_the_scheduled_deployment_and_runs_until_stopped(ops) -> None:
+    import time
+
+    from prefect.exceptions import ObjectNotFound
+
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--name", "served"],
+        cwd=ops["repo"], env=ops["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                deployment = _deployment(ops["env"], "retrain/served")
+                break
+            except ObjectNotFound:
+                assert serve.poll() is None, serve.communicate()[0].decode(errors="replace")
+                assert time.monotonic() < deadline, "visionpipe serve made no deployment in 120 s"
+                time.sleep(1)
+        _assert_schedule(deployment, ops["repo"])
+        assert serve.poll() is None  # serving: it waits for scheduled runs
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
