@@ -36,3 +36,18 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run(tmp_path: Path) -
             write_json(tmp / "classes.json", ["a"])
         assert staging.path.is_file()  # atomic_dir leaves the live staging alone
     assert sorted(p.name for p in tmp_path.iterdir()) == [".resampled.a1.tmp", "prepared"]
+
+
+def test_outputs_get_ordinary_permissions_not_the_temporaries_owner_only_ones(
+    tmp_path: Path,
+) -> None:
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_json(tmp_path / "m.json", {"a": 1})
+    with atomic_dir(tmp_path / "out") as staging:
+        (staging / "x").write_text("x")
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask

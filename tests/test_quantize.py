@@ -143,9 +143,13 @@ def test_models_describe_themselves(exported: Exported) -> None:
 
 def test_exporter_debug_info_is_dropped(exported: Exported) -> None:
     for path in (exported.fp32, exported.int8):
-        nodes = onnx.load(path).graph.node
-        assert nodes
-        assert all(not node.metadata_props and not node.doc_string for node in nodes)
+        model = onnx.load(path)
+        graph = model.graph
+        assert graph.node
+        described = [*graph.node, *graph.input, *graph.output, graph]
+        assert all(not item.metadata_props and not item.doc_string for item in described)
+        assert not graph.value_info
+        assert {opset.domain for opset in model.opset_import} == {""}
 
 
 def test_calibration_reader_covers_every_image_and_rewinds() -> None:
@@ -252,6 +256,27 @@ def test_int8_file_names_are_compact_and_zero_points_implicit(trained: Trained, 
         if init.data_type == onnx.TensorProto.INT32 and not numpy_helper.to_array(init).any()
     ]  # fmt: skip
     assert not int32_zeros
+    conv_weights = {node.input[1] for node in graph.node if node.op_type == "Conv"}
+    conv_dequantizers = [
+        node for node in graph.node
+        if node.op_type == "DequantizeLinear" and node.output[0] in conv_weights
+    ]  # fmt: skip
+    assert conv_dequantizers
+    assert all(len(node.input) == 2 for node in conv_dequantizers)
+
+
+def test_onnx_runtime_runs_the_int8_file_on_integer_kernels(trained: Trained, tmp_path) -> None:
+    import onnxruntime as ort
+
+    int8 = quantize_onnx(trained.fp32, tmp_path / "int8.onnx", trained.calibration, QUANTIZE)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    # the first conv is kept in float (keep_first_conv_fp32), every other layer is integer
+    assert ops.count("Conv") == 1 and "Gemm" not in ops, ops
+    assert ops.count("QLinearConv") >= 1 and ops.count("QGemm") == 1, ops
 
 
 def test_fold_batchnorm_keeps_the_function_and_removes_every_bn() -> None:
