@@ -1,6 +1,7 @@
-"""The default pipeline from a fresh clone: wall time per stage, the no-op rerun, the results.
+"""The pipeline from a fresh clone: wall time per stage, the no-op rerun, the results.
 
-    python benchmarks/pipeline.py [--keep]
+    python benchmarks/pipeline.py [--params OVERRIDES.yaml] [--set SECTION.KEY=VALUE ...] [--keep]
+    python benchmarks/pipeline.py --params benchmarks/fashion_mnist.yaml   # the real benchmark
 
 Copies the repository (tracked and new files, as a clone would have them) to
 a temporary directory, starts nothing by hand, and runs every stage with
@@ -8,20 +9,28 @@ a temporary directory, starts nothing by hand, and runs every stage with
 for starting the local Prefect server, exactly as a user's first run does).
 Then times a second ``dvc repro`` (which must run nothing) and collects
 metrics/*.json. Writes benchmarks/results/pipeline_<source>_<device>.json.
+
+``--params`` and ``--set`` change the copy's params.yaml before anything runs
+(sections merged key by key, ``--set`` last) and are checked by the same
+validation as every stage, so a wrong key fails at once, by name; the result
+records the overrides and the whole effective params.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from benchmarks.workspace import fresh_copy  # noqa: E402
+from benchmarks.workspace import fresh_copy, git  # noqa: E402
 from flows.prefect_api import stop_local_server  # noqa: E402
+from tasks.params import load_params  # noqa: E402
 
 STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
 
@@ -46,13 +56,62 @@ def dvc(repo: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
     return seconds, result.stdout + result.stderr
 
 
+def overrides_from(params_file: Path | None, assignments: list[str]) -> dict[str, Any]:
+    """``{section: {key: value}}`` from an overrides file and ``SECTION.KEY=VALUE`` strings."""
+    merged: dict[str, Any] = {}
+    if params_file is not None:
+        loaded = yaml.safe_load(params_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{params_file}: expected sections of params.yaml, got {loaded!r}")
+        merged = {section: dict(values) if isinstance(values, dict) else values
+                  for section, values in loaded.items()}  # fmt: skip
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--set {assignment!r}: expected SECTION.KEY=VALUE (or KEY=VALUE)")
+        value = yaml.safe_load(text)
+        section, dot, key = name.partition(".")
+        if dot:
+            merged.setdefault(section, {})[key] = value
+        else:
+            merged[section] = value
+    return merged
+
+
+def apply_overrides(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Write ``overrides`` into ``repo``'s params.yaml, validate it, return the result."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(params.get(section), dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        with contextlib.chdir(repo):  # relative paths in params are the repository's
+            load_params(path.name)
+    except ValueError as error:
+        raise SystemExit(f"after the overrides, {error}") from None
+    return params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, help="a YAML file of params.yaml sections to change")
+    parser.add_argument(
+        "--set", dest="assignments", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="change one key (YAML value), after --params; repeatable",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     args = parser.parse_args()
+    overrides = overrides_from(args.params, args.assignments)
 
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
     repo = fresh_copy(scratch / "repo", "benchmark copy")
+    if overrides:
+        apply_overrides(repo, overrides)
+        git(repo, "commit", "-qam", "benchmark params")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["VISIONPIPE_HOME"] = str(scratch / "state")
@@ -75,10 +134,13 @@ def main() -> None:
     }
     device = "gpu" if describe_machine()["gpu"] else "cpu"
     source = Path(params["data"]["source"]).name
+    command = " ".join(["python", "benchmarks/pipeline.py", *map(shlex.quote, sys.argv[1:])])
     result = {
-        "command": "python benchmarks/pipeline.py",
+        "command": command,
         "machine": describe_machine(),
         "data_source": params["data"]["source"],
+        "overrides": overrides,
+        "params": params,
         "stage_seconds": stage_seconds,
         "total_seconds": round(sum(stage_seconds.values()), 2),
         "noop_repro_seconds": round(noop_seconds, 2),
