@@ -90,9 +90,9 @@ def _compact(graph: onnx.GraphProto) -> None:
 
     The quantizer names tensors like ``features.2.0.weight_bias_quantized_scale``
     and adds an explicit zero point of zeros to every int32 bias and every
-    (symmetric) int8 weight. Neither
-    changes a result (a missing zero point *is* zero in the ONNX spec), but in
-    a 24k-parameter model they are a tenth of the int8 file.
+    (symmetric) int8 weight. Neither changes a result (a missing zero point
+    *is* zero in the ONNX spec), but in a 24k-parameter model they are a tenth
+    of the int8 file.
     """
     initializers = {init.name: init for init in graph.initializer}
     zeros = {
