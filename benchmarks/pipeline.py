@@ -110,7 +110,11 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
     repo = fresh_copy(scratch / "repo", "benchmark copy")
     if overrides:
-        apply_overrides(repo, overrides)
+        try:
+            apply_overrides(repo, overrides)
+        except SystemExit:
+            shutil.rmtree(scratch, ignore_errors=True)  # nothing ran: leave nothing behind
+            raise
         git(repo, "commit", "-qam", "benchmark params")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
