@@ -4,7 +4,9 @@ Run with ``dvc repro distill`` (or ``python -m flows.distill``). Reads ``seed``,
 ``distill``, ``augment`` and ``mlflow.experiment``; needs ``models/teacher.pt``.
 Writes ``models/student.pt``, ``metrics/distill.json`` and
 ``plots/distill_curve.csv``. The loss is ``tasks.losses.KDLoss``, plus
-``AttentionTransferLoss`` with ``distill.feature_loss: attention``.
+``AttentionTransferLoss`` with ``distill.feature_loss: attention``. Without
+augmentation (and without a feature loss) the teacher's logits for the train
+split are computed once rather than once per epoch.
 
 With ``distill.compare_scratch`` the stage first trains the same student
 *without* the teacher, from the same initial weights and in the same data
@@ -20,15 +22,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from tasks.checkpoints import Checkpoint, load_checkpoint
+from tasks.datasets import Split
+from tasks.device_data import DeviceBatches
 from tasks.distributed import World, init_process_group
 from tasks.engine import (
     EpochRecord,
     FitResult,
     Objective,
+    Precision,
     fit,
     make_loader,
     predict_logits,
@@ -133,6 +140,32 @@ def distillation_objective(
     return objective
 
 
+def cached_distillation_objective(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, loss: KDLoss
+) -> Objective:
+    """The KD objective over batches of train ROW NUMBERS, with every row's teacher logits known.
+
+    Without augmentation a row's image, and so its teacher logits, are the
+    same every epoch: ``teacher_logits`` holds them (computed once), and the
+    loader yields row numbers in place of labels, which ``labels`` maps back.
+    """
+
+    def objective(student: nn.Module, images: torch.Tensor, rows: torch.Tensor):
+        student_logits = student(images)
+        return loss(student_logits, teacher_logits[rows], labels[rows]), student_logits
+
+    return objective
+
+
+def teacher_logits_once(
+    teacher: nn.Module, data: TrainingData, params: DistillParams, device: torch.device
+) -> torch.Tensor:
+    """The teacher's logits for every train row, in row order, under the training autocast."""
+    loader = make_loader(data.train, data.prepared.stats, params.batch_size, seed=0)
+    with torch.inference_mode(), Precision.of(params.precision, device).autocast():
+        return torch.from_numpy(predict_logits(teacher, loader, device)).to(device)
+
+
 @stage_task(name="load-teacher")
 def load_teacher(path: Path) -> Checkpoint:
     return load_checkpoint(path)
@@ -182,13 +215,28 @@ def fit_student(
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
     hard = supervised_loss(params, data).to(device)
 
-    def run(objective: Objective) -> FitResult:
-        return fit(student, objective, train_loader, val_loader, params, device, on_epoch,
+    def run(objective: Objective, loader: DataLoader | DeviceBatches = train_loader) -> FitResult:
+        return fit(student, objective, loader, val_loader, params, device, on_epoch,
                    resume=resume, log=log)  # fmt: skip
 
     if network is None:
         return run(supervised_objective(hard))
     kd = KDLoss(params.temperature, params.alpha, params.label_smoothing, hard=hard)
+    augmentation = getattr(train_loader.dataset, "augment", None)
+    unaugmented = augmentation is None or augmentation.is_identity
+    if params.feature_loss == "none" and not params.data_on_device and unaugmented:
+        # Every epoch shows the teacher the same images: one forward pass over the
+        # split replaces one per epoch. Same sampler and seed, so the same batches.
+        log("distill: no augmentation, so the teacher's logits are computed once")
+        logits = teacher_logits_once(network, data, params, device)
+        labels = torch.as_tensor(np.asarray(data.train.labels), dtype=torch.long, device=device)
+        rows = make_loader(
+            Split(data.train.images, np.arange(len(data.train))),
+            data.prepared.stats, params.batch_size, seed=seed, train=True,
+            num_workers=params.num_workers, pin_memory=device.type == "cuda",
+            weights=data.weights, world=World.from_env(),
+        )  # fmt: skip
+        return run(cached_distillation_objective(logits, labels, kd), rows)
     if params.feature_loss == "none":
         return run(distillation_objective(network, kd))
     height, _, channels = data.prepared.image_shape

@@ -104,6 +104,11 @@ class Augment:
         self.strong = strong
         self.minority = minority if strong is not None else frozenset()
 
+    @property
+    def is_identity(self) -> bool:
+        """True when every probability is zero: the pipelines hold no transform at all."""
+        return all(not p.transforms for p in (self.common, self.strong) if p is not None)
+
     def __call__(self, image: np.ndarray, label: int) -> np.ndarray:
         pipeline = self.strong if label in self.minority else self.common
         out = pipeline(image=image)["image"]

@@ -153,3 +153,43 @@ def test_kd_gain_is_distilled_minus_scratch() -> None:
     assert gain["kd_gain"] == pytest.approx(0.05)
     assert gain["kd_gain_accuracy"] == pytest.approx(0.02)
     assert gain["scratch_test_f1_macro"] == 0.85
+
+
+def _off(params: Params, **update: float):
+    """No augmentation at all (every probability zero), or ``update``'s on top of that."""
+    probabilities = {name: 0.0 for name in type(params.augment).model_fields if name.endswith("_p")}
+    return params.augment.model_copy(update={**probabilities, **update})
+
+
+def _counting_teacher_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every teacher built from a Checkpoint count the images it is shown."""
+    rows: list[int] = []
+    build = Checkpoint.build
+
+    def counted(self: Checkpoint):
+        model = build(self)
+        model.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(Checkpoint, "build", counted)
+    return rows
+
+
+def test_without_augmentation_the_teacher_sees_each_train_image_once_and_teaches_the_same(
+    params: Params, tiny_prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, distill = _data(tiny_prepared), _distill(params, alpha=0.9, epochs=3)
+    teacher = _teacher(tiny_prepared)
+    rows = _counting_teacher_rows(monkeypatch)
+    cached = fit_student.fn(data, teacher, distill, _off(params), seed=5, log=lambda _: None)
+    assert sum(rows) == len(data.train)  # one pass, not one per epoch
+    # An augmentation that is on but changes no pixel: the per-batch teacher path.
+    identity = _off(params, brightness_contrast_p=1.0, brightness_limit=0.0, contrast_limit=0.0)
+    rows.clear()
+    per_batch = fit_student.fn(data, teacher, distill, identity, seed=5)
+    assert sum(rows) == 3 * (len(data.train) // 8) * 8  # every batch of every epoch
+    a, b = cached.model.state_dict(), per_batch.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+    losses = [[r.train_loss for r in fit.history] for fit in (cached, per_batch)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
