@@ -49,7 +49,7 @@ from tasks.models import Classifier, build_model
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams
 from tasks.resume import Resume
-from tasks.train import TrainingData, build_loaders, supervised_loss
+from tasks.train import TrainingData, build_loaders, supervised_loss, train_batches
 
 
 class FeatureTaps:
@@ -230,12 +230,8 @@ def fit_student(
         log("distill: no augmentation, so the teacher's logits are computed once")
         logits = teacher_logits_once(network, data, params, device)
         labels = torch.as_tensor(np.asarray(data.train.labels), dtype=torch.long, device=device)
-        rows = make_loader(
-            Split(data.train.images, np.arange(len(data.train))),
-            data.prepared.stats, params.batch_size, seed=seed, train=True,
-            num_workers=params.num_workers, pin_memory=device.type == "cuda",
-            weights=data.weights, world=World.from_env(),
-        )  # fmt: skip
+        numbered = Split(data.train.images, np.arange(len(data.train)))
+        rows = train_batches(data, numbered, params, None, seed, device)
         return run(cached_distillation_objective(logits, labels, kd), rows)
     if params.feature_loss == "none":
         return run(distillation_objective(network, kd))

@@ -143,17 +143,31 @@ def build_loaders(
             **common,
         )
         return train, val
-    train = make_loader(
-        data.train,
+    augmentation = train_augment(data, augment, seed)
+    return train_batches(data, data.train, params, augmentation, seed, device), val
+
+
+def train_batches(
+    data: TrainingData,
+    split: Split,
+    params: FitParams,
+    augment: Augment | None,
+    seed: int,
+    device: torch.device,
+) -> DataLoader:
+    """The train DataLoader over ``split``: ``data.train``, or a relabelled view of it."""
+    return make_loader(
+        split,
+        data.prepared.stats,
+        params.batch_size,
+        seed=seed,
         train=True,
-        augment=train_augment(data, augment, seed),
+        augment=augment,
         num_workers=params.num_workers,
-        pin_memory=pin,
+        pin_memory=device.type == "cuda",
         weights=data.weights,
         world=World.from_env(),
-        **common,
     )
-    return train, val
 
 
 def initialise_from(model: nn.Module, checkpoint: Checkpoint, classes: tuple[str, ...]) -> bool:
