@@ -16,7 +16,7 @@ from torch import nn
 
 from tasks.artifacts import atomic_path
 from tasks.datasets import ChannelStats
-from tasks.models import build_model
+from tasks.models import InputView, build_model
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class Checkpoint:
     class_prior: tuple[float, ...] | None = None
     # How a new image becomes an input (ImageSpec.preprocessing): what predict repeats.
     preprocessing: dict[str, Any] | None = None
+    # The resolution a PRETRAINED network runs at (its first layer resizes to it);
+    # None: the stored image size.
+    input_size: int | None = None
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
@@ -48,6 +51,7 @@ class Checkpoint:
             self.width,
             self.dropout,
             self.width_multiplier,
+            view=InputView(self.stats, self.input_size) if self.input_size else None,
         )
         model.load_state_dict(self.state_dict)
         return model.eval()

@@ -1,9 +1,10 @@
-"""The networks, in plain PyTorch (no torchvision here; see ENVIRONMENT.md).
+"""The networks, in plain PyTorch (torchvision's CPU build does not install beside torch here).
 
-``build_model(name, ...)`` picks one from ``MODELS``; the teacher defaults to
-``resnet`` and the student to ``cnn`` in params.yaml; ``mobilenet`` is the
-depthwise-separable alternative for the student. All end in global average
-pooling, so any ``data.image_size`` works without changing the head.
+``build_model(name, ...)`` picks one from ``MODELS`` (small networks trained
+from scratch: ``resnet``, ``cnn`` and the depthwise-separable ``mobilenet``)
+or ``PRETRAINED`` (``efficientnet_lite0``, with ImageNet weights: the default
+teacher). All end in global average pooling, so any ``data.image_size`` works
+without changing the head.
 
 ``width`` is the first stage's channel count and ``width_multiplier`` scales
 every layer (MobileNet's alpha): the knob that trades accuracy for size
@@ -16,9 +17,13 @@ ReLU): the pattern ``tasks/quantize.py`` folds before quantizing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tasks.datasets import ChannelStats
+from tasks.efficientnet import HEAD_CHANNELS, lite0_features
 
 
 def conv_bn_relu(
@@ -134,6 +139,34 @@ MODELS: dict[str, Callable[[int, int, int, float], Classifier]] = {
 }
 
 
+def efficientnet_lite0(
+    in_channels: int, num_classes: int, dropout: float, view: InputView
+) -> Classifier:
+    """EfficientNet-Lite0 (``tasks/efficientnet.py``), seeing ``view.size`` px in 3 channels.
+
+    Its architecture is fixed (the ImageNet weights' shape): ``width`` and
+    ``width_multiplier`` do not apply. ``in_channels`` 1 is replicated to 3.
+    """
+    if len(view.stats.mean) != in_channels:
+        raise ValueError(f"{len(view.stats.mean)} channel statistics for {in_channels} channels")
+    return Classifier(lite0_features(view.stats, view.size), HEAD_CHANNELS, num_classes, dropout)
+
+
+@dataclass(frozen=True)
+class InputView:
+    """What a pretrained network needs to see the project's input its own way: the
+    statistics the input was standardised with, and the resolution it runs at."""
+
+    stats: ChannelStats
+    size: int
+
+
+# Networks with ImageNet weights: fixed architectures that take an InputView.
+PRETRAINED: dict[str, Callable[[int, int, float, InputView], Classifier]] = {
+    "efficientnet_lite0": efficientnet_lite0,
+}
+
+
 def build_model(
     name: str,
     in_channels: int,
@@ -141,13 +174,21 @@ def build_model(
     width: int,
     dropout: float,
     width_multiplier: float = 1.0,
+    view: InputView | None = None,
 ) -> Classifier:
-    """The network ``name`` (a key of MODELS), freshly initialised.
+    """The network ``name`` (a key of MODELS or PRETRAINED), freshly initialised.
 
     ``width_multiplier`` scales the base ``width`` and so every layer after it.
+    A PRETRAINED network needs ``view`` and ignores both widths; its ImageNet
+    weights are loaded by ``tasks.efficientnet.load_imagenet_weights``.
     """
+    if name in PRETRAINED:
+        if view is None:
+            raise ValueError(f"model {name!r} needs an InputView (its input statistics and size)")
+        return PRETRAINED[name](in_channels, num_classes, dropout, view)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
+        valid = ", ".join([*MODELS, *PRETRAINED])
+        raise ValueError(f"unknown model {name!r}; valid choices: {valid}")
     return MODELS[name](in_channels, num_classes, scaled(width, width_multiplier), dropout)
 
 
