@@ -81,8 +81,8 @@ METHODS: dict[str, tuple[dict, dict, dict, float]] = {
 def prepare(params: Params, source: str, ratio: float, seed: int, out: Path) -> None:
     """The prepare stage's cores, in order, into ``out``."""
     data = params.data.model_copy(update={"source": source, "imbalance_ratio": ratio})
-    spec = image_spec(data)
     items = cap_per_class(build_source(data), data.max_per_class, seed)
+    spec = image_spec(data, items, seed)
     with staging_file(out, len(items), spec) as staging:
         decoded = decode_all(items, spec, staging, workers=1, log=lambda line: None)
         selection = select(items, decoded, data.min_per_class)

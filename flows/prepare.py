@@ -19,8 +19,8 @@ QUALITY = DATA_QUALITY
 @flow(name="prepare")
 def prepare_flow(seed: int, data: DataParams) -> dict:
     logger = get_run_logger()
-    spec = t.image_spec(data)
     source = t.load_source(data, seed)
+    spec = t.image_spec(data, source, seed)
     if t.content_versioned(data.source) is False:
         logger.warning(
             "data.source %s is outside %s/: DVC does not see its content, so adding or "
@@ -32,8 +32,8 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
         decoded = t.decode(source, spec, staging, t.worker_count(data.workers), logger.info)
         selection = t.select_usable(source, decoded, data.min_per_class)
         plan = t.split(source, selection, data, seed)
-        t.write_prepared(PREPARED_DIR, staging, plan, source, spec, logger.info)
-    metrics = t.report(METRICS, QUALITY, source, decoded, selection, plan, data)
+        baselines = t.write_prepared(PREPARED_DIR, staging, plan, source, spec, seed, logger.info)
+    metrics = t.report(METRICS, QUALITY, source, decoded, selection, plan, data, spec, baselines)
     logger.info(t.summary(metrics, source, selection, QUALITY))
     return metrics
 

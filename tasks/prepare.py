@@ -38,15 +38,17 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tasks.artifacts import atomic_dir, remove_leftovers, write_json
+from tasks.baselines import trivial_baselines, write_baselines
 from tasks.datasets import (
     SPLITS,
     ChannelStats,
     NpyWriter,
     StatsAccumulator,
     create_npy,
+    load_prepared,
     write_description,
 )
-from tasks.images import ImageSpec, Outcome, decode_chunk
+from tasks.images import ArrayItems, ImageSpec, Outcome, decode_chunk
 from tasks.orchestration import stage_task
 from tasks.params import BUILTIN_SOURCES, DataParams
 from tasks.progress import Progress
@@ -57,10 +59,73 @@ COPY_CHUNK = 2048  # rows per block when copying a split out of staging
 RAW_DATA_DIR = Path("data/raw")  # dvc.yaml's prepare stage depends on this folder's content
 
 
-def image_spec(params: DataParams) -> ImageSpec:
+AUTO_SIZE_BOUNDS = (16, 32)  # data.image_size: auto stays here: students stay small and fast
+AUTO_SIZE_STEP = 4
+AUTO_SAMPLE = 2000  # files whose headers set data.image_size: auto (all are read for channels)
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What an item's header says: its size and whether it holds colour."""
+
+    width: int
+    height: int
+    grayscale: bool
+
+
+def _header(path: str) -> ImageShape | None:
+    """Size and colour from the file's header (no pixel decoding); None if unreadable.
+
+    A palette image counts as grayscale when every palette entry is grey.
+    """
+    try:
+        with Image.open(path) as image:
+            gray = image.mode in GRAYSCALE_MODES
+            if image.mode in ("P", "PA"):
+                palette = np.asarray(image.getpalette() or [], dtype=np.int16).reshape(-1, 3)
+                gray = bool((palette == palette[:, :1]).all())
+            return ImageShape(image.width, image.height, gray)
+    except Exception:  # broken files are prepare's to quarantine, with their reason
+        return None
+
+
+def item_shapes(source: Source, seed: int, sample: int | None = None) -> list[ImageShape]:
+    """Headers of the source's items (of a seeded sample of ``sample`` of them, if given)."""
+    items = source.items
+    if isinstance(items, ArrayItems):
+        height, width = items.pixels.shape[1:3]
+        gray = items.pixels.ndim == 3 or items.pixels.shape[3] == 1
+        return [ImageShape(width, height, gray)]  # one array, one shape
+    paths = np.asarray(items.paths)
+    if sample is not None and len(paths) > sample:
+        paths = np.random.default_rng(seed).choice(paths, sample, replace=False)
+    return [shape for shape in map(_header, paths) if shape is not None]
+
+
+def auto_size(shapes: list[ImageShape]) -> int:
+    """The median shorter side, rounded to a multiple of AUTO_SIZE_STEP, within AUTO_SIZE_BOUNDS."""
+    low, high = AUTO_SIZE_BOUNDS
+    if not shapes:
+        return low
+    median = float(np.median([min(s.width, s.height) for s in shapes]))
+    return int(min(max(AUTO_SIZE_STEP * round(median / AUTO_SIZE_STEP), low), high))
+
+
+def image_spec(params: DataParams, source: Source | None = None, seed: int = 0) -> ImageSpec:
+    """The stored format; ``data.channels`` / ``data.image_size`` ``auto`` are read off
+    ``source``: 1 channel when every readable item is grayscale, else 3; the size from
+    the median shorter side (``auto_size``)."""
+    channels, size = params.channels, params.image_size
+    if "auto" in (channels, size) and source is None:
+        raise ValueError("data.channels / data.image_size auto need the source to look at")
+    if channels == "auto":
+        channels = 1 if all(s.grayscale for s in item_shapes(source, seed)) else 3
+    if size == "auto":
+        size = auto_size(item_shapes(source, seed, AUTO_SAMPLE))
     return ImageSpec(
-        size=params.image_size,
-        channels=params.channels,
+        size=int(size),
+        channels=int(channels),
         resize=params.resize,
         background=params.background,
         min_size=params.min_size,
@@ -383,11 +448,20 @@ def write_prepared(
     plan: SplitPlan,
     source: Source,
     spec: ImageSpec,
+    seed: int,
     log: Callable[[str], None],
-) -> ChannelStats:
-    """Swap the new prepared data in whole, or leave the old in place on any failure."""
+) -> dict[str, Any]:
+    """Swap the new prepared data in whole, or leave the old in place on any failure.
+
+    The trivial baselines (``tasks/baselines.py``) are measured on the new splits
+    before the swap, so ``baselines.json`` always describes the data beside it.
+    Returns them.
+    """
     with atomic_dir(out_dir) as tmp:
-        return copy_splits(staging, plan, source.labels, tmp, source.classes, spec, log)
+        copy_splits(staging, plan, source.labels, tmp, source.classes, spec, log)
+        found = trivial_baselines(load_prepared(tmp), seed)
+        write_baselines(tmp, found)
+        return found
 
 
 @stage_task(name="report")
@@ -399,8 +473,11 @@ def report(
     selection: Selection,
     plan: SplitPlan,
     params: DataParams,
+    spec: ImageSpec,
+    baselines: dict[str, Any],
 ) -> dict:
-    """``reports/data_quality.json`` (everything set aside, and why) and the stage metrics."""
+    """``reports/data_quality.json`` (everything set aside, and why) and the stage metrics:
+    counts, the stored format (``auto`` resolved) and the trivial baselines' val and test scores."""
     num_classes = len(source.classes)
     counts = {
         name: np.bincount(source.labels[plan.positions[name]], minlength=num_classes).tolist()
@@ -437,7 +514,14 @@ def report(
         "num_classes": num_classes,
         **{f"{name}_size": int(sum(counts[name])) for name in SPLITS},
         "train_imbalance": round(max(counts["train"]) / max(min(counts["train"]), 1), 3),
-    }
+        "image_size": spec.size,
+        "channels": spec.channels,
+        "baselines": {
+            name: {f"{split}_{key}": value for split in ("val", "test")
+                   for key, value in baselines[name][split].items()}
+            for name in ("majority", "linear")
+        },
+    }  # fmt: skip
     write_json(metrics_path, metrics)
     return metrics
 
