@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,75 @@ def apply_overrides(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+class StageFailed(RuntimeError):
+    """A stage exited non-zero: ``stage`` and the end of what it printed."""
+
+    def __init__(self, stage: str, output: str) -> None:
+        super().__init__(f"stage {stage} failed:\n{output}")
+        self.stage = stage
+        self.output = output
+
+
+def run_pipeline(
+    overrides: dict[str, Any],
+    setup: Callable[[Path], None] | None = None,
+    keep: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every stage in a fresh copy with ``overrides``, timed; then the no-op rerun.
+
+    ``setup(repo)`` runs in the copy before the overrides are applied (to write
+    a dataset into it, say). Raises ``StageFailed`` naming the stage that failed.
+    Returns the per-stage times, the no-op rerun and every stage's metrics.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
+    repo = fresh_copy(scratch / "repo", "benchmark copy")
+    try:
+        if setup is not None:
+            setup(repo)
+        if overrides:
+            apply_overrides(repo, overrides)
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", "benchmark params", "--allow-empty")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["VISIONPIPE_HOME"] = str(scratch / "state")
+        try:
+            stage_seconds = {}
+            for stage in STAGES:
+                try:
+                    seconds, output = dvc(repo, env, "repro", "--single-item", stage)
+                except SystemExit as failed:
+                    raise StageFailed(stage, str(failed)[-4000:]) from None
+                assert f"Running stage '{stage}'" in output, output
+                stage_seconds[stage] = round(seconds, 2)
+                log(f"{stage:>9}: {seconds:6.1f} s")
+            noop_seconds, output = dvc(repo, env, "repro")
+            ran = re.findall(r"Running stage '(\w+)'", output)
+            log(f"second dvc repro: {noop_seconds:.1f} s, ran {ran or 'nothing'}")
+        finally:
+            stop_local_server(scratch / "state" / "prefect")
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        metrics = {
+            stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
+        }
+    finally:
+        if keep:
+            log(f"kept {repo}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "data_source": params["data"]["source"],
+        "overrides": overrides,
+        "params": params,
+        "stage_seconds": stage_seconds,
+        "total_seconds": round(sum(stage_seconds.values()), 2),
+        "noop_repro_seconds": round(noop_seconds, 2),
+        "noop_repro_ran": ran,
+        "metrics": metrics,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, help="a YAML file of params.yaml sections to change")
@@ -106,57 +176,16 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     args = parser.parse_args()
     overrides = overrides_from(args.params, args.assignments)
-
-    scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
-    repo = fresh_copy(scratch / "repo", "benchmark copy")
-    if overrides:
-        try:
-            apply_overrides(repo, overrides)
-        except SystemExit:
-            shutil.rmtree(scratch, ignore_errors=True)  # nothing ran: leave nothing behind
-            raise
-        git(repo, "commit", "-qam", "benchmark params")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["VISIONPIPE_HOME"] = str(scratch / "state")
     try:
-        stage_seconds = {}
-        for stage in STAGES:
-            seconds, output = dvc(repo, env, "repro", "--single-item", stage)
-            assert f"Running stage '{stage}'" in output, output
-            stage_seconds[stage] = round(seconds, 2)
-            print(f"{stage:>9}: {seconds:6.1f} s", flush=True)
-        noop_seconds, output = dvc(repo, env, "repro")
-        ran = re.findall(r"Running stage '(\w+)'", output)
-        print(f"second dvc repro: {noop_seconds:.1f} s, ran {ran or 'nothing'}")
-    finally:
-        stop_local_server(scratch / "state" / "prefect")
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    metrics = {
-        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
-    }
+        run = run_pipeline(overrides, keep=args.keep, log=lambda line: print(line, flush=True))
+    except StageFailed as failed:
+        raise SystemExit(str(failed)) from None
     device = "gpu" if describe_machine()["gpu"] else "cpu"
-    source = Path(params["data"]["source"]).name
+    source = Path(run["data_source"]).name
     command = " ".join(["python", "benchmarks/pipeline.py", *map(shlex.quote, sys.argv[1:])])
-    result = {
-        "command": command,
-        "machine": describe_machine(),
-        "data_source": params["data"]["source"],
-        "overrides": overrides,
-        "params": params,
-        "stage_seconds": stage_seconds,
-        "total_seconds": round(sum(stage_seconds.values()), 2),
-        "noop_repro_seconds": round(noop_seconds, 2),
-        "noop_repro_ran": ran,
-        "metrics": metrics,
-    }
+    result = {"command": command, "machine": describe_machine(), **run}
     path = write_result(f"pipeline_{source}_{device}.json", result)
     print(f"total {result['total_seconds']:.1f} s; wrote {path}")
-    if args.keep:
-        print(f"kept {repo}")
-    else:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

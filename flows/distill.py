@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger
 from flows.prefect_api import stage_main
 from flows.train import resumable, tracked_fit
 from tasks import distill as t
-from tasks.layout import STUDENT, TEACHER, curve_path, metrics_path
+from tasks.baselines import read_baselines
+from tasks.layout import PREPARED_DIR, STUDENT, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, DistillParams, MlflowParams
 from tasks.train import load_training_data
 
@@ -78,7 +79,7 @@ def distill_flow(
         ),
         stage="distill", variant="student",
         outputs=(STUDENT, metrics_path("distill"), curve_path("distill")),
-        extra=distilled_extra, **common,
+        extra=distilled_extra, baselines=read_baselines(PREPARED_DIR), **common,
     )  # fmt: skip
     if scratch is not None:
         get_run_logger().info(

@@ -17,6 +17,7 @@ from flows.prefect_api import stage_main
 from tasks import evaluate as t
 from tasks import tracking
 from tasks.artifacts import atomic_dir, atomic_path
+from tasks.baselines import read_baselines
 from tasks.datasets import load_prepared
 from tasks.layout import (
     CONFUSION_DIR,
@@ -88,6 +89,9 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
             key, target["value"], target["target"], "met" if target["met"] else "MISSED",
             target["reference"],
         )  # fmt: skip
+    # What learning nothing scores on the same test split, beside the variants.
+    found = read_baselines(PREPARED_DIR)
+    results[t.BASELINES] = {name: found[name]["test"] for name in ("majority", "linear")}
     files: dict[str, list] = {}
     with atomic_dir(CONFUSION_DIR) as confusion_dir, atomic_dir(EVALUATION_DIR) as report_dir:
         for name, evaluation in evaluations.items():
@@ -127,7 +131,9 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                 params={**variant.run_params, **evaluate.flat("evaluate")}, tags=tags,
             ) as run:  # fmt: skip
                 tracking.log_results(
-                    run.info.run_id, results[variant.name], [*files[variant.name], report]
+                    run.info.run_id,
+                    {**results[variant.name], "baseline": results[t.BASELINES]},
+                    [*files[variant.name], report],
                 )
                 tracking.log_results(run.info.run_id, {}, [variant.artifact], "model")
                 # the per-class table, also as an MLflow table (shown in the artifact view)

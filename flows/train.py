@@ -15,8 +15,9 @@ from prefect import flow, get_run_logger
 from flows.prefect_api import stage_main
 from tasks import tracking
 from tasks import train as t
+from tasks.baselines import check_fit, read_baselines
 from tasks.engine import EpochRecord, FitResult
-from tasks.layout import TEACHER, curve_path, metrics_path
+from tasks.layout import PREPARED_DIR, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, FitParams, MlflowParams, TrainParams
 from tasks.resume import Resume, fingerprint, resume_path
 
@@ -35,8 +36,14 @@ def tracked_fit(
     seed: int,
     extra: Callable[[FitResult], dict[str, Any]] | None = None,
     run_name: str | None = None,
+    baselines: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics.
+
+    With ``baselines`` (``data/prepared/baselines.json``) the fit must beat them
+    (``tasks.baselines.check_fit``) before anything is written: a model that
+    learned nothing fails the stage, or with ``allow_weak`` ships tagged
+    ``weak_model`` and with ``weak: true`` in its metrics.
 
     The run also gets the exact augmentation pipelines (``augment.yaml``) and a
     grid of augmented train images (``augment_grid.png``). ``extra`` adds
@@ -52,12 +59,20 @@ def tracked_fit(
 
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(run_id, record)
-            logger.info(t.describe_epoch(record, params.epochs))
+            logger.info(t.describe_epoch(record))
 
         result = fit_model(on_epoch)
+        checked: dict[str, Any] = {}
+        if baselines is not None:
+            check = check_fit(
+                stage, result.best_val_f1_macro, baselines, params.baseline_margin,
+                params.allow_weak, logger.warning,
+            )  # fmt: skip
+            checked = check.metrics()
+            tracking.set_tags(run_id, {"weak_model": str(check.weak).lower()})
         summary = t.write_model(
             result, data, params, run_params, checkpoint, metrics, curve, run_id,
-            extra(result) if extra else {},
+            checked | (extra(result) if extra else {}),
         )  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             shown = t.augment_artifacts(data, augment, seed, Path(tmp))
@@ -92,6 +107,7 @@ def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: Ml
         outputs=(TEACHER, metrics_path("train"), curve_path("train")),
         augment=augment,
         seed=seed,
+        baselines=read_baselines(PREPARED_DIR),
     )
 
 

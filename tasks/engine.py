@@ -200,6 +200,7 @@ class FitResult:
     history: tuple[EpochRecord, ...]
     stopped_early: bool
     seconds: float
+    epochs_planned: int  # params.epochs, or more to reach min_steps (engine.Budget)
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,45 @@ def _optimizer(model: nn.Module, params: FitParams, finetune: Finetune) -> torch
     return torch.optim.AdamW(groups, lr=params.lr)
 
 
+ONECYCLE_WARMUP = 0.3  # OneCycleLR's pct_start: the share of steps spent raising the lr
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a fit may run and when it may stop early, in optimizer steps.
+
+    ``epochs`` is ``params.epochs``, raised where a small split would otherwise
+    give fewer than ``params.min_steps`` steps; early stopping may act only once
+    both the warm-up (one-cycle's rising phase) and ``min_steps`` are behind it,
+    so patience cannot run out while the learning rate is still climbing.
+    """
+
+    epochs: int
+    steps_per_epoch: int
+    earliest_stop_step: int
+
+    @classmethod
+    def of(cls, params: FitParams, steps_per_epoch: int) -> Budget:
+        steps_per_epoch = max(steps_per_epoch, 1)
+        epochs = max(params.epochs, -(-params.min_steps // steps_per_epoch))
+        warmup = ONECYCLE_WARMUP * epochs * steps_per_epoch if params.schedule == "onecycle" else 0
+        return cls(epochs, steps_per_epoch, max(params.min_steps, int(warmup)))
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def may_stop_after(self, epoch: int) -> bool:
+        return epoch * self.steps_per_epoch >= self.earliest_stop_step
+
+
 def _scheduler(optimizer: torch.optim.Optimizer, params: FitParams, total_steps: int):
     if params.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=ONECYCLE_WARMUP,
         )
     if params.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -308,7 +344,8 @@ def fit(
     resume: Resume | None = None,
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Train ``model`` with ``objective``; stop when val macro-F1 stalls for ``patience`` epochs.
+    """Train ``model`` with ``objective``; stop when val macro-F1 stalls for ``patience`` epochs
+    (never before the warm-up and ``min_steps`` are done: ``Budget``).
 
     The best epoch is the one with the highest val macro-F1, ties going to the
     lower val loss (small val sets saturate F1 early). ``finetune`` freezes the
@@ -338,7 +375,13 @@ def fit(
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     backbone = getattr(model, "features", None)
     optimizer = _optimizer(model, params, finetune)
-    scheduler = _scheduler(optimizer, params, params.epochs * len(train_loader))
+    budget = Budget.of(params, len(train_loader))
+    if budget.epochs > params.epochs:
+        log(
+            f"{len(train_loader)} steps per epoch: {budget.epochs} epochs instead of "
+            f"{params.epochs}, for the {params.min_steps} optimizer steps of min_steps"
+        )
+    scheduler = _scheduler(optimizer, params, budget.total_steps)
     scaler = precision.scaler()
     forward: nn.Module = model
     if world.distributed:
@@ -373,11 +416,11 @@ def fit(
             history = [EpochRecord(**record) for record in state["history"]]
             first_epoch, spent = state["epoch"] + 1, state["seconds"]
             log(
-                f"resuming from {resume.path}: epoch {state['epoch']} of {params.epochs} was "
+                f"resuming from {resume.path}: epoch {state['epoch']} of {budget.epochs} was "
                 f"finished, continuing at epoch {first_epoch}"
             )
     started = time.perf_counter() - spent
-    for epoch in range(first_epoch, params.epochs + 1):
+    for epoch in range(first_epoch, budget.epochs + 1):
         if stopped:
             break
         model.train()
@@ -390,7 +433,7 @@ def fit(
             sampler.set_epoch(epoch)
         epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
         bar = tqdm(
-            total=len(train_loader), desc=f"epoch {epoch}/{params.epochs}", unit="step",
+            total=len(train_loader), desc=f"epoch {epoch}/{budget.epochs}", unit="step",
             disable=not (sys.stderr.isatty() and world.is_main), leave=False,
         )  # fmt: skip
         for step, (images, labels) in enumerate(train_loader, start=1):
@@ -448,7 +491,7 @@ def fit(
             best_epoch, best_loss, stale = epoch, val_loss, 0
         elif not frozen:  # head-only epochs do not count towards patience
             stale += 1
-            stopped = stale >= params.patience
+            stopped = stale >= params.patience and budget.may_stop_after(epoch)
         if resume is not None and world.is_main:
             save_state(
                 resume,
@@ -469,7 +512,8 @@ def fit(
         best_val_f1_macro=best_key[0],
         best_val_loss=best_loss,
         history=tuple(history),
-        stopped_early=len(history) < params.epochs,
+        stopped_early=len(history) < budget.epochs,
+        epochs_planned=budget.epochs,
         seconds=time.perf_counter() - started,
     )
     if world.is_main:

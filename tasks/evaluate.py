@@ -572,10 +572,19 @@ def compression_targets(
     }
 
 
+BASELINES = "baselines"  # evaluate.json's one top-level key that is not a variant
+
+
+def variant_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The variants of an evaluate.json, without its ``baselines``."""
+    return {name: m for name, m in results.items() if name != BASELINES}
+
+
 def report_markdown(results: dict[str, dict[str, Any]], classes: tuple[str, ...]) -> str:
     """Everything one run's evaluation found, as one markdown page beside its images."""
-    variants = list(results)
     lines = ["# visionpipe evaluation (test split)", "", comparison_markdown(results), ""]
+    results = variant_results(results)
+    variants = list(results)
     lines += [
         "## Per class: F1 (precision / recall), support",
         "",
@@ -644,6 +653,13 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
         "| latency_ms_b1 | latency_ms_b64 | throughput_ips_b64 | runtime |"
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    # What learning nothing scores on the same test split (tasks/baselines.py).
+    for name, b in results.get(BASELINES, {}).items():
+        lines.append(
+            f"| baseline: {name} | {b['f1_macro']:.4f} | — | {b['accuracy']:.4f} | — | — | — "
+            "| — | — | — | — |"
+        )
+    results = variant_results(results)
     for name, m in results.items():
         # an evaluate.json written before confidence intervals, ECE and batch 64 has none
         ci = "[{:.4f}, {:.4f}]".format(*m["f1_macro_ci"]) if "f1_macro_ci" in m else "—"

@@ -39,7 +39,8 @@ SamplerName = Literal[
 FeatureSpace = Literal["pixels", "embeddings"]
 LossName = Literal["ce", "focal"]
 ClassWeightName = Literal["none", "balanced", "sqrt_inv", "effective_number"]
-ModelName = Literal["resnet", "cnn", "mobilenet"]
+ModelName = Literal["resnet", "cnn", "mobilenet"]  # tasks.models.MODELS: trained from scratch
+PretrainedName = Literal["efficientnet_lite0"]  # tasks.models.PRETRAINED: ImageNet weights
 FeatureLossName = Literal["none", "attention"]
 QuantizeMethod = Literal["ptq", "qat", "auto"]
 ScheduleName = Literal["onecycle", "cosine"]
@@ -71,8 +72,9 @@ class Section(BaseModel):
 class DataParams(Section):
     source: str
     fashion_mnist_dir: Path
-    image_size: int = Field(ge=4, le=1024)
-    channels: Literal[1, 3]
+    # auto: from the images (tasks/prepare.py resolves and records them in metrics/prepare.json)
+    image_size: Annotated[int, Field(ge=4, le=1024)] | Literal["auto"]
+    channels: Literal[1, 3, "auto"]
     resize: ResizeName
     background: int = Field(ge=0, le=255)
     min_size: int = Field(ge=1)
@@ -181,6 +183,13 @@ class FitParams(Section):
     class_weight_beta: float = Field(ge=0.0, lt=1.0)  # effective_number's beta
     grad_clip: float = Field(ge=0.0)  # 0 turns clipping off
     patience: int = Field(ge=1)
+    # Early stopping waits for the end of the warm-up and for this many optimizer
+    # steps; a small split gets more epochs than ``epochs`` so that it has them.
+    min_steps: int = Field(ge=0)
+    # The fit's best val macro-F1 must close this fraction of the gap between the
+    # better trivial baseline (data/prepared/baselines.json) and a perfect score.
+    baseline_margin: float = Field(ge=0.0, lt=1.0)
+    allow_weak: bool  # true: a model that fails that check is a loud warning, not an error
     num_workers: int = Field(ge=0)
     device: DeviceName
     precision: PrecisionName  # autocast dtype; fp16 adds loss scaling
@@ -190,6 +199,13 @@ class FitParams(Section):
 
 
 class TrainParams(FitParams):
+    model: ModelName | PretrainedName
+    # ImageNet weights for a PRETRAINED model: the packaged file, or ``weights``.
+    pretrained: bool
+    weights: Path | None
+    # The resolution a PRETRAINED model sees (resized on the fly from data.image_size);
+    # auto: twice the stored size, within 32-64 (tasks.efficientnet.auto_input_size).
+    input_size: Annotated[int, Field(ge=32, le=512)] | Literal["auto"]
     # Transfer learning: start from these weights (a .pt path or an MLflow URI)...
     init_from: str | None
     # ...train only the head for this many epochs, then everything, the
@@ -203,6 +219,23 @@ class TrainParams(FitParams):
         if value is None or ":/" in value or Path(value).is_file():
             return value  # an MLflow URI (runs:/, models:/, ...) is resolved when training
         raise ValueError("must be null, an existing checkpoint (.pt) or an MLflow model URI")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("must be null (the packaged weights) or an existing .pth file")
+        return value
+
+    @model_validator(mode="after")
+    def _pretrained_has_weights(self) -> TrainParams:
+        if self.pretrained and self.model not in PretrainedName.__args__:
+            raise ValueError(
+                f"train.pretrained: true, but train.model {self.model!r} has no ImageNet "
+                f"weights; use train.model: {' | '.join(PretrainedName.__args__)} "
+                "or train.pretrained: false"
+            )
+        return self
 
 
 class DistillParams(FitParams):
@@ -302,6 +335,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{key}: missing (every key must be set in params.yaml)"
+    if isinstance(error["input"], dict):  # a check across keys: its message names them
+        return f"{key}: {message}"
     return f"{key}: {message} (got {error['input']!r})"
 
 

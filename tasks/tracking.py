@@ -190,6 +190,13 @@ def log_results(
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    """Tag an existing run (one call per tag: MLflow has no batch for tags alone)."""
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
     """Log dict rows (same keys) as an MLflow table artifact, one column per key."""
     columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}

@@ -33,6 +33,12 @@ from tasks.datasets import (
 )
 from tasks.device_data import DeviceBatches
 from tasks.distributed import World, init_process_group
+from tasks.efficientnet import (
+    auto_input_size,
+    input_size_of,
+    load_imagenet_weights,
+    packaged_weights,
+)
 from tasks.engine import (
     EpochRecord,
     Finetune,
@@ -44,7 +50,7 @@ from tasks.engine import (
     supervised_objective,
 )
 from tasks.losses import build_loss
-from tasks.models import build_model, count_params
+from tasks.models import PRETRAINED, InputView, build_model, count_params
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, FitParams, TrainParams
 from tasks.resume import Resume
@@ -194,6 +200,27 @@ def initialise_from(model: nn.Module, checkpoint: Checkpoint, classes: tuple[str
     return keep_head
 
 
+def teacher_view(data: TrainingData, params: TrainParams) -> InputView | None:
+    """How a PRETRAINED teacher sees the data: at ``train.input_size``; None for the others."""
+    if params.model not in PRETRAINED:
+        return None
+    size = auto_input_size(data.prepared.image_shape[0], params.input_size)
+    return InputView(data.prepared.stats, size)
+
+
+def teacher_network(data: TrainingData, params: TrainParams) -> nn.Module:
+    """``train.model`` for this data's channels and classes, freshly initialised."""
+    return build_model(
+        params.model,
+        data.prepared.image_shape[2],
+        data.prepared.num_classes,
+        params.width,
+        params.dropout,
+        params.width_multiplier,
+        view=teacher_view(data, params),
+    )
+
+
 @stage_task(name="fit-teacher")
 def fit_teacher(
     data: TrainingData,
@@ -206,15 +233,11 @@ def fit_teacher(
 ) -> FitResult:
     seed_everything(seed, params.deterministic)
     device = init_process_group(World.from_env(), select_device(params.device))
-    channels = data.prepared.image_shape[2]
-    model = build_model(
-        params.model,
-        channels,
-        data.prepared.num_classes,
-        params.width,
-        params.dropout,
-        params.width_multiplier,
-    )
+    model = teacher_network(data, params)
+    if params.pretrained:
+        weights = params.weights or packaged_weights().path
+        load_imagenet_weights(model, weights)
+        log(f"train: {params.model} starts from the ImageNet weights in {weights}")
     if params.init_from is not None:
         initial = load_checkpoint(resolve_checkpoint(params.init_from))
         head = initialise_from(model, initial, data.prepared.classes)
@@ -234,6 +257,7 @@ def fit_summary(result: FitResult) -> dict[str, float | int | bool]:
         "best_val_loss": result.best_val_loss,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
+        "epochs_planned": result.epochs_planned,
         "stopped_early": result.stopped_early,
         "params": count_params(result.model),
         "fit_seconds": round(result.seconds, 3),
@@ -270,11 +294,12 @@ def write_model(
             classes=data.prepared.classes,
             stats=data.prepared.stats,
             params=run_params,
-            metrics={k: float(v) for k, v in summary.items()},
+            metrics={k: float(v) for k, v in summary.items() if isinstance(v, int | float)},
             state_dict=result.model.state_dict(),
             mlflow_run_id=mlflow_run_id,
             class_prior=tuple(data.class_prior),
             preprocessing=data.prepared.preprocessing,
+            input_size=input_size_of(result.model),
         ),
     )
     write_csv(curve_path, [asdict(record) for record in result.history])
@@ -282,9 +307,9 @@ def write_model(
     return summary
 
 
-def describe_epoch(record: EpochRecord, epochs: int) -> str:
+def describe_epoch(record: EpochRecord) -> str:
     return (
-        f"epoch {record.epoch}/{epochs} train_loss={record.train_loss:.4f} "
+        f"epoch {record.epoch} train_loss={record.train_loss:.4f} "
         f"val_loss={record.val_loss:.4f} val_f1_macro={record.val_f1_macro:.4f} "
         f"lr={record.lr:.2e} {record.images_per_second:.0f} img/s"
     )

@@ -32,7 +32,7 @@ def main(out: str) -> None:
     params = load_params(ROOT / "params.yaml")
     fit_params = params.train.model_copy(
         update={"epochs": 3, "batch_size": 16, "patience": 10, "dropout": 0.0, "device": "cpu",
-                "lr": 0.01}
+                "lr": 0.01, "min_steps": 0}
     )  # fmt: skip
     augment = params.augment.model_copy(update={"affine_p": 0.0, "brightness_contrast_p": 0.0})
     rng = np.random.default_rng(0)

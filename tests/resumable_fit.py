@@ -34,7 +34,14 @@ def main(state: str, kill_at: int) -> None:
     torch.set_num_threads(1)
     params = load_params(ROOT / "params.yaml")
     fit_params = params.train.model_copy(
-        update={"epochs": 4, "batch_size": 8, "patience": 10, "dropout": 0.3, "device": "cpu"}
+        update={
+            "epochs": 4,
+            "batch_size": 8,
+            "patience": 10,
+            "dropout": 0.3,
+            "device": "cpu",
+            "min_steps": 0,
+        }
     )
     rng = np.random.default_rng(0)
     labels = np.arange(48) % 3

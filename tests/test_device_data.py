@@ -98,7 +98,14 @@ def test_augmentation_repeats_for_a_seed_and_resumes_from_its_generator(params: 
 def test_fit_learns_from_augmented_device_batches(params: Params) -> None:
     split, val = _split(90), _split(30, seed=1)
     torch.manual_seed(0)
-    update = {"epochs": 8, "lr": 0.01, "patience": 8, "device": "cpu", "data_on_device": True}
+    update = {
+        "epochs": 8,
+        "lr": 0.01,
+        "patience": 8,
+        "device": "cpu",
+        "data_on_device": True,
+        "min_steps": 0,
+    }
     result = fit(
         build_model("cnn", 1, 3, 8, 0.0),
         supervised_objective(torch.nn.CrossEntropyLoss()),

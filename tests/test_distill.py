@@ -27,7 +27,14 @@ def _data(tiny) -> TrainingData:
 
 
 def _distill(params: Params, **update):
-    fixed = {"epochs": 2, "width": 4, "batch_size": 8, "device": "cpu", "patience": 5}
+    fixed = {
+        "epochs": 2,
+        "width": 4,
+        "batch_size": 8,
+        "device": "cpu",
+        "patience": 5,
+        "min_steps": 0,
+    }
     return params.distill.model_copy(update={**fixed, **update})
 
 

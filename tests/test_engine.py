@@ -11,6 +11,7 @@ from torch import nn
 from tasks.datasets import ChannelStats, PreparedData, Rows, Split, take_rows
 from tasks.distributed import ShardedSampler, World, local_batch_size
 from tasks.engine import (
+    Budget,
     FitResult,
     ImageDataset,
     Objective,
@@ -141,8 +142,10 @@ def _fit_params(params: Params, **update: object) -> TrainParams:
     values = {
         **params.train.model_dump(),
         "model": "cnn",
+        "pretrained": False,
         "width": 4,
         "dropout": 0.0,
+        "min_steps": 0,
         "epochs": 6,
         "batch_size": 8,
         "lr": 0.01,
@@ -259,6 +262,54 @@ def test_early_stopping_when_val_cannot_improve(params: Params, patience: int) -
     assert result.best_epoch == 1
 
 
+def test_early_stopping_waits_for_the_warm_up_and_min_steps(params: Params) -> None:
+    """Nothing improves after epoch 1, yet patience may only run out once one-cycle's
+    warm-up (30% of the steps) and ``min_steps`` are both behind the fit."""
+    train, val = _bright_vs_dark(16, 0), _bright_vs_dark(8, 1)  # 2 steps per epoch
+    for min_steps, schedule, expected in (
+        (0, "cosine", 2),
+        (0, "onecycle", 6),
+        (16, "onecycle", 8),
+    ):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+        fit_params = _fit_params(
+            params, epochs=20, patience=1, min_steps=min_steps, schedule=schedule
+        )
+        result, _ = _fit(model, _frozen, train, val, fit_params)
+        # cosine: no warm-up, stop after patience; onecycle: 0.3 * 40 steps = epoch 6
+        assert len(result.history) == expected, (min_steps, schedule)
+        assert result.stopped_early and result.epochs_planned == 20
+
+
+def test_a_small_split_gets_enough_epochs_for_min_steps(params: Params) -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 2, width=4, dropout=0.0)
+    fit_params = _fit_params(params, epochs=2, min_steps=10, patience=50)
+    lines: list[str] = []
+    stats = ChannelStats.of(_bright_vs_dark(16, 0).images)
+    train = make_loader(_bright_vs_dark(16, 0), stats, 8, seed=0, train=True)
+    val = make_loader(_bright_vs_dark(8, 1), stats, 64, seed=0)
+    objective = supervised_objective(nn.CrossEntropyLoss())
+    result = fit(model, objective, train, val, fit_params, CPU, log=lines.append)
+    assert result.epochs_planned == 5 == len(result.history)  # 10 steps at 2 per epoch
+    assert any("5 epochs instead of 2" in line for line in lines)
+    # One-cycle spans all 10 steps: its lr peaks at the end of the warm-up (step 2, epoch 1)
+    # and anneals over the rest (a schedule sized for 2 epochs would have raised when
+    # stepped past its 4 steps).
+    rates = [record.lr for record in result.history]
+    assert rates[0] == pytest.approx(fit_params.lr) and rates[1] > rates[2] > rates[3]
+
+
+def test_budget_counts_steps() -> None:
+    class Fake:
+        epochs, min_steps, schedule = 3, 100, "onecycle"
+
+    budget = Budget.of(Fake(), steps_per_epoch=20)
+    assert (budget.epochs, budget.total_steps, budget.earliest_stop_step) == (5, 100, 100)
+    assert not budget.may_stop_after(4) and budget.may_stop_after(5)
+
+
 def test_nan_loss_names_epoch_and_step(params: Params) -> None:
     steps = 0
 
@@ -357,8 +408,8 @@ def test_balanced_weights_draw_every_class_equally_often(tiny_prepared: Prepared
 def test_mixed_precision_trains_on_the_cpu_too(params, tiny_prepared, precision: str) -> None:
     data = TrainingData(tiny_prepared, tiny_prepared.train, np.ones(len(tiny_prepared.train)))
     fit_params = params.train.model_copy(
-        update={"model": "cnn", "width": 4, "epochs": 2, "batch_size": 8, "device": "cpu",
-                "precision": precision}
+        update={"model": "cnn", "pretrained": False, "width": 4, "epochs": 2, "batch_size": 8,
+                "device": "cpu", "precision": precision, "min_steps": 0}
     )  # fmt: skip
     result = fit_teacher.fn(data, fit_params, params.augment, seed=0)
     assert all(np.isfinite(r.train_loss) and np.isfinite(r.val_loss) for r in result.history)

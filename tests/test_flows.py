@@ -150,3 +150,43 @@ def test_prepare_flow_fails_fast_and_writes_nothing_when_a_class_is_too_small(
     assert not DATA_QUALITY.exists()
     assert not metrics_path("prepare").exists()
     assert not list((tmp_path / "data").glob(".*"))  # no staging left behind
+
+
+def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
+    harness, params, prepared_on_disk
+):
+    """Noise images: no CNN beats a linear model that saw the very same (val = train) images."""
+    import mlflow
+
+    from flows.train import train_flow
+    from tasks.baselines import WeakModelError, trivial_baselines, write_baselines
+    from tasks.layout import TEACHER
+
+    none = ResampleParams(
+        strategy="none", sampling_strategy="auto", k_neighbors=2, space="pixels",
+        embedding_checkpoint=None,
+    )  # fmt: skip
+    assert resample_flow(seed=0, resample=none, return_state=True).is_completed()
+    write_baselines(PREPARED_DIR, trivial_baselines(load_prepared(PREPARED_DIR), seed=0))
+    tiny = {"model": "cnn", "pretrained": False, "width": 4, "epochs": 1, "min_steps": 0,
+            "batch_size": 8, "device": "cpu"}  # fmt: skip
+    strict = params.train.model_copy(update={**tiny, "allow_weak": False})
+    state = train_flow(seed=0, train=strict, augment=params.augment, mlflow=params.mlflow,
+                       return_state=True)  # fmt: skip
+    assert state.is_failed()
+    with pytest.raises(WeakModelError, match=r"does not beat the (linear|majority) baseline"):
+        state.result()
+    assert not TEACHER.exists() and not metrics_path("train").exists()  # nothing shipped
+
+    lenient = params.train.model_copy(update={**tiny, "allow_weak": True})
+    state = train_flow(seed=0, train=lenient, augment=params.augment, mlflow=params.mlflow,
+                       return_state=True)  # fmt: skip
+    assert state.is_completed()
+    metrics = read_json(metrics_path("train"))
+    assert metrics["weak"] is True and metrics["baseline"] in ("linear", "majority")
+    assert metrics["required_val_f1_macro"] > metrics["best_val_f1_macro"]
+    assert TEACHER.is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
+    tags = {r.info.status: r.data.tags.get("weak_model") for r in runs}
+    assert tags == {"FAILED": None, "FINISHED": "true"}

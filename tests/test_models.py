@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.models import MODELS, build_model, count_params
+from tasks.datasets import ChannelStats
+from tasks.models import MODELS, InputView, build_model, count_params
 from tasks.params import Params
 
 
@@ -54,6 +55,8 @@ def test_mobilenet_is_depthwise_separable_and_smaller_than_the_plain_cnn() -> No
 
 def test_student_is_at_most_a_quarter_of_the_teacher(params: Params) -> None:
     def size(section) -> int:
-        return count_params(build_model(section.model, 1, 10, section.width, section.dropout))
+        view = InputView(ChannelStats((0.5,), (0.25,)), 32)  # what a pretrained teacher needs
+        model = build_model(section.model, 1, 10, section.width, section.dropout, view=view)
+        return count_params(model)
 
     assert size(params.distill) * 4 <= size(params.train)

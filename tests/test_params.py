@@ -75,7 +75,7 @@ def test_params_error_is_a_value_error() -> None:
         ("train.lr", "fast", ["train.lr", "'fast'"]),
         ("train.lerning_rate", 0.01, ["train.lerning_rate", "not permitted"]),
         ("quantize.calibration_method", "max", ["quantize.calibration_method", "'minmax'"]),
-        ("data.channels", 2, ["data.channels", "1 or 3", "(got 2)"]),
+        ("data.channels", 2, ["data.channels", "1, 3 or 'auto'", "(got 2)"]),
         ("data.resize", "squash", ["data.resize", "'stretch'", "'pad'", "'center_crop'"]),
         ("data.imbalance_ratio", 0.5, ["data.imbalance_ratio", "greater than or equal to 1"]),
         ("data.max_per_class", 5, ["data.max_per_class", "below data.min_per_class (10)"]),
@@ -152,3 +152,36 @@ def test_choice_lists_match_the_factories() -> None:
     assert set(BUILTIN_SOURCES) == set(SOURCES)
     assert _choices(LossName) == set(LOSSES)
     assert _choices(ClassWeightName) == set(CLASS_WEIGHTS)
+
+
+def test_pretrained_needs_a_model_with_imagenet_weights(raw: dict[str, Any]) -> None:
+    edited = _set(_set(raw, "train.model", "resnet"), "train.pretrained", True)
+    message = _error(edited)
+    assert "train.pretrained: true, but train.model 'resnet' has no ImageNet weights" in message
+    assert "efficientnet_lite0" in message and "got {" not in message  # no dump of the section
+    assert parse_params(_set(edited, "train.pretrained", False)).train.model == "resnet"
+
+
+def test_a_missing_weights_file_fails_naming_train_weights(raw: dict[str, Any], tmp_path) -> None:
+    message = _error(_set(raw, "train.weights", str(tmp_path / "absent.pth")))
+    assert "train.weights: must be null (the packaged weights) or an existing .pth file" in message
+    present = tmp_path / "lite0.pth"
+    present.write_bytes(b"checked when the model is built")
+    assert parse_params(_set(raw, "train.weights", str(present))).train.weights == present
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data.channels", 2), ("data.image_size", "big"), ("train.input_size", 16),
+     ("train.min_steps", -1), ("distill.baseline_margin", 1.0),
+     ("distill.model", "efficientnet_lite0")],
+)  # fmt: skip
+def test_new_keys_reject_bad_values_by_name(raw: dict[str, Any], key: str, value: Any) -> None:
+    assert key in _error(_set(raw, key, value))
+
+
+def test_data_format_may_be_read_off_the_images(raw: dict[str, Any]) -> None:
+    params = parse_params(_set(_set(raw, "data.channels", "auto"), "data.image_size", "auto"))
+    assert (params.data.channels, params.data.image_size) == ("auto", "auto")
+    fixed = parse_params(_set(_set(raw, "data.channels", 3), "data.image_size", 24))
+    assert (fixed.data.channels, fixed.data.image_size) == (3, 24)

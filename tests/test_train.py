@@ -104,8 +104,9 @@ def test_fine_tuning_freezes_the_backbone_then_trains_it_slower(
     pretrained = build_model("cnn", 1, 10, 4, 0.0)
     path = save_checkpoint(tmp_path / "pre.pt", _checkpoint_of(pretrained, tiny_prepared))
     data = TrainingData(tiny_prepared, tiny_prepared.train, np.ones(len(tiny_prepared.train)))
-    fixed = {"model": "cnn", "width": 4, "batch_size": 8, "device": "cpu", "dropout": 0.0,
-             "init_from": str(path), "backbone_lr_mult": 0.1}  # fmt: skip
+    fixed = {"model": "cnn", "pretrained": False, "width": 4, "batch_size": 8, "device": "cpu",
+             "dropout": 0.0, "min_steps": 0, "init_from": str(path),
+             "backbone_lr_mult": 0.1}  # fmt: skip
     frozen = fit_teacher.fn(
         data, params.train.model_copy(update={**fixed, "epochs": 2, "freeze_backbone_epochs": 2}),
         params.augment, seed=0,
