@@ -86,7 +86,19 @@ def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
     assert _ran(output) == ["prepare", "resample", "train", "distill", "quantize", "evaluate"]
 
     results = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(results) == set(VARIANTS)
+    assert set(results) == {*VARIANTS, "baselines"}
+    prepare = json.loads((repo / "metrics/prepare.json").read_text())
+    assert (prepare["image_size"], prepare["channels"]) == (8, 1)  # channels: auto on digits
+    for name in ("majority", "linear"):
+        assert results["baselines"][name]["f1_macro"] == prepare["baselines"][name]["test_f1_macro"]
+    for stage in ("train", "distill"):  # TINY allows weak models; the check still ran
+        fit = json.loads((repo / f"metrics/{stage}.json").read_text())
+        assert fit["baseline"] == "linear" and isinstance(fit["weak"], bool)
+    teacher = json.loads((repo / "metrics/train.json").read_text())
+    assert teacher["params"] == 3_383_818  # EfficientNet-Lite0 with a 10-way head
+    report = (repo / "reports/evaluation/report.md").read_text()
+    assert "| baseline: linear |" in report
+    results = {name: results[name] for name in VARIANTS}
     for variant, metrics in results.items():
         for key in CONTRACT_KEYS:
             assert isinstance(metrics[key], int | float) and math.isfinite(metrics[key]), key
@@ -144,6 +156,7 @@ def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
 def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
     repo, _, _ = pipeline
     results = json.loads((repo / "metrics/evaluate.json").read_text())
+    baselines = results.pop("baselines")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     data_md5 = next(
         o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"
@@ -159,6 +172,8 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
         assert run.info.run_name == variant
         for key in CONTRACT_KEYS:
             assert run.data.metrics[key] == pytest.approx(results[variant][key])
+        linear = run.data.metrics["baseline.linear.f1_macro"]
+        assert linear == pytest.approx(baselines["linear"]["f1_macro"])
         assert run.data.tags["data_hash"] == data_md5
         assert run.data.tags["git_commit"] == commit
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
