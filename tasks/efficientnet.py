@@ -150,7 +150,9 @@ class PretrainedInput(nn.Module):
         x = x * self.scale + self.shift  # (N, 1 or 3, H, W) -> (N, 3, H, W)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return x
+        # The depthwise convs run an order of magnitude faster channels_last on the CPU
+        # (and no slower on CUDA), whatever layout the caller's batch has.
+        return x.contiguous(memory_format=torch.channels_last)
 
     def extra_repr(self) -> str:
         return f"size={self.size}"

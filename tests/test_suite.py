@@ -1,0 +1,52 @@
+"""benchmarks/suite.py's dataset and table: the generated messy folder and the report rows."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from PIL import Image
+
+from benchmarks.messy_folder import CLASSES, build, class_sizes
+from benchmarks.suite import summarise, table
+
+
+def _digest(root: Path) -> str:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+def test_the_messy_folder_is_long_tailed_varied_and_the_same_for_a_seed(tmp_path):
+    assert class_sizes(10, 200, 16) == [200, 151, 114, 86, 65, 49, 37, 28, 21, 16]
+    counts = build(tmp_path / "a", seed=3, largest=6, smallest=2)
+    assert list(counts) == list(CLASSES) and counts["circle"] == 6 and counts["heart"] == 2
+    again = build(tmp_path / "b", seed=3, largest=6, smallest=2)
+    assert counts == again and _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    images = [Image.open(p) for p in sorted((tmp_path / "a").rglob("*.*"))]
+    assert {image.mode for image in images} == {"RGB"}
+    assert {image.format for image in images} == {"PNG", "JPEG"}
+    assert len({image.size for image in images}) > len(images) // 2  # sizes and aspect ratios vary
+
+
+def test_a_refused_run_is_a_row_that_says_why():
+    metrics = {
+        "evaluate": {
+            "teacher": {"f1_macro": 0.9, "accuracy": 0.91},
+            "student": {"f1_macro": 0.8, "accuracy": 0.81},
+            "student_int8": {"f1_macro": 0.79, "accuracy": 0.8},
+            "baselines": {"linear": {"f1_macro": 0.3, "accuracy": 0.4}},
+        },
+        "distill": {"kd_gain": 0.05},
+        "prepare": {"image_size": 32, "channels": 3},
+        "train": {"epochs_run": 38},
+    }
+    ok = {"dataset": "messy-folder", "pretrained": True, "status": "ok", **summarise(metrics),
+          "stage_seconds": {"train": 100.0, "distill": 20.0}}  # fmt: skip
+    refused = {"dataset": "messy-folder", "pretrained": False, "status": "train failed",
+               "reason": "WeakModelError: train: the best val macro-F1 0.08 ...",
+               "wall_seconds": 80.0}  # fmt: skip
+    rows = table([ok, refused]).splitlines()
+    assert rows[2] == (
+        "| messy-folder | pretrained | 0.900 | 0.800 | 0.790 | +0.050 | 0.300 | 120 |"
+    )
+    assert rows[3].startswith("| messy-folder | from scratch | train failed: WeakModelError")
