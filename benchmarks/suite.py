@@ -127,19 +127,22 @@ def main() -> None:
     )
     args = parser.parse_args()
     names = args.only or list(DATASETS)
-    rows = []
-    for pretrained in (True, False) if not args.no_scratch_teacher else (True,):
-        for name in names:
-            print(f"{name}, {'pretrained' if pretrained else 'from-scratch'} teacher:", flush=True)
-            rows.append(run_one(name, pretrained))
-            print(f"  -> {rows[-1]['status']}", flush=True)
+    teachers = (True,) if args.no_scratch_teacher else (True, False)
+    plan = [(name, pretrained) for pretrained in teachers for name in names]
     device = "gpu" if describe_machine()["gpu"] else "cpu"
     command = " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]])
     suffix = "" if set(names) == set(DATASETS) and not args.no_scratch_teacher else "_partial"
-    path = write_result(
-        f"suite_{device}{suffix}.json",
-        {"command": command, "machine": describe_machine(), "runs": rows},
-    )
+    rows: list[dict[str, Any]] = []
+    for name, pretrained in plan:
+        print(f"{name}, {'pretrained' if pretrained else 'from-scratch'} teacher:", flush=True)
+        rows.append(run_one(name, pretrained))
+        print(f"  -> {rows[-1]['status']}", flush=True)
+        # Written after every run: an interrupted suite keeps what it measured.
+        path = write_result(
+            f"suite_{device}{suffix}.json",
+            {"command": command, "machine": describe_machine(), "runs": rows,
+             "complete": len(rows) == len(plan)},
+        )  # fmt: skip
     print(table(rows))
     print(f"wrote {path}")
 
