@@ -153,10 +153,14 @@ def test_prepare_flow_fails_fast_and_writes_nothing_when_a_class_is_too_small(
 
 
 def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
-    harness, params, prepared_on_disk
+    harness, params, prepared_on_disk, monkeypatch
 ):
     """Noise images: no CNN beats a linear model that saw the very same (val = train) images."""
     import mlflow
+
+    # Its own store: an earlier test's mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI.
+    store = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
 
     from flows.train import train_flow
     from tasks.baselines import WeakModelError, trivial_baselines, write_baselines
@@ -186,7 +190,7 @@ def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
     assert metrics["weak"] is True and metrics["baseline"] in ("linear", "majority")
     assert metrics["required_val_f1_macro"] > metrics["best_val_f1_macro"]
     assert TEACHER.is_file()
-    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
     tags = {r.info.status: r.data.tags.get("weak_model") for r in runs}
     assert tags == {"FAILED": None, "FINISHED": "true"}
