@@ -150,9 +150,9 @@ def efficientnet_lite0(
     if len(view.stats.mean) != in_channels:
         raise ValueError(f"{len(view.stats.mean)} channel statistics for {in_channels} channels")
     model = Classifier(lite0_features(view.stats, view.size), HEAD_CHANNELS, num_classes, dropout)
-    # channels_last weights (and PretrainedInput's channels_last output): its depthwise convs
-    # ran about 5x faster so on this CPU, wherever the model is used (distill's teacher,
-    # evaluate, predict), not only in training, which makes every model channels_last.
+    # channels_last weights (PretrainedInput's output is channels_last too): its depthwise
+    # convs ran about 5x faster so on this CPU. engine.fit converts every model it trains;
+    # this covers the other uses (distill's frozen teacher, evaluate, predict).
     return model.to(memory_format=torch.channels_last)
 
 
