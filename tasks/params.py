@@ -18,7 +18,7 @@ params never imports torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -40,7 +40,8 @@ FeatureSpace = Literal["pixels", "embeddings"]
 LossName = Literal["ce", "focal"]
 ClassWeightName = Literal["none", "balanced", "sqrt_inv", "effective_number"]
 ModelName = Literal["resnet", "cnn", "mobilenet"]  # tasks.models.MODELS: trained from scratch
-PretrainedName = Literal["efficientnet_lite0"]  # tasks.models.PRETRAINED: ImageNet weights
+# tasks.models.PRETRAINED: ImageNet weights (the whole network, or its first blocks: a student)
+PretrainedName = Literal["efficientnet_lite0", "efficientnet_lite0_trunk"]
 FeatureLossName = Literal["none", "attention"]
 QuantizeMethod = Literal["ptq", "qat", "auto"]
 ScheduleName = Literal["onecycle", "cosine"]
@@ -167,7 +168,15 @@ class AugmentParams(Section):
 class FitParams(Section):
     """What a supervised fit needs; the teacher and the student both have it."""
 
-    model: ModelName
+    SECTION: ClassVar[str]  # its key in params.yaml, for messages
+
+    model: ModelName | PretrainedName
+    # ImageNet weights for a PRETRAINED model: the packaged file, or ``weights``.
+    pretrained: bool
+    weights: Path | None
+    # The resolution a PRETRAINED model sees (resized on the fly from data.image_size);
+    # auto: twice the stored size, within 32-64 (tasks.efficientnet.auto_input_size).
+    input_size: Annotated[int, Field(ge=32, le=512)] | Literal["auto"]
     width: int = Field(ge=1)
     width_multiplier: float = Field(gt=0.0, le=8.0)  # scales every layer (MobileNet's alpha)
     dropout: float = Field(ge=0.0, lt=1.0)
@@ -197,15 +206,28 @@ class FitParams(Section):
     data_on_device: bool  # train split on the device, augmented there (tasks/device_data.py)
     deterministic: bool
 
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("must be null (the packaged weights) or an existing .pth file")
+        return value
+
+    @model_validator(mode="after")
+    def _pretrained_has_weights(self) -> FitParams:
+        section = self.SECTION
+        if self.pretrained and self.model not in PretrainedName.__args__:
+            raise ValueError(
+                f"{section}.pretrained: true, but {section}.model {self.model!r} has no ImageNet "
+                f"weights; use {section}.model: {' | '.join(PretrainedName.__args__)} "
+                f"or {section}.pretrained: false"
+            )
+        return self
+
 
 class TrainParams(FitParams):
-    model: ModelName | PretrainedName
-    # ImageNet weights for a PRETRAINED model: the packaged file, or ``weights``.
-    pretrained: bool
-    weights: Path | None
-    # The resolution a PRETRAINED model sees (resized on the fly from data.image_size);
-    # auto: twice the stored size, within 32-64 (tasks.efficientnet.auto_input_size).
-    input_size: Annotated[int, Field(ge=32, le=512)] | Literal["auto"]
+    SECTION: ClassVar[str] = "train"
+
     # Transfer learning: start from these weights (a .pt path or an MLflow URI)...
     init_from: str | None
     # ...train only the head for this many epochs, then everything, the
@@ -220,25 +242,10 @@ class TrainParams(FitParams):
             return value  # an MLflow URI (runs:/, models:/, ...) is resolved when training
         raise ValueError("must be null, an existing checkpoint (.pt) or an MLflow model URI")
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError("must be null (the packaged weights) or an existing .pth file")
-        return value
-
-    @model_validator(mode="after")
-    def _pretrained_has_weights(self) -> TrainParams:
-        if self.pretrained and self.model not in PretrainedName.__args__:
-            raise ValueError(
-                f"train.pretrained: true, but train.model {self.model!r} has no ImageNet "
-                f"weights; use train.model: {' | '.join(PretrainedName.__args__)} "
-                "or train.pretrained: false"
-            )
-        return self
-
 
 class DistillParams(FitParams):
+    SECTION: ClassVar[str] = "distill"
+
     temperature: float = Field(gt=0.0)
     alpha: float = Field(ge=0.0, le=1.0)
     feature_loss: FeatureLossName  # attention: Zagoruyko & Komodakis 2017, on top of KD

@@ -200,25 +200,34 @@ def initialise_from(model: nn.Module, checkpoint: Checkpoint, classes: tuple[str
     return keep_head
 
 
-def teacher_view(data: TrainingData, params: TrainParams) -> InputView | None:
-    """How a PRETRAINED teacher sees the data: at ``train.input_size``; None for the others."""
+def pretrained_view(data: TrainingData, params: FitParams) -> InputView | None:
+    """How a PRETRAINED network sees the data: at ``input_size``; None for the others."""
     if params.model not in PRETRAINED:
         return None
     size = auto_input_size(data.prepared.image_shape[0], params.input_size)
     return InputView(data.prepared.stats, size)
 
 
-def teacher_network(data: TrainingData, params: TrainParams) -> nn.Module:
-    """``train.model`` for this data's channels and classes, freshly initialised."""
-    return build_model(
+def network_for(
+    data: TrainingData, params: FitParams, log: Callable[[str], None] = print
+) -> nn.Module:
+    """``params.model`` for this data's channels and classes: freshly initialised, then
+    with ``params.pretrained`` its ImageNet weights (the packaged file or ``weights``)."""
+    model = build_model(
         params.model,
         data.prepared.image_shape[2],
         data.prepared.num_classes,
         params.width,
         params.dropout,
         params.width_multiplier,
-        view=teacher_view(data, params),
+        view=pretrained_view(data, params),
     )
+    if params.pretrained:
+        section = params.SECTION
+        weights = params.weights or packaged_weights(section).path
+        load_imagenet_weights(model, weights, section=section)
+        log(f"{section}: {params.model} starts from the ImageNet weights in {weights}")
+    return model
 
 
 @stage_task(name="fit-teacher")
@@ -233,11 +242,7 @@ def fit_teacher(
 ) -> FitResult:
     seed_everything(seed, params.deterministic)
     device = init_process_group(World.from_env(), select_device(params.device))
-    model = teacher_network(data, params)
-    if params.pretrained:
-        weights = params.weights or packaged_weights().path
-        load_imagenet_weights(model, weights)
-        log(f"train: {params.model} starts from the ImageNet weights in {weights}")
+    model = network_for(data, params, log)
     if params.init_from is not None:
         initial = load_checkpoint(resolve_checkpoint(params.init_from))
         head = initialise_from(model, initial, data.prepared.classes)

@@ -16,6 +16,7 @@ from tasks.distill import (
     matched_taps,
     stage_ends,
 )
+from tasks.efficientnet import input_size_of, packaged_weights
 from tasks.losses import AttentionTransferLoss, attention_map
 from tasks.models import build_model
 from tasks.params import Params
@@ -28,6 +29,8 @@ def _data(tiny) -> TrainingData:
 
 def _distill(params: Params, **update):
     fixed = {
+        "model": "cnn",  # small and from scratch; the default trunk has its own test
+        "pretrained": False,
         "epochs": 2,
         "width": 4,
         "batch_size": 8,
@@ -52,8 +55,8 @@ def test_scratch_and_distilled_students_share_initial_weights_and_batches(
     params: Params, tiny_prepared
 ) -> None:
     data, distill = _data(tiny_prepared), _distill(params)
-    first = _student(data, distill, seed=3).state_dict()
-    second = _student(data, distill, seed=3).state_dict()
+    first = _student(data, distill, seed=3, log=lambda _: None).state_dict()
+    second = _student(data, distill, seed=3, log=lambda _: None).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     device = torch.device("cpu")
 
@@ -75,6 +78,24 @@ def test_distilling_with_alpha_zero_is_training_from_scratch(params: Params, tin
     a, b = scratch.model.state_dict(), taught.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r.train_loss for r in scratch.history] == [r.train_loss for r in taught.history]
+
+
+def test_the_trunk_student_starts_both_fits_from_the_imagenet_weights(
+    params: Params, tiny_prepared
+) -> None:
+    data = _data(tiny_prepared)
+    distill = _distill(
+        params, model="efficientnet_lite0_trunk", pretrained=True, alpha=0.0, epochs=1
+    )
+    start = _student(data, distill, seed=3, log=lambda _: None)
+    raw = torch.load(packaged_weights().path, map_location="cpu", weights_only=True)
+    assert torch.equal(start.features[1][0].weight, raw["_conv_stem.weight"])
+    assert input_size_of(start) == 32  # auto: twice the stored 8 px, at least 32
+    scratch = fit_student.fn(data, None, distill, params.augment, seed=5)
+    taught = fit_student.fn(data, _teacher(tiny_prepared), distill, params.augment, seed=5)
+    a, b = scratch.model.state_dict(), taught.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["features.1.0.weight"], raw["_conv_stem.weight"])  # it trained
 
 
 def test_the_teacher_changes_the_student_when_it_has_weight(params: Params, tiny_prepared) -> None:

@@ -25,6 +25,7 @@ from tasks.models import InputView, build_model, count_params
 # ImageNet classes of buildings: church, palace, bell cote, dome, stupa, monastery, castle.
 BUILDINGS = {497, 698, 442, 538, 832, 663, 483}
 UNIT = ChannelStats((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # inputs are the [0, 1] pixels
+UNIT_GRAY = ChannelStats((0.0,), (1.0,))
 
 
 def _imagenet_model(size: int = 224) -> nn.Module:
@@ -108,6 +109,29 @@ def test_a_missing_truncated_or_foreign_weights_file_is_an_error_naming_the_key(
     torch.save({k: v for k, v in raw.items() if not k.startswith("_blocks.15.")}, partial)
     with pytest.raises(WeightsError, match=r"lacks 18 of efficientnet_lite0's tensors"):
         load_imagenet_weights(model, partial)
+
+
+def test_the_trunk_student_is_the_first_blocks_of_imagenets_network_under_100k_params(tmp_path):
+    trunk = build_model("efficientnet_lite0_trunk", 1, 10, 0, 0.1, view=InputView(UNIT_GRAY, 32))
+    full = _imagenet_model(32)
+    weights = packaged_weights().path
+    load_imagenet_weights(trunk, weights, section="distill")
+    trunk.eval()
+    assert count_params(trunk) == 88_394 < 100_000
+    assert len(trunk.features) == 2 + 6 and trunk.head[2].in_features == 80
+    for key, tensor in trunk.state_dict().items():
+        if key.startswith("features."):
+            assert torch.equal(tensor, full.state_dict()[key]), key
+    # Its features agree with the whole network's on the same (grayscale) image.
+    gray = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(trunk.features(gray), full.features[:8](gray), atol=1e-5)
+    # The deeper blocks are left out, but what the trunk has must still be in the file.
+    raw = torch.load(weights, map_location="cpu", weights_only=True)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in raw.items() if not k.startswith("_blocks.2.")}, partial)
+    with pytest.raises(WeightsError, match=r"distill\.pretrained: .* lacks 18 of"):
+        load_imagenet_weights(trunk, partial, section="distill")
 
 
 def test_the_input_view_undoes_the_data_standardisation_and_replicates_grayscale():

@@ -162,6 +162,14 @@ def test_pretrained_needs_a_model_with_imagenet_weights(raw: dict[str, Any]) -> 
     assert parse_params(_set(edited, "train.pretrained", False)).train.model == "resnet"
 
 
+def test_a_pretrained_student_needs_a_model_with_imagenet_weights(raw: dict[str, Any]) -> None:
+    edited = _set(_set(raw, "distill.model", "cnn"), "distill.pretrained", True)
+    message = _error(edited)
+    assert "distill.pretrained: true, but distill.model 'cnn' has no ImageNet weights" in message
+    assert "efficientnet_lite0_trunk" in message
+    assert parse_params(_set(edited, "distill.pretrained", False)).distill.model == "cnn"
+
+
 def test_a_missing_weights_file_fails_naming_train_weights(raw: dict[str, Any], tmp_path) -> None:
     message = _error(_set(raw, "train.weights", str(tmp_path / "absent.pth")))
     assert "train.weights: must be null (the packaged weights) or an existing .pth file" in message
@@ -174,7 +182,7 @@ def test_a_missing_weights_file_fails_naming_train_weights(raw: dict[str, Any], 
     ("key", "value"),
     [("data.channels", 2), ("data.image_size", "big"), ("train.input_size", 16),
      ("train.min_steps", -1), ("distill.baseline_margin", 1.0),
-     ("distill.model", "efficientnet_lite0")],
+     ("distill.model", "efficientnet_b0"), ("distill.input_size", 16)],
 )  # fmt: skip
 def test_new_keys_reject_bad_values_by_name(raw: dict[str, Any], key: str, value: Any) -> None:
     assert key in _error(_set(raw, key, value))
