@@ -64,6 +64,8 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "image_size": metrics["prepare"]["image_size"],
         "channels": metrics["prepare"]["channels"],
         "teacher_epochs": metrics["train"]["epochs_run"],
+        "student_params": metrics["distill"]["params"],
+        "student_epochs": metrics["distill"]["epochs_run"],
     }
 
 
