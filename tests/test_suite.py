@@ -36,7 +36,7 @@ def test_a_refused_run_is_a_row_that_says_why():
             "student_int8": {"f1_macro": 0.79, "accuracy": 0.8},
             "baselines": {"linear": {"f1_macro": 0.3, "accuracy": 0.4}},
         },
-        "distill": {"kd_gain": 0.05},
+        "distill": {"kd_gain": 0.05, "params": 88394, "epochs_run": 20},
         "prepare": {"image_size": 32, "channels": 3},
         "train": {"epochs_run": 38},
     }
