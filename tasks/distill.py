@@ -217,7 +217,9 @@ def fit_student(
     if network is None:
         return run(supervised_objective(hard))
     kd = KDLoss(params.temperature, params.alpha, params.label_smoothing, hard=hard)
-    augmentation = getattr(train_loader.dataset, "augment", None)
+    # Device batches (data_on_device) have no dataset: they augment on the device,
+    # so their teacher logits are always computed per batch.
+    augmentation = getattr(getattr(train_loader, "dataset", None), "augment", None)
     unaugmented = augmentation is None or augmentation.is_identity
     if params.feature_loss == "none" and not params.data_on_device and unaugmented:
         # Every epoch shows the teacher the same images: one forward pass over the

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tasks.checkpoints import Checkpoint
+from tasks.device_data import DeviceBatches
 from tasks.distill import (
     FeatureTaps,
     SplitScore,
@@ -96,6 +97,20 @@ def test_the_trunk_student_starts_both_fits_from_the_imagenet_weights(
     a, b = scratch.model.state_dict(), taught.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["features.1.0.weight"], raw["_conv_stem.weight"])  # it trained
+
+
+def test_distilling_on_device_batches_trains_both_students(params: Params, tiny_prepared) -> None:
+    # The device path's batches have no .dataset: distill once crashed reading it.
+    data = _data(tiny_prepared)
+    distill = _distill(params, data_on_device=True, alpha=0.9, epochs=1)
+    assert isinstance(build_loaders(data, distill, params.augment, 0, torch.device("cpu"))[0],
+                      DeviceBatches)  # fmt: skip
+    scratch = fit_student.fn(data, None, distill, params.augment, seed=5)
+    taught = fit_student.fn(data, _teacher(tiny_prepared), distill, params.augment, seed=5)
+    assert np.isfinite(taught.history[0].train_loss)
+    assert not torch.equal(
+        scratch.model.state_dict()["head.2.weight"], taught.model.state_dict()["head.2.weight"]
+    )
 
 
 def test_the_teacher_changes_the_student_when_it_has_weight(params: Params, tiny_prepared) -> None:
