@@ -150,8 +150,8 @@ def check_fit(
         "train.pretrained: true with train.model: efficientnet_lite0, a larger data.image_size "
         "or train.input_size, more train.epochs / train.min_steps"
         if stage == "train"
-        else "a stronger teacher, a larger distill.width or another distill.model, "
-        "more distill.epochs / distill.min_steps"
+        else "distill.pretrained: true with distill.model: efficientnet_lite0_trunk, a "
+        "stronger teacher, a larger distill.input_size, more distill.epochs / distill.min_steps"
     )
     message = (
         f"{stage}: the best val macro-F1 {check.val_f1_macro:.4f} does not beat the {best} "
