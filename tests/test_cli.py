@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_check_accepts_the_real_params(capsys):
     assert main(["check", "--params", str(ROOT / "params.yaml")]) == 0
-    assert json.loads(capsys.readouterr().out)["distill"]["model"] == "cnn"
+    assert json.loads(capsys.readouterr().out)["distill"]["model"] == "efficientnet_lite0_trunk"
 
 
 def test_check_rejects_a_bad_value_naming_key_and_choices(tmp_path, capsys):
