@@ -97,7 +97,13 @@ def ops(tmp_path_factory):
     finally:
         if worker is not None:
             os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                # Its graceful shutdown (deregistering from the API) has once taken
+                # over 30 s on a loaded CI machine; it is cleanup, not under test.
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
         _visionpipe(repo, env, "down")
 
 
