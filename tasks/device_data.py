@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from tasks.datasets import ChannelStats, Split, take_rows
 from tasks.distributed import ShardedSampler, World, local_batch_size
 from tasks.params import DEVICE_UNSUPPORTED, AugmentParams
-from tasks.transforms import minority_classes
+from tasks.transforms import minority_classes, resolve_augment
 
 
 def check_supported(params: AugmentParams) -> None:
@@ -185,6 +185,8 @@ class DeviceBatches:
         minority = frozenset()
         if augment is not None and augment.minority_boost != 1.0 and class_counts is not None:
             minority = minority_classes(class_counts)
+        if augment is not None:
+            augment = resolve_augment(augment, int(pixels.shape[1]))
         self.augment = None if augment is None else TensorAugment(augment, self.generator, minority)
 
     def __len__(self) -> int:

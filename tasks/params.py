@@ -126,7 +126,8 @@ class ResampleParams(Section):
 
 
 class AugmentParams(Section):
-    hflip_p: Probability
+    # auto: 0.5 on RGB data, 0 on grayscale (tasks.transforms.resolve_augment)
+    hflip_p: Probability | Literal["auto"]
     vflip_p: Probability
     affine_p: Probability
     rotate_deg: float = Field(ge=0.0, le=180.0)

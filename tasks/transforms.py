@@ -161,6 +161,21 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+AUTO_HFLIP_RGB = 0.5
+
+
+def resolve_augment(params: AugmentParams, channels: int) -> AugmentParams:
+    """``params`` with ``hflip_p: auto`` decided by the data's channels.
+
+    RGB data (photos, objects, scenes) is mirror-invariant, and a flip is the
+    augmentation that helps most there: 0.5. Grayscale data is often glyphs
+    (digits, letters, symbols), which a mirror turns into other glyphs: 0.
+    """
+    if params.hflip_p != "auto":
+        return params
+    return params.model_copy(update={"hflip_p": AUTO_HFLIP_RGB if channels == 3 else 0.0})
+
+
 def build_augment(
     params: AugmentParams,
     seed: int,
@@ -174,6 +189,7 @@ def build_augment(
     before normalisation, on the pixel scale the parameters are written in.
     ``class_counts`` (what the model sees per epoch) decides the minority classes.
     """
+    params = resolve_augment(params, channels)
     common = _pipeline(params, seed, channels, size, 1.0)
     if params.minority_boost == 1.0 or class_counts is None:
         return Augment(common, None, frozenset())

@@ -74,6 +74,20 @@ def test_build_augment_leaves_out_p_zero(params: Params) -> None:
     assert np.array_equal(augment(_image(), 0), _image())
 
 
+@pytest.mark.parametrize(("channels", "flips"), [(3, True), (1, False)])
+def test_auto_hflip_flips_colour_data_and_leaves_grayscale_unmirrored(
+    params: Params, channels: int, flips: bool
+) -> None:
+    settings = _with(params.augment, 0.0, hflip_p="auto")
+    augment = build_augment(settings, seed=0, channels=channels, size=8)
+    names = [type(t).__name__ for t in augment.common.transforms]
+    assert names == (["HorizontalFlip"] if flips else [])
+    if flips:
+        assert augment.common.transforms[0].p == 0.5
+    chosen = build_augment(_with(params.augment, 0.0, hflip_p=0.2), seed=0, channels=1, size=8)
+    assert [t.p for t in chosen.common.transforms] == [0.2]  # a number is kept as it is
+
+
 def test_build_augment_same_seed_same_outputs(params: Params) -> None:
     image = _image()
 
