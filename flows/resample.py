@@ -21,6 +21,8 @@ def resample_flow(seed: int, resample: ResampleParams) -> dict:
     prepared = load_prepared(PREPARED_DIR)
     result = t.resample(prepared.train, prepared.num_classes, resample, seed, prepared.stats)
     metrics = t.write(RESAMPLED_DIR, METRICS, result, prepared.classes, resample)
+    for warning in result.warnings:
+        get_run_logger().warning(warning)
     get_run_logger().info(
         "resample (%s): %s -> %s train images, %s synthetic; per class %s -> %s",
         resample.strategy, metrics["train_before"], metrics["train_after"],

@@ -56,6 +56,10 @@ def tracked_fit(
         experiment, run_name or stage, stage=stage, variant=variant, params=run_params
     ) as run:
         run_id = run.info.run_id
+        if data.resample_warnings:  # the resample stage has no run of its own: say it here
+            tracking.set_tags(run_id, {"resample_warnings": " | ".join(data.resample_warnings)})
+            for warning in data.resample_warnings:
+                logger.warning("resample: %s", warning)
 
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(run_id, record)

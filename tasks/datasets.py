@@ -292,3 +292,9 @@ def load_resampled_train(prepared: PreparedData, directory: Path = RESAMPLED_DIR
 def load_sample_weights(directory: Path = RESAMPLED_DIR) -> np.ndarray:
     """Per-row sampling weights of the resampled train split (all equal: plain shuffling)."""
     return np.load(directory / "weights.npy")
+
+
+def load_resample_warnings(directory: Path = RESAMPLED_DIR) -> tuple[str, ...]:
+    """What the resample stage warned about (a strategy that fell back, say)."""
+    path = directory / "warnings.json"
+    return tuple(read_json(path)) if path.is_file() else ()

@@ -128,6 +128,8 @@ class Resampled:
     counts_before: list[int]
     counts_after: list[int]  # per epoch, in expectation for balanced_sampler
     k_neighbors: int | None = None  # neighbours actually used by a SMOTE-like sampler
+    strategy_used: str | None = None  # where it differs from resample.strategy (a fallback)
+    warnings: tuple[str, ...] = ()
 
 
 def balanced_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -187,8 +189,23 @@ def resample_split(
         # Random samplers pick rows and never look at features: give them row numbers
         # instead of a float copy of every pixel (4.9 GB for 100k 64x64 RGB images).
         features, scale = np.arange(n, dtype=np.float64)[:, None], 1.0
+    used, warnings = params.strategy, ()
     try:
-        resampled_x, resampled_y = sampler.fit_resample(features, train.labels)
+        try:
+            resampled_x, resampled_y = sampler.fit_resample(features, train.labels)
+        except (ValueError, RuntimeError) as exc:
+            if params.strategy != "adasyn" or not _adasyn_undefined(exc):
+                raise
+            # ADASYN weights each minority sample by the share of other classes among
+            # its neighbours; where no neighbour is of another class those weights are
+            # 0/0 and uniform weights - which is SMOTE - are what ADASYN degenerates to.
+            used = "smote"
+            warnings = (
+                f"resample.strategy='adasyn' is undefined on this train split ({exc}); "
+                "fell back to SMOTE, what ADASYN degenerates to there",
+            )
+            sampler = build_sampler(params.model_copy(update={"strategy": used}), seed, k)
+            resampled_x, resampled_y = sampler.fit_resample(features, train.labels)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(
             f"resample.strategy={params.strategy!r} failed on the train split "
@@ -204,7 +221,18 @@ def resample_split(
     )
     labels = np.concatenate([train.labels[indices], synthetic.labels])
     after = np.bincount(labels, minlength=num_classes).tolist()
-    return Resampled(indices, synthetic, np.ones(len(labels)), before, after, k)
+    return Resampled(
+        indices, synthetic, np.ones(len(labels)), before, after, k,
+        used if used != params.strategy else None, warnings,
+    )  # fmt: skip
+
+
+ADASYN_UNDEFINED = ("Not any neigbours belong to the majority", "No samples will be generated")
+
+
+def _adasyn_undefined(exc: Exception) -> bool:
+    """Whether ``exc`` is imbalanced-learn's ADASYN saying its density ratios are undefined."""
+    return any(message in str(exc) for message in ADASYN_UNDEFINED)
 
 
 @stage_task(name="resample")
@@ -230,8 +258,11 @@ def write(
         write_npy(tmp / "indices.npy", result.indices)
         write_npy(tmp / "weights.npy", result.weights)
         write_split(tmp / "synthetic", result.synthetic)
+        write_json(tmp / "warnings.json", list(result.warnings))  # for the fits' MLflow runs
     metrics = {
         "strategy": params.strategy,
+        "strategy_used": result.strategy_used or params.strategy,
+        "warnings": list(result.warnings),
         "space": params.space if params.strategy in NEEDS_FEATURES else None,
         "k_neighbors": result.k_neighbors,
         "per_epoch": params.strategy == "balanced_sampler",

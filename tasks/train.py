@@ -28,6 +28,7 @@ from tasks.datasets import (
     PreparedData,
     Split,
     load_prepared,
+    load_resample_warnings,
     load_resampled_train,
     load_sample_weights,
 )
@@ -64,6 +65,7 @@ class TrainingData:
     prepared: PreparedData
     train: Split
     weights: np.ndarray  # per-row sampling weights; unequal only for balanced_sampler
+    resample_warnings: tuple[str, ...] = ()  # what the resample stage warned about
 
     @property
     def class_prior(self) -> list[float]:
@@ -105,6 +107,7 @@ def load_training_data(
         prepared,
         load_resampled_train(prepared, resampled_dir),
         load_sample_weights(resampled_dir),
+        load_resample_warnings(resampled_dir),
     )
 
 

@@ -70,6 +70,49 @@ def test_resample_flow_completes_and_records_each_task(harness, prepared_on_disk
     assert {p: p.read_bytes() for p in sorted(PREPARED_DIR.rglob("*")) if p.is_file()} == untouched
 
 
+def test_adasyn_where_undefined_falls_back_to_smote_and_says_so_in_the_teacher_run(
+    harness, params, tmp_path, monkeypatch
+):
+    """Long-tailed, well separated classes: ADASYN's density ratios are 0/0. The
+    scheduled retrain must not die of a data property: SMOTE, with a warning in
+    metrics/resample.json and on the teacher's MLflow run."""
+    import mlflow
+
+    from flows.train import train_flow
+    from tasks.baselines import trivial_baselines, write_baselines
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), [20, 8, 4])
+    images = np.clip(rng.normal(20 + 100 * labels[:, None, None, None], 3, (32, 8, 8, 1)), 0, 255)
+    split = Split(images.astype(np.uint8), labels)
+    write_prepared(PREPARED_DIR, {"train": split, "val": split, "test": split}, CLASSES,
+                   ChannelStats.of(split.images))  # fmt: skip
+    adasyn = ResampleParams(
+        strategy="adasyn", sampling_strategy="auto", k_neighbors=3, space="pixels",
+        embedding_checkpoint=None,
+    )  # fmt: skip
+    state = resample_flow(seed=0, resample=adasyn, return_state=True)
+
+    assert state.is_completed()
+    metrics = read_json(metrics_path("resample"))
+    assert metrics["strategy"] == "adasyn" and metrics["strategy_used"] == "smote"
+    assert metrics["class_counts_after"] == {"a": 20, "b": 20, "c": 20}
+    assert len(metrics["warnings"]) == 1 and "fell back to SMOTE" in metrics["warnings"][0]
+
+    write_baselines(PREPARED_DIR, trivial_baselines(load_prepared(PREPARED_DIR), seed=0))
+    tiny = {"model": "cnn", "pretrained": False, "width": 4, "epochs": 1, "min_steps": 0,
+            "batch_size": 8, "device": "cpu", "allow_weak": True}  # fmt: skip
+    train = params.train.model_copy(update=tiny)
+    assert train_flow(seed=0, train=train, augment=params.augment, mlflow=params.mlflow,
+                      return_state=True).is_completed()  # fmt: skip
+    mlflow.set_tracking_uri(store)
+    (run,) = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
+    assert run.data.tags["resample_warnings"] == metrics["warnings"][0]
+
+
 def test_a_failing_task_fails_the_flow_and_leaves_no_output(harness, prepared_on_disk):
     # Undersampling to a float ratio is for two classes only: a clear error, no output.
     params = ResampleParams(

@@ -219,3 +219,29 @@ def test_build_sampler_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="'tomek_only'") as info:
         build_sampler(bogus, SEED)
     assert ", ".join(SAMPLERS) in str(info.value)
+
+
+def test_adasyn_falls_back_to_smote_where_its_density_ratios_are_undefined() -> None:
+    """Well separated classes: no minority sample has a neighbour of another class, so
+    imbalanced-learn's ADASYN divides 0 by 0 and raises; the stage goes on with SMOTE."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(len(COUNTS)), COUNTS).astype(np.int64)
+    images = np.clip(
+        rng.normal(20 + 100 * labels[:, None, None, None], 3, (len(labels), 8, 8, 1)), 0, 255
+    )
+    separated = Split(images.astype(np.uint8), labels)
+    features, _ = feature_matrix(separated.images)
+    with pytest.raises(RuntimeError, match="Not any neigbours"):  # the failure being handled
+        build_sampler(_params("adasyn"), SEED, 3).fit_resample(features, labels)
+
+    result = _run(separated, "adasyn")
+    assert result.strategy_used == "smote"
+    assert len(result.warnings) == 1 and "fell back to SMOTE" in result.warnings[0]
+    smote = _run(separated, "smote")
+    assert np.bincount(_labels_after(separated, result)).tolist() == [20, 20, 20]
+    assert np.array_equal(result.synthetic.images, smote.synthetic.images)  # SMOTE's own draws
+
+
+def test_adasyn_where_it_is_defined_runs_as_itself(train: Split) -> None:
+    result = _run(train, "adasyn")
+    assert result.strategy_used is None and result.warnings == ()
