@@ -29,7 +29,9 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
             data.source, t.RAW_DATA_DIR, t.RAW_DATA_DIR,
         )  # fmt: skip
     with t.staging_file(PREPARED_DIR, len(source), spec) as staging:
-        decoded = t.decode(source, spec, staging, t.worker_count(data.workers), logger.info)
+        decoded = t.decode(
+            source, spec, staging, t.worker_count(data.workers), logger.info, data.decode_timeout_s
+        )
         selection = t.select_usable(source, decoded, data.min_per_class)
         plan = t.split(source, selection, data, seed)
         baselines = t.write_prepared(PREPARED_DIR, staging, plan, source, spec, seed, logger.info)

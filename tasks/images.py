@@ -7,7 +7,10 @@ image is named (``"RGBA->L"``, ``"alpha_composited"``, ``"resized:pad"``...)
 so the data-quality report can count them.
 
 A file is *quarantined*, never fatal, when it is empty, is not an image, is
-truncated or otherwise fails to decode, or is smaller than ``data.min_size``.
+truncated or otherwise fails to decode, or is smaller than ``data.min_size``;
+also when it is not a regular file (a FIFO, socket or device: never read, so
+it cannot block), is larger than ``data.max_file_mb``, has vanished since it
+was listed, or takes longer than ``data.decode_timeout_s`` to decode.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
+import stat
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -102,20 +107,79 @@ class ArrayItems:
         return Image.fromarray(np.frombuffer(raw, np.uint8).reshape(self.pixels.shape[1:]))
 
 
+class Quarantined(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+)  # fmt: skip
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str, max_bytes: int | None = None) -> io.BufferedReader:
+    """``path`` opened for reading, if it is a regular file of at most ``max_bytes``.
+
+    Anything else raises ``Quarantined`` without a byte read: a FIFO would block
+    the reader forever, a device (``/dev/zero``) would never end. The file is
+    opened non-blocking and checked with ``fstat`` on the open descriptor, so a
+    file swapped for a FIFO after the check cannot block either.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a socket cannot even be opened: say what it is
+            raise Quarantined("not_a_file", f"{_kind(mode)}, not a regular file: not read")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise Quarantined(
+                "broken_symlink", f"points to {os.readlink(path)}, which does not exist"
+            ) from None
+        raise Quarantined("vanished", "listed, then gone before it was read") from None
+    except PermissionError as exc:
+        raise Quarantined("unreadable", f"{type(exc).__name__}: {exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise Quarantined("not_a_file", f"{_kind(info.st_mode)}, not a regular file: not read")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise Quarantined(
+                "too_large",
+                f"{info.st_size} bytes is above data.max_file_mb={max_bytes / 2**20:g}: not read",
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @dataclass(frozen=True)
 class FileItems:
-    """Items that are image files."""
+    """Items that are image files (regular files only; ``open_regular`` checks)."""
 
     paths: np.ndarray  # str objects: an array, so Prefect does not walk 100k entries
+    max_bytes: int | None = None  # a larger file is quarantined unread
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def take(self, positions: np.ndarray) -> FileItems:
-        return FileItems(self.paths[positions])
+        return FileItems(self.paths[positions], self.max_bytes)
 
     def read(self, i: int) -> bytes:
-        return Path(self.paths[i]).read_bytes()
+        with open_regular(str(self.paths[i]), self.max_bytes) as file:
+            raw = file.read() if self.max_bytes is None else file.read(self.max_bytes + 1)
+        if self.max_bytes is not None and len(raw) > self.max_bytes:  # grew since the check
+            raise Quarantined("too_large", f"above data.max_file_mb={self.max_bytes / 2**20:g}")
+        return raw
 
     def open(self, raw: bytes) -> Image.Image:
         return Image.open(io.BytesIO(raw))
@@ -134,13 +198,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.reason is None
-
-
-class Quarantined(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -213,6 +270,10 @@ def decode_item(items: Items, i: int, spec: ImageSpec) -> tuple[Outcome, np.ndar
     """Read, check and convert item ``i``; a bad item comes back with its reason, never raises."""
     try:
         raw = items.read(i)
+    except Quarantined as bad:
+        return Outcome(bad.reason, bad.detail), None
+    except FileNotFoundError:
+        return Outcome("vanished", "listed, then gone before it was read"), None
     except OSError as exc:
         return Outcome("unreadable", f"{type(exc).__name__}: {exc}"), None
     digest = hashlib.blake2b(raw, digest_size=16).digest()
@@ -242,22 +303,53 @@ def decode_item(items: Items, i: int, spec: ImageSpec) -> tuple[Outcome, np.ndar
     return Outcome(None, "", digest, fmt, done), array
 
 
+class DecodeTimeout(BaseException):
+    """One item's decoding ran past its limit (a BaseException: no ``except Exception`` eats it)."""
+
+
+def _expired(signum: int, frame: object) -> None:
+    raise DecodeTimeout
+
+
 def decode_chunk(
-    items: Items, start: int, spec: ImageSpec, staging: str, offset: int
+    items: Items,
+    start: int,
+    spec: ImageSpec,
+    staging: str,
+    offset: int,
+    timeout_s: float | None = None,
 ) -> list[Outcome]:
     """Decode ``items`` and write each good one into row ``start + i`` of the staging file.
 
     Writing in the worker (``os.pwrite`` at the row's offset) keeps the pixels
     out of the parent process and out of any pipe: only the outcomes travel back.
+    With ``timeout_s``, in a process's main thread (where signals can be set: the
+    prepare stage's worker processes), an item that takes longer is quarantined
+    as ``timeout`` and decoding goes on with the next one.
     """
+    timed = bool(timeout_s) and hasattr(signal, "setitimer")
+    timed = timed and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _expired) if timed else None
     outcomes = []
     fd = os.open(staging, os.O_WRONLY)
     try:
         for i in range(len(items)):
-            outcome, array = decode_item(items, i, spec)
+            try:
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                try:
+                    outcome, array = decode_item(items, i, spec)
+                finally:
+                    if timed:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+            except DecodeTimeout:
+                detail = f"decoding took over data.decode_timeout_s={timeout_s:g} s"
+                outcome, array = Outcome("timeout", detail), None
             if array is not None:
                 os.pwrite(fd, array.tobytes(), offset + (start + i) * spec.row_bytes)
             outcomes.append(outcome)
     finally:
         os.close(fd)
+        if timed:
+            signal.signal(signal.SIGALRM, previous)
     return outcomes

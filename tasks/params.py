@@ -85,6 +85,9 @@ class DataParams(Section):
     val_fraction: float = Field(gt=0.0, lt=0.5)
     test_fraction: float = Field(gt=0.0, lt=0.5)
     workers: Annotated[int, Field(ge=1)] | Literal["auto"]
+    symlinks: Literal["inside", "follow", "skip"]  # which symlinks an ImageFolder listing follows
+    max_file_mb: float = Field(gt=0.0)  # a larger file is quarantined unread
+    decode_timeout_s: float = Field(gt=0.0)  # an image that takes longer is quarantined
 
     @field_validator("source")
     @classmethod

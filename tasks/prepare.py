@@ -48,7 +48,7 @@ from tasks.datasets import (
     load_prepared,
     write_description,
 )
-from tasks.images import ArrayItems, ImageSpec, Outcome, decode_chunk
+from tasks.images import ArrayItems, ImageSpec, Outcome, decode_chunk, open_regular
 from tasks.orchestration import stage_task
 from tasks.params import BUILTIN_SOURCES, DataParams
 from tasks.progress import Progress
@@ -74,13 +74,14 @@ class ImageShape:
     grayscale: bool
 
 
-def _header(path: str) -> ImageShape | None:
-    """Size and colour from the file's header (no pixel decoding); None if unreadable.
+def _header(path: str, max_bytes: int | None = None) -> ImageShape | None:
+    """Size and colour from the file's header (no pixel decoding); None if unreadable
+    or not a regular file (``open_regular``: a FIFO is never opened for a blocking read).
 
     A palette image counts as grayscale when every palette entry is grey.
     """
     try:
-        with Image.open(path) as image:
+        with open_regular(path, max_bytes) as file, Image.open(file) as image:
             gray = image.mode in GRAYSCALE_MODES
             if image.mode in ("P", "PA"):
                 palette = np.asarray(image.getpalette() or [], dtype=np.int16).reshape(-1, 3)
@@ -100,7 +101,8 @@ def item_shapes(source: Source, seed: int, sample: int | None = None) -> list[Im
     paths = np.asarray(items.paths)
     if sample is not None and len(paths) > sample:
         paths = np.random.default_rng(seed).choice(paths, sample, replace=False)
-    return [shape for shape in map(_header, paths) if shape is not None]
+    shapes = (_header(path, items.max_bytes) for path in paths)
+    return [shape for shape in shapes if shape is not None]
 
 
 def auto_size(shapes: list[ImageShape]) -> int:
@@ -207,15 +209,22 @@ def decode_all(
     staging: Staging,
     workers: int,
     log: Callable[[str], None] = print,
+    timeout_s: float | None = None,
 ) -> Decoded:
-    """Decode every item into its staging row, ``workers`` processes at a time."""
+    """Decode every item into its staging row, ``workers`` processes at a time.
+
+    Files with a ``timeout_s`` always decode in worker processes (one at the
+    least), where each item's time can be limited: the stage's own thread
+    cannot take the signal that interrupts a decoder.
+    """
     n = len(source)
     outcomes: list[Outcome] = []
     starts = range(0, n, CHUNK)
     chunks = (source.items.take(np.arange(start, min(start + CHUNK, n))) for start in starts)
-    args = (spec, str(staging.path), staging.offset)
+    args = (spec, str(staging.path), staging.offset, timeout_s)
+    in_process = isinstance(source.items, ArrayItems) or not timeout_s
     with Progress(n, "decode", log) as progress:
-        if workers <= 1 or len(starts) < 2:
+        if in_process and (workers <= 1 or len(starts) < 2):
             for start, chunk in zip(starts, chunks, strict=True):
                 outcomes += decode_chunk(chunk, start, *args)
                 progress.update(len(chunk))
@@ -239,9 +248,14 @@ def decode_all(
 
 @stage_task(name="decode")
 def decode(
-    source: Source, spec: ImageSpec, staging: Staging, workers: int, log: Callable[[str], None]
+    source: Source,
+    spec: ImageSpec,
+    staging: Staging,
+    workers: int,
+    log: Callable[[str], None],
+    timeout_s: float | None = None,
 ) -> Decoded:
-    return decode_all(source, spec, staging, workers, log)
+    return decode_all(source, spec, staging, workers, log, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -492,6 +506,7 @@ def report(
             "content_versioned": content_versioned(params.source),
             "items": len(source),
             "ignored": source.ignored,
+            "symlinks_followed": source.symlinks,
             "quarantined_by_reason": dict(sorted(reasons.items())),
             "quarantined": selection.quarantined,
             "conversions": {

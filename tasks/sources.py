@@ -9,6 +9,14 @@ picks the loader from ``data.source``; ``cap_per_class`` applies
 An ImageFolder is one sub-folder per class, nested folders allowed; hidden
 files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are skipped, and files
 without an image suffix are counted in ``ignored`` (never silently dropped).
+
+Listing a folder cannot hang or recurse without end: a folder already being
+listed (a symlink loop such as ``cat/loop -> ..``) or already listed is not
+entered again; symlinks that leave the source root are skipped unless
+``data.symlinks: follow`` (``skip``: no symlink is followed); every symlink
+followed or skipped is counted. Entries that are not regular files (FIFOs,
+sockets, devices) stay items, so prepare quarantines them as ``not_a_file``
+without reading a byte (``tasks.images.open_regular``).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ class Source:
     item_names: np.ndarray  # str objects (N,): a path, or "digits[17]"
     official_test: np.ndarray | None = None
     ignored: dict[str, int] = field(default_factory=dict)
+    symlinks: dict[str, int] = field(default_factory=dict)  # followed: inside / outside the root
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,32 +180,89 @@ def _fashion_mnist(params: DataParams) -> Source:
     )
 
 
-def _walk(directory: str, ignored: Counter[str]) -> list[str]:
-    """Image files under ``directory``, sorted, skipping hidden entries (counted)."""
-    found: list[str] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                ignored["hidden"] += 1
-            elif entry.is_dir():
-                found.extend(_walk(entry.path, ignored))
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(entry.path)
-            else:
-                ignored["not_an_image_suffix"] += 1
-    return sorted(found)
+@dataclass
+class _Listing:
+    """One walk over an ImageFolder: what it found, set aside and followed."""
+
+    root: str  # the root's real path
+    symlinks: str  # data.symlinks: inside | follow | skip
+    ignored: Counter[str] = field(default_factory=Counter)
+    followed: Counter[str] = field(default_factory=Counter)
+    listed: set[tuple[int, int]] = field(default_factory=set)  # (device, inode) of folders
+    classes: set[tuple[int, int]] = field(default_factory=set)  # the class folders
+
+    def inside(self, path: str) -> bool:
+        return os.path.commonpath([self.root, os.path.realpath(path)]) == self.root
+
+    def follows(self, entry: os.DirEntry) -> bool:
+        """Whether to use a symlink ``entry``; counts the choice either way."""
+        if self.symlinks == "skip":
+            self.ignored["symlink_skipped"] += 1
+            return False
+        where = "inside_root" if self.inside(entry.path) else "outside_root"
+        if where == "outside_root" and self.symlinks == "inside":
+            self.ignored["symlink_outside_root"] += 1
+            return False
+        self.followed[where] += 1
+        return True
+
+    def walk(self, directory: str, ancestors: frozenset[tuple[int, int]]) -> list[str]:
+        """Image files under ``directory`` (a class folder, or one below it), sorted.
+
+        ``ancestors`` are the folders being listed above it, the root first. A
+        folder reached again through a symlink is not listed again: a loop when it
+        is one of them (``cat/loop -> ..``), else a repeat (another class's folder,
+        or one already listed).
+        """
+        key = _identity(directory)
+        if key in ancestors:
+            self.ignored["symlink_loop"] += 1
+            return []
+        if key in self.listed or (len(ancestors) > 1 and key in self.classes):
+            self.ignored["folder_listed_twice"] += 1
+            return []
+        self.listed.add(key)
+        found: list[str] = []
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name.startswith("."):
+                    self.ignored["hidden"] += 1
+                elif entry.is_symlink() and not self.follows(entry):
+                    continue
+                elif _is_dir(entry):
+                    found.extend(self.walk(entry.path, ancestors | {key}))
+                elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(entry.path)  # a FIFO too: open_regular quarantines it unread
+                else:
+                    self.ignored["not_an_image_suffix"] += 1
+        return sorted(found)
+
+
+def _identity(directory: str) -> tuple[int, int]:
+    info = os.stat(directory)
+    return info.st_dev, info.st_ino
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink; a dangling one is no folder
+    except OSError:  # ELOOP: a symlink to itself
+        return False
 
 
 def _image_folder(params: DataParams) -> Source:
     root = Path(params.source)
     if not root.is_dir():
         raise FileNotFoundError(f"data.source: {root} does not exist or is not a directory")
-    ignored: Counter[str] = Counter()
+    listing = _Listing(os.path.realpath(root), params.symlinks)
+    ignored = listing.ignored
     class_dirs = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith("."):
             ignored["hidden"] += 1
-        elif entry.is_dir():
+        elif entry.is_symlink() and not listing.follows(entry):
+            continue
+        elif _is_dir(entry):
             class_dirs.append(entry)
         else:
             ignored["outside_a_class_folder"] += 1
@@ -210,11 +276,13 @@ def _image_folder(params: DataParams) -> Source:
             f"data.source: {root} holds one class ({class_dirs[0].name}); "
             "a classifier needs at least 2 class sub-folders"
         )
+    top = frozenset({_identity(str(root))})
+    listing.classes = {_identity(d.path) for d in class_dirs}
     paths: list[str] = []
     labels: list[int] = []
     empty = []
     for label, class_dir in enumerate(class_dirs):
-        found = _walk(class_dir.path, ignored)
+        found = listing.walk(class_dir.path, top)
         if not found:
             empty.append(class_dir.name)
         paths.extend(found)
@@ -228,9 +296,10 @@ def _image_folder(params: DataParams) -> Source:
         name=str(root),
         classes=tuple(d.name for d in class_dirs),
         labels=np.asarray(labels, dtype=np.int64),
-        items=FileItems(np.asarray(paths, dtype=object)),
+        items=FileItems(np.asarray(paths, dtype=object), int(params.max_file_mb * 2**20)),
         item_names=np.asarray(paths, dtype=object),
-        ignored=dict(ignored),
+        ignored=dict(sorted(ignored.items())),
+        symlinks=dict(sorted(listing.followed.items())),
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
@@ -16,7 +17,7 @@ from tasks.artifacts import read_json
 from tasks.datasets import ChannelStats, Split, load_prepared, write_prepared
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, RESAMPLED_DIR, metrics_path
 from tasks.params import DataParams, Params, ResampleParams
-from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder
+from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder, noise
 
 CLASSES = ("a", "b", "c")
 
@@ -176,6 +177,90 @@ def test_prepare_flow_on_a_messy_image_folder(harness, params, tmp_path, monkeyp
     assert _task_names(state.state_details.flow_run_id) == [
         "decode", "load-source", "report", "select", "split", "write-prepared",
     ]  # fmt: skip
+
+
+def _hostile_folder(root: Path, outside: Path):
+    """Three classes of good PNGs, a messy folder's broken files, and every trap a
+    file system can set; returns prepare's expected quarantine and the open socket:
+    a FIFO, a socket, a directory loop, links out of the root
+    (to a PNG and to /dev/zero), a link to another class's folder, a dangling and
+    a self-referencing link."""
+    import os
+    import socket
+
+    expected = build_messy_folder(root)["quarantined"]
+    outside.mkdir()
+    Image.fromarray(noise((16, 16), 99)).save(outside / "secret.png")
+    os.mkfifo(root / "a/fifo.png")
+    (root / "a/loop").symlink_to("..")  # a/loop/a/loop/... without end
+    (root / "a/outside.png").symlink_to(outside / "secret.png")
+    (root / "a/zero.png").symlink_to("/dev/zero")
+    (root / "b/other_class").symlink_to("../c")  # c's images again, labelled b
+    (root / "b/alias.png").symlink_to("good3.png")  # inside the root: followed
+    (root / "c/dangling.png").symlink_to("missing.png")
+    (root / "c/self.png").symlink_to("self.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "c/socket.png"))
+    return expected, sock
+
+
+def test_a_hostile_folder_cannot_stall_or_crash_prepare(harness, params, tmp_path, monkeypatch):
+    import signal
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data/raw/hostile"
+    expected, sock = _hostile_folder(root, tmp_path / "outside")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("prepare hung on the hostile folder"))
+    signal.alarm(300)
+    try:
+        start = time.monotonic()
+        state = prepare_flow(seed=0, data=_folder_params(params, root), return_state=True)
+        seconds = time.monotonic() - start
+    finally:
+        signal.alarm(0)
+        sock.close()
+
+    assert state.is_completed(), state
+    assert seconds < 120
+    quality = read_json(DATA_QUALITY)
+    reasons = {q["path"].removeprefix(f"{root}/"): q["reason"] for q in quality["quarantined"]}
+    assert reasons == expected | {
+        "a/fifo.png": "not_a_file",
+        "c/socket.png": "not_a_file",
+        "c/dangling.png": "broken_symlink",
+        "c/self.png": "unreadable",
+    }
+    assert quality["ignored"] == {
+        "folder_listed_twice": 1,  # b/other_class: c is listed as c only
+        "hidden": 3,
+        "not_an_image_suffix": 1,
+        "outside_a_class_folder": 1,
+        "symlink_loop": 1,  # a/loop
+        "symlink_outside_root": 2,  # a/outside.png, a/zero.png: never opened
+    }
+    # a/loop, b/other_class, b/alias.png, c/dangling.png, c/self.png stay inside the root
+    assert quality["symlinks_followed"] == {"inside_root": 5}
+    assert not any("secret" in q["path"] for q in quality["quarantined"])
+
+
+def test_prepare_follows_links_out_of_the_root_only_when_asked(
+    harness, params, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data/raw/hostile"
+    _, sock = _hostile_folder(root, tmp_path / "outside")
+    try:
+        data = _folder_params(params, root, symlinks="follow")
+        assert prepare_flow(seed=0, data=data, return_state=True).is_completed()
+    finally:
+        sock.close()
+    quality = read_json(DATA_QUALITY)
+    reasons = {q["path"].removeprefix(f"{root}/"): q["reason"] for q in quality["quarantined"]}
+    assert reasons["a/zero.png"] == "not_a_file"  # the device is looked at, never read
+    assert "a/outside.png" not in reasons  # the PNG outside the root is stored
+    assert quality["symlinks_followed"] == {"inside_root": 5, "outside_root": 2}
+    assert "symlink_outside_root" not in quality["ignored"]
 
 
 def test_prepare_flow_fails_fast_and_writes_nothing_when_a_class_is_too_small(

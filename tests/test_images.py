@@ -198,3 +198,84 @@ def test_array_items_decode_and_hash_by_pixels(tmp_path) -> None:
     assert all(o.ok and o.conversions == () and o.format == "array" for o in outcomes)
     assert np.array_equal(np.load(staging)[..., 0], pixels)
     assert outcomes[1].digest == outcomes[4].digest != outcomes[0].digest
+
+
+def _png(path: Path, seed: int = 0) -> Path:
+    Image.fromarray(noise((16, 16), seed)).save(path)
+    return path
+
+
+def _decode(paths: list[str], tmp: Path, timeout_s: float | None = None, **items_kw) -> list:
+    items = FileItems(np.asarray(paths, dtype=object), **items_kw)
+    staging = tmp / "staging.npy"
+    offset = create_npy(staging, (len(items), 8, 8, 1))
+    return decode_chunk(items, 0, spec(1, 8), str(staging), offset, timeout_s)
+
+
+def test_what_is_not_a_regular_file_is_quarantined_without_a_read(tmp_path) -> None:
+    import os
+    import socket
+
+    os.mkfifo(tmp_path / "fifo.png")  # an open() for reading would block forever
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # a read would never end
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "folder.png").mkdir()
+    paths = [str(tmp_path / n) for n in ("fifo.png", "zero.png", "dangling.png", "folder.png")]
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "s.png"))
+        outcomes = _decode([*paths, str(tmp_path / "s.png")], tmp_path)
+    assert [(o.reason, o.detail.split(",")[0]) for o in outcomes] == [
+        ("not_a_file", "a FIFO"),
+        ("not_a_file", "a character device"),
+        ("broken_symlink", f"points to {tmp_path / 'gone.png'}"),
+        ("not_a_file", "a directory"),
+        ("not_a_file", "a socket"),
+    ]
+
+
+def test_a_file_that_vanishes_or_turns_into_a_fifo_after_listing_is_quarantined(tmp_path) -> None:
+    import os
+
+    listed = [str(_png(tmp_path / f"{n}.png", i)) for i, n in enumerate(("kept", "gone", "fifo"))]
+    os.remove(listed[1])
+    os.remove(listed[2])
+    os.mkfifo(listed[2])
+    assert [o.reason for o in _decode(listed, tmp_path)] == [None, "vanished", "not_a_file"]
+
+
+def test_a_file_above_max_bytes_is_quarantined_unread(tmp_path) -> None:
+    path = _png(tmp_path / "big.png")
+    (small,) = _decode([str(path)], tmp_path, max_bytes=path.stat().st_size - 1)
+    assert small.reason == "too_large" and "data.max_file_mb" in small.detail
+    (fits,) = _decode([str(path)], tmp_path, max_bytes=path.stat().st_size)
+    assert fits.ok
+
+
+class _SlowItems(FileItems):
+    """A file whose read takes far longer than any decode should (a stalled mount, say)."""
+
+    def read(self, i: int) -> bytes:
+        if i == 0:
+            import time
+
+            time.sleep(30)
+        return super().read(i)
+
+    def take(self, positions: np.ndarray) -> _SlowItems:
+        return _SlowItems(self.paths[positions], self.max_bytes)
+
+
+def test_one_stalled_file_is_quarantined_after_the_timeout_and_decoding_goes_on(
+    tmp_path,
+) -> None:
+    import time
+
+    paths = [str(_png(tmp_path / f"{i}.png", i)) for i in range(2)]
+    items = _SlowItems(np.asarray(paths, dtype=object))
+    staging = tmp_path / "staging.npy"
+    offset = create_npy(staging, (2, 8, 8, 1))
+    start = time.monotonic()
+    outcomes = decode_chunk(items, 0, spec(1, 8), str(staging), offset, timeout_s=0.5)
+    assert time.monotonic() - start < 5
+    assert outcomes[0].reason == "timeout" and "data.decode_timeout_s=0.5" in outcomes[0].detail
+    assert outcomes[1].ok and np.load(staging)[1].any()
