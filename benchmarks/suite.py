@@ -1,6 +1,7 @@
 """The committed defaults on four kinds of data, with a pretrained teacher and without.
 
-    python benchmarks/suite.py [--only NAME ...] [--no-scratch-teacher]
+    python benchmarks/suite.py [--only NAME ...] [--no-scratch-teacher | --scratch-teacher-only]
+                               [--out FILE]
 
 Runs the whole pipeline (``benchmarks/pipeline.py``'s fresh copy, every stage
 through ``dvc repro``) on the committed ``params.yaml``, changing only
@@ -124,16 +125,24 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(DATASETS), help="these datasets only")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--no-scratch-teacher", action="store_true", help="skip the train.pretrained: false runs"
     )
+    which.add_argument(
+        "--scratch-teacher-only", action="store_true", help="only the train.pretrained: false runs"
+    )
+    parser.add_argument("--out", help="result file name (default: suite_<device>[_partial].json)")
     args = parser.parse_args()
     names = args.only or list(DATASETS)
-    teachers = (True,) if args.no_scratch_teacher else (True, False)
+    teachers = (True, False)
+    if args.no_scratch_teacher or args.scratch_teacher_only:
+        teachers = (not args.scratch_teacher_only,)
     plan = [(name, pretrained) for pretrained in teachers for name in names]
     device = "gpu" if describe_machine()["gpu"] else "cpu"
     command = " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]])
-    suffix = "" if set(names) == set(DATASETS) and not args.no_scratch_teacher else "_partial"
+    suffix = "" if set(names) == set(DATASETS) and len(teachers) == 2 else "_partial"
+    out_name = args.out or f"suite_{device}{suffix}.json"
     rows: list[dict[str, Any]] = []
     for name, pretrained in plan:
         print(f"{name}, {'pretrained' if pretrained else 'from-scratch'} teacher:", flush=True)
@@ -141,7 +150,7 @@ def main() -> None:
         print(f"  -> {rows[-1]['status']}", flush=True)
         # Written after every run: an interrupted suite keeps what it measured.
         path = write_result(
-            f"suite_{device}{suffix}.json",
+            out_name,
             {"command": command, "machine": describe_machine(), "runs": rows,
              "complete": len(rows) == len(plan)},
         )  # fmt: skip

@@ -159,18 +159,22 @@ class PretrainedInput(nn.Module):
 
 
 BLOCK_OFFSET = 2  # features.0 is the input view, features.1 the stem
-AUTO_INPUT = (2, 32, 64)  # input_size: auto = 2x the stored size, within 32-64 px
+AUTO_INPUT_FACTOR = {1: 2, 3: 3}  # input_size: auto = this times the stored size ...
+AUTO_INPUT_BOUNDS = (32, 96)  # ... within these bounds (px)
 
 
-def auto_input_size(stored: int, setting: int | str = "auto") -> int:
-    """``train.input_size`` for images stored at ``stored`` px: the setting, or for ``auto``
-    twice the stored size within 32-64. The ImageNet features need objects a few
-    times larger than the 8-16 px they are in small stored images; past 64 px a
-    CPU epoch costs more than it buys here (README: the benchmark suite)."""
+def auto_input_size(stored: int, setting: int | str = "auto", channels: int = 1) -> int:
+    """``input_size`` for images stored at ``stored`` px with ``channels``: the setting,
+    or for ``auto`` twice the stored size for grayscale and three times for colour,
+    within 32-96 px. The ImageNet features need objects a few times larger than
+    the 8-32 px they are in small stored images. Measured (README: the benchmark
+    suite): on the RGB ImageFolder, 96 px instead of 64 took the teacher's val
+    macro-F1 from 0.76 to 0.89; on grayscale digits and Fashion-MNIST twice the
+    size already reaches 0.99 and 0.90, and more only costs CPU time."""
     if setting != "auto":
         return int(setting)
-    factor, low, high = AUTO_INPUT
-    return min(max(factor * stored, low), high)
+    low, high = AUTO_INPUT_BOUNDS
+    return min(max(AUTO_INPUT_FACTOR[3 if channels == 3 else 1] * stored, low), high)
 
 
 def input_size_of(model: nn.Module) -> int | None:

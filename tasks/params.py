@@ -179,7 +179,8 @@ class FitParams(Section):
     pretrained: bool
     weights: Path | None
     # The resolution a PRETRAINED model sees (resized on the fly from data.image_size);
-    # auto: twice the stored size, within 32-64 (tasks.efficientnet.auto_input_size).
+    # auto: 2x the stored size (grayscale) or 3x (colour), within 32-96
+    # (tasks.efficientnet.auto_input_size).
     input_size: Annotated[int, Field(ge=32, le=512)] | Literal["auto"]
     width: int = Field(ge=1)
     width_multiplier: float = Field(gt=0.0, le=8.0)  # scales every layer (MobileNet's alpha)

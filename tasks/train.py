@@ -207,7 +207,8 @@ def pretrained_view(data: TrainingData, params: FitParams) -> InputView | None:
     """How a PRETRAINED network sees the data: at ``input_size``; None for the others."""
     if params.model not in PRETRAINED:
         return None
-    size = auto_input_size(data.prepared.image_shape[0], params.input_size)
+    height, _, channels = data.prepared.image_shape
+    size = auto_input_size(height, params.input_size, channels)
     return InputView(data.prepared.stats, size)
 
 

@@ -14,6 +14,7 @@ from tasks.efficientnet import (
     DepthwiseConv2d,
     PretrainedInput,
     WeightsError,
+    auto_input_size,
     input_size_of,
     load_imagenet_weights,
     packaged_weights,
@@ -173,3 +174,14 @@ def test_used_taps_on_maps_smaller_than_the_kernel():
     assert used_taps(2, 5, 1, 2) == (1, 3)
     assert used_taps(8, 5, 1, 2) == (0, 4)
     assert used_taps(2, 3, 2, 1) == (1, 2)  # stride 2 never reads the left padding here
+
+
+@pytest.mark.parametrize(
+    ("stored", "channels", "expected"),
+    [(8, 1, 32), (16, 1, 32), (28, 1, 56), (32, 1, 64), (16, 3, 48), (32, 3, 96), (64, 3, 96)],
+)
+def test_auto_input_size_is_twice_the_stored_size_for_grayscale_three_times_for_colour(
+    stored: int, channels: int, expected: int
+) -> None:
+    assert auto_input_size(stored, "auto", channels) == expected
+    assert auto_input_size(stored, 40, channels) == 40  # a number is kept as it is
