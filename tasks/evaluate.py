@@ -51,7 +51,7 @@ from tasks.latency import (
     measure_runtimes,
     tile_batch,
 )
-from tasks.metrics import f1_macro
+from tasks.metrics import f1_macro_rows
 from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
@@ -261,12 +261,12 @@ def evaluate_variant(
         **scoring.classification_report(labels, probs, variant.classes, params.top_k),
         "f1_macro_ci": list(
             scoring.bootstrap_ci(
-                labels, predicted, lambda y, p: f1_macro(y, p, num_classes), samples, seed
+                labels, predicted, lambda y, p: f1_macro_rows(y, p, num_classes), samples, seed
             )
         ),
         "accuracy_ci": list(
             scoring.bootstrap_ci(
-                labels, predicted, lambda y, p: float((y == p).mean()), samples, seed
+                labels, predicted, lambda y, p: np.mean(y == p, axis=-1), samples, seed
             )
         ),
         "ece": scoring.expected_calibration_error(raw, labels, params.calibration_bins),

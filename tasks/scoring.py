@@ -36,7 +36,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from tasks.metrics import f1_macro
+from tasks.metrics import f1_macro, f1_macro_rows
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -128,15 +128,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def bootstrap_ci(
     labels: np.ndarray,
     predicted: np.ndarray,
-    score: Callable[[np.ndarray, np.ndarray], float],
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray],
     samples: int,
     seed: int,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``score`` over resampled test images."""
+    """Percentile bootstrap interval of ``score`` over resampled test images.
+
+    ``score`` scores every resample at once: (S, n) labels and predictions in,
+    S scores out (``f1_macro_rows``; ``np.mean(y == p, axis=-1)`` for accuracy).
+    """
     rng = np.random.default_rng(seed)
     n = len(labels)
-    draws = [score(labels[idx], predicted[idx]) for idx in rng.integers(0, n, (samples, n))]
+    idx = rng.integers(0, n, (samples, n))
+    draws = score(labels[idx], predicted[idx])
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(draws, [tail, 100.0 - tail])
     return float(low), float(high)
@@ -159,12 +164,10 @@ def paired_comparison(
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
-    deltas = []
-    for idx in rng.integers(0, n, (samples, n)):
-        deltas.append(
-            f1_macro(labels[idx], candidate[idx], num_classes)
-            - f1_macro(labels[idx], reference[idx], num_classes)
-        )
+    idx = rng.integers(0, n, (samples, n))
+    deltas = f1_macro_rows(labels[idx], candidate[idx], num_classes) - f1_macro_rows(
+        labels[idx], reference[idx], num_classes
+    )
     reference_right = reference == labels
     candidate_right = candidate == labels
     only_candidate = int((candidate_right & ~reference_right).sum())

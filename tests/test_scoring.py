@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, top_k_accuracy_score
 
-from tasks.metrics import f1_macro
+from tasks.metrics import f1_macro, f1_macro_rows
 from tasks.scoring import (
     bootstrap_ci,
     classification_report,
@@ -86,8 +86,8 @@ def test_temperature_scaling_cools_an_overconfident_model() -> None:
 
 
 def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_data() -> None:
-    def accuracy(y: np.ndarray, p: np.ndarray) -> float:
-        return float((y == p).mean())
+    def accuracy(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+        return np.mean(y == p, axis=-1)
 
     widths = []
     for n in (100, 1600):
@@ -128,3 +128,15 @@ def test_a_real_drop_is_significant_and_located_in_the_delta_matrix() -> None:
     assert step["f1_macro_delta_ci"][1] < 0  # the whole interval is a loss
     assert step["only_reference_right"] == 60 and step["only_candidate_right"] == 0
     assert step["mcnemar_p"] < 1e-10
+
+
+def test_f1_macro_of_many_resamples_at_once_is_f1_macro_of_each() -> None:
+    labels, logits = _dataset(5, 60)
+    predicted = logits.argmax(1)
+    predicted[:4] = 3  # class d predicted where it is not
+    idx = np.random.default_rng(0).integers(0, 60, (50, 60))
+    idx[0] = np.flatnonzero(labels != 2)[0]  # a resample without class c at all: it scores 0
+    rows = f1_macro_rows(labels[idx], predicted[idx], 4)
+    expected = [f1_macro(labels[i], predicted[i], 4) for i in idx]
+    assert rows == pytest.approx(expected, abs=1e-12)
+    assert f1_macro_rows(labels, predicted, 4)[0] == pytest.approx(f1_macro(labels, predicted, 4))
