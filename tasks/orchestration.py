@@ -2,7 +2,7 @@
 
 ``stage_task`` is Prefect's ``@task`` with result caching and persistence off:
 DVC already decides what reruns and caches the outputs, so a second cache in
-Prefect would only hash large arrays for nothing (DESIGN.md).
+Prefect would only hash large arrays for nothing.
 """
 
 from __future__ import annotations

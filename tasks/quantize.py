@@ -10,7 +10,7 @@ Why ONNX Runtime rather than ``torch.ao.quantization``: the latter is
 deprecated upstream (its PT2E successor lives in torchao), whereas ONNX with
 QuantizeLinear/DequantizeLinear (QDQ) nodes is a standard, versioned format
 that any ONNX Runtime (server, mobile, browser) runs with integer kernels. It
-was also the fastest int8 path measured on these machines (ENVIRONMENT.md).
+was also the fastest int8 path measured on these machines (benchmarks/quantize_latency.py).
 
 Steps: export the fp32 student with the dynamo exporter (Conv-BN folds into
 one conv; ORT fuses each conv with its ReLU when it builds the int8 kernels),

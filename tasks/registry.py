@@ -1,6 +1,6 @@
 """The MLflow model registry: the three variants as ONNX models, and the champion rule.
 
-Every variant is registered as ``visionpipe-<variant>`` (DESIGN.md) in the
+Every variant is registered as ``visionpipe-<variant>`` in the
 ONNX flavour: the int8 and fp32 students are the files ``quantize`` wrote, the
 teacher is exported from its checkpoint the way ``evaluate`` times it. ONNX
 rather than the PyTorch flavour because a served model should need neither
