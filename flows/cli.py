@@ -3,9 +3,11 @@
     visionpipe check    validate params.yaml; print every section as the stages will see it
     visionpipe compare  teacher, student and int8 student side by side (metrics/evaluate.json)
     visionpipe predict  top-k labels for image files or folders (int8 student unless --model)
-    visionpipe status   where runs are recorded: the Prefect UI/API and the MLflow tracking URI
+    visionpipe status   where runs are recorded (the Prefect UI/API, the MLflow tracking URI)
+                        and every visionpipe server running on this machine
     visionpipe up       start (or reuse) local Prefect and MLflow servers; print their UIs
     visionpipe down     stop the local servers that `up` or the stages started
+                        (--all: every visionpipe server, also those of deleted checkouts)
     visionpipe serve    run the scheduled retrain deployment from this process (Ctrl-C stops)
     visionpipe deploy   put the retrain deployment on a Prefect work pool (for `prefect worker`)
 
@@ -18,6 +20,8 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from tasks.params import ParamsError, load_params
 
@@ -37,7 +41,7 @@ def _status(args: argparse.Namespace) -> int:
     import os
 
     from flows.prefect_api import MODE_ENV, local_server_url, state_dir
-    from flows.services import mlflow_server_url, mlflow_state_dir
+    from flows.services import mlflow_server_url, mlflow_state_dir, servers_on_machine
     from tasks.tracking import tracking_uri
 
     url = os.environ.get("PREFECT_API_URL")
@@ -59,6 +63,12 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print("MLflow UI:   no local server running (`visionpipe up` starts one)")
     print(f"MLflow tracking URI: {tracking_uri()}")
+    servers = servers_on_machine()
+    print(f"visionpipe servers on this machine: {len(servers)}")
+    for server in servers:
+        print(f"  {server.describe()}")
+    if any(server.orphaned for server in servers):
+        print("  (`visionpipe down --all` stops them all, also those whose checkout is gone)")
     return 0
 
 
@@ -127,24 +137,32 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flows.services import down
+    from flows.services import down, down_all
 
-    stopped = down()
+    if args.under and not args.all:
+        print("visionpipe: --under goes with --all", file=sys.stderr)
+        return 2
+    stopped = down_all(args.under) if args.all else down()
     for line in stopped:
         print(f"stopped the {line}")
     if not stopped:
-        print("no local Prefect or MLflow server is running; nothing to stop")
+        what = "visionpipe server" if args.all else "local Prefect or MLflow server"
+        print(f"no {what} is running; nothing to stop")
     return 0
 
 
-def _prefect_api() -> contextlib.AbstractContextManager:
-    """Prefect settings pointing at the API the stages use (started if need be)."""
+@contextlib.contextmanager
+def _prefect_api() -> Iterator[None]:
+    """Prefect settings pointing at the API the stages use (started if need be), with a
+    lease on the local server for as long as the command runs (``serve`` runs for days)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.prefect_api import resolve_api_url
+    from flows.prefect_api import lease, resolve_api_url, uses_local_server
 
-    api_url = resolve_api_url()
-    return temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {})
+    with lease() if uses_local_server() else contextlib.nullcontext():
+        api_url = resolve_api_url()
+        with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
+            yield
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -199,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start local Prefect and MLflow servers")
     up.add_argument("--json", action="store_true", help="print the URLs as one JSON object")
     up.set_defaults(run=_up)
-    commands.add_parser("down", help="stop the local servers").set_defaults(run=_down)
+    down = commands.add_parser("down", help="stop the local servers")
+    down.add_argument(
+        "--all", action="store_true",
+        help="every visionpipe server of this user on the machine, also those of deleted checkouts",
+    )  # fmt: skip
+    down.add_argument(
+        "--under", type=Path, metavar="DIR", help="with --all: only servers whose state is in DIR"
+    )
+    down.set_defaults(run=_down)
     serve = commands.add_parser("serve", help="serve the scheduled retrain deployment")
     serve.add_argument("--name", default="nightly", help="deployment name (nightly)")
     serve.set_defaults(run=_serve)

@@ -6,14 +6,23 @@ Prefect needs an API to record flow and task runs. In order of preference:
    your own ``prefect server start``).
 2. Otherwise visionpipe starts a real local ``prefect server start`` on
    127.0.0.1 the first time a stage needs one (or at ``visionpipe up``), in the
-   background, with its own database under ``.visionpipe/prefect/``, and every
-   later stage (and later ``dvc repro``) reuses it. ``visionpipe down`` stops
-   it; its UI is at the URL the stage prints.
+   background, with its own database, and every later stage (and later ``dvc
+   repro``) reuses it. There is one such server per user, not per checkout
+   (state in ``~/.local/state/visionpipe/prefect/``, or
+   ``$VISIONPIPE_HOME/prefect/`` when that is set), so the temporary copies
+   of ``dvc exp run --temp`` and of the experiment queue share it instead of
+   each leaving its own behind. A server a stage started stops by itself once
+   no stage has used it for ``$VISIONPIPE_PREFECT_IDLE_S`` seconds (default
+   300; 0: never): each stage holds a lease on it while it runs
+   (``flows/idle_server.py`` watches them). One started by ``visionpipe up``
+   stays up until ``visionpipe down``. ``visionpipe status`` lists every
+   visionpipe server on the machine, ``visionpipe down --all`` stops them all,
+   also those whose checkout is gone; its UI is at the URL the stage prints.
 3. ``VISIONPIPE_PREFECT=ephemeral`` falls back to Prefect's own per-process
    ephemeral server.
 
 Why not 3 by default: the ephemeral server starts inside every stage process
-and costs about 10 s per stage on a 2-core machine (ENVIRONMENT.md), six times
+and costs about 10 s per stage on a 2-core machine, six times
 per ``dvc repro``; a server started once costs that once, then about 2 s of
 API traffic per stage (``benchmarks/prefect_overhead.py`` measures both).
 
@@ -52,14 +61,35 @@ STARTUP_TIMEOUT_ENV = "VISIONPIPE_PREFECT_STARTUP_TIMEOUT"
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 
 
+IDLE_ENV = "VISIONPIPE_PREFECT_IDLE_S"
+DEFAULT_IDLE_S = 300.0
+SERVER_MARK_ENV = "VISIONPIPE_SERVER"  # in every server's environment: how `status` finds them
+
+
 def home() -> Path:
-    """Where local servers keep their state: ``$VISIONPIPE_HOME`` (default ``./.visionpipe``)."""
+    """Where a checkout's local state lives: ``$VISIONPIPE_HOME`` (default ``./.visionpipe``)."""
     return Path(os.environ.get(STATE_DIR_ENV, ".visionpipe")).resolve()
 
 
 def state_dir() -> Path:
-    """Local server state: ``$VISIONPIPE_HOME/prefect`` (default ``./.visionpipe/prefect``)."""
-    return home() / "prefect"
+    """The shared local Prefect server's state: ``$VISIONPIPE_HOME/prefect`` when that is
+    set, else per user, ``$XDG_STATE_HOME/visionpipe/prefect`` (``~/.local/state/...``)."""
+    if os.environ.get(STATE_DIR_ENV):
+        return home() / "prefect"
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base).resolve() / "visionpipe" / "prefect"
+
+
+def idle_seconds() -> float:
+    """``$VISIONPIPE_PREFECT_IDLE_S``: how long a stage-started server waits unused (0: ever)."""
+    raw = os.environ.get(IDLE_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_IDLE_S
+    except ValueError:
+        raise ValueError(f"{IDLE_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{IDLE_ENV}={raw!r} must be at least 0")
+    return value
 
 
 def local_server_url(directory: Path | None = None) -> str | None:
@@ -70,31 +100,46 @@ def local_server_url(directory: Path | None = None) -> str | None:
     return None
 
 
-def start_local_server(directory: Path | None = None, timeout: float | None = None) -> str:
-    """Start (or reuse) the local Prefect server; return its API URL once it answers /health."""
+def start_local_server(
+    directory: Path | None = None, timeout: float | None = None, *, keep: bool = False
+) -> str:
+    """Start (or reuse) the local Prefect server; return its API URL once it answers /health.
+
+    The server stops itself after ``idle_seconds()`` without a stage's lease,
+    unless ``keep`` (``visionpipe up``: until ``visionpipe down``), which also
+    keeps an already running one up.
+    """
     directory = directory or state_dir()
     timeout = timeout or float(os.environ.get(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT_S))
+    idle = idle_seconds()
     with locked(directory):
+        if keep:
+            (directory / "keep").touch()
         if url := local_server_url(directory):
             return url
         port = free_port()
         api_url = f"http://127.0.0.1:{port}/api"
+        checkout = str(Path(__file__).resolve().parents[1])  # flows.idle_server's package
         env = {
             **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
             "PREFECT_HOME": str(directory / "home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": api_url,
         }
         spawn_server(
             directory,
-            [sys.executable, "-m", "prefect", "server", "start",
+            [sys.executable, "-m", "flows.idle_server", "--state", str(directory),
+             "--idle", str(idle), "--",
+             sys.executable, "-m", "prefect", "server", "start",
              "--host", "127.0.0.1", "--port", str(port)],
             api_url,
             env=env,
             timeout=timeout,
             what="Prefect server",
             hint=f"raise {STARTUP_TIMEOUT_ENV} on a slow machine, or set PREFECT_API_URL",
-            record={"port": port, "api_url": api_url},
+            record={"port": port, "api_url": api_url, "idle_s": idle},
+            cwd=directory,  # not the checkout: a temporary copy's folder is deleted under it
         )  # fmt: skip
         return api_url
 
@@ -167,6 +212,7 @@ def spawn_server(
     """
     log_path = directory / "server.log"
     offset = log_path.stat().st_size if log_path.exists() else 0
+    env = {**env, SERVER_MARK_ENV: json.dumps({"what": what, "state": str(directory), "url": url})}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -187,7 +233,7 @@ def spawn_server(
                 f"the local {what} on {url} {why} ({hint}). Last lines of {log_path}:\n{tail}"
             )
         time.sleep(0.25)
-    state = {"pid": process.pid, "pid_start": _started_at(process.pid), **record}
+    state = {"pid": process.pid, "pid_start": start_ticks(process.pid), **record}
     state["started"] = time.time()
     # Readers (every stage) never lock: replace the file whole so they never see half of it.
     scratch = directory / "server.json.tmp"
@@ -222,11 +268,11 @@ def is_running(state: Mapping[str, Any]) -> bool:
         return False
     # A group with this id exists. If its leader's start time differs from the recorded one,
     # the pid was reused by a new session leader; records without one predate the check.
-    recorded, current = state.get("pid_start"), _started_at(pid)
+    recorded, current = state.get("pid_start"), start_ticks(pid)
     return recorded is None or current is None or recorded == current
 
 
-def _started_at(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot (Linux /proc; None elsewhere or if gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -260,16 +306,62 @@ def resolve_api_url() -> str | None:
     return start_local_server()
 
 
+def uses_local_server() -> bool:
+    """Whether this process reaches Prefect through the local server visionpipe starts."""
+    mode = os.environ.get(MODE_ENV, "local").lower()
+    return not os.environ.get("PREFECT_API_URL") and mode != "ephemeral"
+
+
+@contextlib.contextmanager
+def lease(directory: Path | None = None) -> Iterator[None]:
+    """Mark this process as a user of the local server until the block ends.
+
+    A file ``leases/<pid>`` holding the process's start time; the server's idle
+    watch (``flows/idle_server.py``) does not stop it while a live process holds
+    one, and removes those of processes that died without letting go.
+    """
+    leases = (directory or state_dir()) / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    path = leases / str(os.getpid())
+    path.write_text(str(start_ticks(os.getpid()) or ""))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def live_leases(directory: Path) -> list[int]:
+    """The pids holding a lease on ``directory``'s server; stale leases are removed."""
+    alive = []
+    for path in (directory / "leases").glob("*"):
+        try:
+            pid, recorded = int(path.name), path.read_text().strip()
+        except (ValueError, OSError):
+            continue
+        current = start_ticks(pid)
+        if current is not None and (not recorded or int(recorded) == current):
+            alive.append(pid)
+        else:
+            path.unlink(missing_ok=True)
+    return sorted(alive)
+
+
 def run_stage(flow: Callable[..., T], **parameters: Any) -> T:
-    """Run a stage's flow against the resolved Prefect API; exit 2 on bad params."""
+    """Run a stage's flow against the resolved Prefect API; exit 2 on bad params.
+
+    With the local server, the stage holds a lease on it from before it is
+    looked up until the flow has ended, so its idle watch cannot stop it mid-stage.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api_url = resolve_api_url()
-    if api_url:
-        print(f"visionpipe: Prefect API {api_url} (UI: {api_url.removesuffix('/api')})", flush=True)
-    updates = {PREFECT_API_URL: api_url} if api_url else {}
-    with temporary_settings(updates=updates):
-        return flow(**parameters)
+    with lease() if uses_local_server() else contextlib.nullcontext():
+        api_url = resolve_api_url()
+        if api_url:
+            ui = api_url.removesuffix("/api")
+            print(f"visionpipe: Prefect API {api_url} (UI: {ui})", flush=True)
+        updates = {PREFECT_API_URL: api_url} if api_url else {}
+        with temporary_settings(updates=updates):
+            return flow(**parameters)
 
 
 def stage_main(flow: Any, worker: Callable[..., Any] | None = None) -> Any:

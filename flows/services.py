@@ -37,20 +37,26 @@ origins only) is kept: the UI is opened at 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows.prefect_api import (
+    SERVER_MARK_ENV,
     free_port,
     healthy,
     home,
+    kill_group,
     local_server_url,
     locked,
     read_state,
     spawn_server,
     start_local_server,
+    start_ticks,
     state_dir,
     stop_server,
 )
@@ -143,7 +149,7 @@ def up(root: Path | None = None, timeout: float | None = None) -> dict[str, str]
         "mlflow": mlflow_server_url() is not None,
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        prefect = pool.submit(start_local_server, None, timeout)
+        prefect = pool.submit(start_local_server, None, timeout, keep=True)
         mlflow = pool.submit(start_mlflow_server, None, root, timeout)
     errors = [error for error in (prefect.exception(), mlflow.exception()) if error]
     if errors:
@@ -171,8 +177,106 @@ def down() -> list[str]:
     )
     with ThreadPoolExecutor(max_workers=2) as pool:
         states = list(pool.map(stop_server, [directory for _, directory, _ in servers]))
+    (state_dir() / "keep").unlink(missing_ok=True)
     return [
         f"{what} {state.get(key)} (pid {state['pid']}, state in {directory})"
         for (what, directory, key), state in zip(servers, states, strict=True)
         if state is not None
     ]
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A visionpipe server process found on this machine (``servers_on_machine``)."""
+
+    pid: int  # its process group's leader: stop_server and kill_group signal the group
+    what: str  # "Prefect server" | "MLflow server"
+    url: str
+    state: str  # its state folder (server.json, server.log)
+    cwd: str  # where it runs; "(deleted)" at the end when that folder is gone
+    started: float  # epoch seconds
+
+    @property
+    def orphaned(self) -> bool:
+        """Whether its state folder is gone (a deleted temporary copy's, say)."""
+        return not Path(self.state).is_dir() or self.cwd.endswith("(deleted)")
+
+    def describe(self) -> str:
+        age = time.time() - self.started
+        where = "checkout gone" if self.orphaned else f"state in {self.state}"
+        return f"{self.what} {self.url} (pid {self.pid}, up {age / 60:.0f} min, {where})"
+
+
+def servers_on_machine() -> list[RunningServer]:
+    """Every visionpipe server this user runs, found in /proc by the mark ``spawn_server``
+    puts in their environment (also those whose checkout or state folder is gone)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        try:
+            if os.getpgid(pid) != pid:  # a server's children carry the mark too
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd")
+            started = _start_time(pid)
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile, or another user's
+        variables = dict(v.decode(errors="replace").partition("=")[::2] for v in environ if v)
+        info = _marked(variables) or _unmarked(variables, entry)
+        if info is not None:
+            found.append(RunningServer(pid, info["what"], info["url"], info["state"], cwd, started))
+    return sorted(found, key=lambda server: server.started)
+
+
+def _start_time(pid: int) -> float:
+    """When ``pid`` started, in epoch seconds (boot time plus its start in clock ticks)."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        raise ProcessLookupError(pid)
+    boot = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _marked(variables: dict[str, str]) -> dict[str, str] | None:
+    try:
+        return json.loads(variables[SERVER_MARK_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
+def _unmarked(variables: dict[str, str], entry: Path) -> dict[str, str] | None:
+    """A Prefect server a stage started before servers carried the mark (in a checkout's
+    ``.visionpipe/prefect/``): what ``dvc exp run --temp`` copies used to leave behind."""
+    prefect_home = variables.get("PREFECT_HOME", "")
+    if not prefect_home.endswith(os.path.join(".visionpipe", "prefect", "home")):
+        return None
+    try:
+        command = (entry / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"server" not in command or b"start" not in command:
+        return None
+    url = variables.get("PREFECT_API_URL", "?")
+    return {"what": "Prefect server", "url": url, "state": str(Path(prefect_home).parent)}
+
+
+def down_all(under: Path | None = None) -> list[str]:
+    """Stop every visionpipe server this user runs (whose state folder is below ``under``,
+    if given); one line per server stopped."""
+    lines = []
+    for server in servers_on_machine():
+        if under is not None and not Path(server.state).is_relative_to(under.resolve()):
+            continue
+        kill_group(server.pid)
+        state = Path(server.state)
+        record = read_state(state) if state.is_dir() else None
+        if record is not None and int(record["pid"]) == server.pid:
+            (state / "server.json").unlink(missing_ok=True)
+        if server.what == "Prefect server":
+            (state / "keep").unlink(missing_ok=True)
+        lines.append(server.describe())
+    return lines

@@ -1,0 +1,110 @@
+"""No server outlives its reason to exist: real Prefect servers, real DVC experiments.
+
+- ``dvc exp run --temp`` runs its stages in a temporary copy that DVC deletes
+  afterwards; they share the one local Prefect server of the user (here: of
+  ``VISIONPIPE_HOME``) instead of starting their own in the copy, and that
+  server stops by itself once no stage has used it for
+  ``VISIONPIPE_PREFECT_IDLE_S``;
+- a server whose state folder is gone (what older versions left behind in
+  deleted copies) is listed by ``visionpipe status`` and stopped by
+  ``visionpipe down --all``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.workspace import fresh_copy, git
+from flows.prefect_api import read_state, start_local_server
+from flows.services import servers_on_machine
+from tests.tinyrepo import TINY, set_params
+
+pytestmark = pytest.mark.slow
+IDLE_S = 8
+
+
+def _env(state: Path, idle: float) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "PREFECT_", "VISIONPIPE_"))
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["VISIONPIPE_HOME"] = str(state)
+    env["VISIONPIPE_PREFECT_IDLE_S"] = str(idle)
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def _run(cwd: Path, env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _mine(base: Path) -> list:
+    return [s for s in servers_on_machine() if s.state.startswith(str(base))]
+
+
+def _wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return condition()
+
+
+def test_a_temporary_experiment_shares_one_server_that_then_stops_by_itself(tmp_path) -> None:
+    repo = fresh_copy(tmp_path / "repo")
+    set_params(repo, TINY)
+    git(repo, "rm", "-q", "dvc.lock")  # its outputs are not in this copy's cache
+    git(repo, "commit", "-qam", "tiny params, nothing run yet")
+    state = tmp_path / "state"
+    env = _env(state, IDLE_S)
+
+    out = _run(repo, env, sys.executable, "-m", "dvc", "exp", "run", "--temp", "prepare",
+               "-S", "data.val_fraction=0.2")  # fmt: skip
+    assert "Prefect API http://127.0.0.1:" in out
+    temporary = repo / ".dvc" / "tmp" / "exps"
+    servers = _mine(tmp_path)
+    # One server, the shared one: none was started in (or left in) the deleted copy.
+    assert len(servers) <= 1, servers
+    assert all(s.state == str(state / "prefect") for s in servers), servers
+    assert not any(str(temporary) in s.state or str(temporary) in s.cwd for s in servers)
+
+    assert _wait_until(lambda: not _mine(tmp_path), timeout=IDLE_S + 60), _mine(tmp_path)
+    assert read_state(state / "prefect") is None  # its record went with it
+    log = (state / "prefect" / "server.log").read_text()
+    assert "no stage has used this server for 8 s" in log
+
+
+def test_status_lists_a_server_whose_checkout_is_gone_and_down_all_stops_it(
+    tmp_path, monkeypatch
+) -> None:
+    gone = tmp_path / "deleted-copy" / ".visionpipe" / "prefect"
+    monkeypatch.setenv("VISIONPIPE_PREFECT_IDLE_S", "0")  # never stops by itself
+    start_local_server(gone)
+    (server,) = _mine(tmp_path)
+    shutil.rmtree(tmp_path / "deleted-copy")
+    env = _env(tmp_path / "elsewhere", 0)
+
+    status = _run(tmp_path, env, sys.executable, "-m", "flows.cli", "status")
+    assert f"Prefect server {server.url} (pid {server.pid}" in status
+    assert "checkout gone" in status and "down --all" in status
+
+    # --under: this machine's other visionpipe servers (a user's pipeline) are not this test's
+    down = _run(tmp_path, env, sys.executable, "-m", "flows.cli", "down", "--all", "--under",
+                str(tmp_path))  # fmt: skip
+    assert f"stopped the Prefect server {server.url} (pid {server.pid}" in down
+    assert _wait_until(lambda: not _mine(tmp_path), timeout=30)
+    os.waitpid(server.pid, 0)  # this process started it: reap it, or it lingers as a zombie
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.pid, 0)
