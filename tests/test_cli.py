@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.cli import main
@@ -72,6 +73,25 @@ def test_down_with_nothing_running_has_nothing_to_stop(tmp_path, monkeypatch, ca
     monkeypatch.setenv("VISIONPIPE_HOME", str(tmp_path))
     assert main(["down"]) == 0
     assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_down_all_under_an_empty_folder_stops_nothing_and_under_needs_all(tmp_path, capsys):
+    assert main(["down", "--all", "--under", str(tmp_path)]) == 0
+    assert "no visionpipe server is running; nothing to stop" in capsys.readouterr().out
+    assert main(["down", "--under", str(tmp_path)]) == 2
+    assert "--under goes with --all" in capsys.readouterr().err
+
+
+def test_the_idle_period_is_validated_naming_the_variable(monkeypatch):
+    from flows.prefect_api import idle_seconds
+
+    monkeypatch.setenv("VISIONPIPE_PREFECT_IDLE_S", "soon")
+    with pytest.raises(ValueError, match=r"VISIONPIPE_PREFECT_IDLE_S='soon' is not a number"):
+        idle_seconds()
+    monkeypatch.setenv("VISIONPIPE_PREFECT_IDLE_S", "0")
+    assert idle_seconds() == 0.0
+    monkeypatch.delenv("VISIONPIPE_PREFECT_IDLE_S")
+    assert idle_seconds() == 300.0
 
 
 def test_up_exits_1_with_the_reason_when_a_server_fails(monkeypatch, capsys):
