@@ -257,15 +257,23 @@ def _image_folder(params: DataParams) -> Source:
     listing = _Listing(os.path.realpath(root), params.symlinks)
     ignored = listing.ignored
     class_dirs = []
+    linked_out = []  # class folders that are symlinks data.symlinks does not follow
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith("."):
             ignored["hidden"] += 1
         elif entry.is_symlink() and not listing.follows(entry):
-            continue
+            if _is_dir(entry):
+                linked_out.append(f"{entry.name} -> {os.path.realpath(entry.path)}")
         elif _is_dir(entry):
             class_dirs.append(entry)
         else:
             ignored["outside_a_class_folder"] += 1
+    if linked_out:  # a whole class left out without a word would be worse than stopping
+        raise ValueError(
+            f"data.source: class folder(s) {', '.join(linked_out)} in {root} are symlinks "
+            f"that data.symlinks={params.symlinks!r} does not follow: set data.symlinks: "
+            "follow, or copy the folders in"
+        )
     if not class_dirs:
         raise ValueError(
             f"data.source: {root} holds no class sub-folders: an ImageFolder has one "

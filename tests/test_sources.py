@@ -172,6 +172,19 @@ def test_image_folder_fatal_problems_fail_fast(
         build_source(data_params(params, source=str(tmp_path)))
 
 
+def test_a_class_folder_linked_from_outside_the_root_is_an_error_unless_followed(
+    params: Params, tmp_path: Path
+) -> None:
+    for name in ("elsewhere/dogs/0.png", "root/cats/0.png"):
+        _save(tmp_path / name)
+    (tmp_path / "root/dogs").symlink_to(tmp_path / "elsewhere/dogs")
+    root = str(tmp_path / "root")
+    with pytest.raises(ValueError, match=r"dogs -> .*elsewhere/dogs .* data.symlinks: follow"):
+        build_source(data_params(params, source=root))
+    source = build_source(data_params(params, source=root, symlinks="follow"))
+    assert source.classes == ("cats", "dogs") and source.symlinks == {"outside_root": 1}
+
+
 def test_a_missing_source_fails_at_params_naming_the_key(params: Params, tmp_path: Path) -> None:
     from tasks.params import ParamsError, parse_params
 
