@@ -346,22 +346,105 @@ def live_leases(directory: Path) -> list[int]:
     return sorted(alive)
 
 
+# A stage's Prefect client gives up on an unreachable API after this many retries of
+# a request, each waiting at most this long, instead of Prefect's 5 x 60 s: a stage
+# whose API died goes on with its work (task states that cannot be reported are
+# logged and skipped) and ends within seconds of its last step, not minutes.
+STAGE_CLIENT_RETRIES = 2
+STAGE_REQUEST_TIMEOUT_S = 30.0
+
+
+def api_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the Prefect API not answering."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, httpx.TransportError):  # refused, reset, timed out
+            return True
+        if isinstance(seen, PrefectHTTPStatusError) and seen.response.status_code >= 500:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _finish_without_api(stage: str, api_url: str, exc: BaseException, started: float) -> None:
+    """End a stage whose Prefect API stopped answering; never returns.
+
+    If the flow wrote its metrics file during this run (every stage writes it
+    last, after its outputs, each one whole), the work is done: the metrics
+    say the run could not be reported and the stage exits 0, so DVC records
+    the outputs. Otherwise it exits 1 saying what was lost and what to do.
+    Either way through ``os._exit``: Prefect's log shipper would otherwise
+    retry the dead API for minutes at interpreter exit.
+    """
+    from tasks.artifacts import read_json, write_json
+    from tasks.layout import metrics_path
+
+    metrics = metrics_path(stage)
+    reason = f"{type(exc).__name__}: {exc}"
+    if metrics.is_file() and metrics.stat().st_mtime >= started:
+        record = read_json(metrics)
+        record["prefect_reported"] = False
+        record["prefect_error"] = f"the Prefect API {api_url} stopped answering: {reason}"
+        write_json(metrics, record)
+        print(
+            f"visionpipe: WARNING: the Prefect API {api_url} stopped answering during "
+            f"'{stage}' ({reason}). The stage finished and its outputs are whole; its flow "
+            f"run could not be reported (recorded in {metrics}: prefect_reported false).",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(0)
+    print(
+        f"visionpipe: the Prefect API {api_url} stopped answering during '{stage}' "
+        f"({reason}), before the stage had finished; none of its outputs were recorded. "
+        "Start a server (`visionpipe up`, or point PREFECT_API_URL at yours) and run "
+        "`dvc repro` again: train and distill resume from their last finished epoch.",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def run_stage(flow: Callable[..., T], **parameters: Any) -> T:
     """Run a stage's flow against the resolved Prefect API; exit 2 on bad params.
 
     With the local server, the stage holds a lease on it from before it is
     looked up until the flow has ended, so its idle watch cannot stop it mid-stage.
+    If the API stops answering mid-stage, the stage completes what it can
+    (``_finish_without_api``): it exits 0 with its outputs recorded when its
+    work was done, else 1 within seconds, naming the API and what to do.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_REQUEST_TIMEOUT,
+        PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
+        temporary_settings,
+    )
 
     with lease() if uses_local_server() else contextlib.nullcontext():
         api_url = resolve_api_url()
         if api_url:
             ui = api_url.removesuffix("/api")
             print(f"visionpipe: Prefect API {api_url} (UI: {ui})", flush=True)
-        updates = {PREFECT_API_URL: api_url} if api_url else {}
+        updates: dict[Any, Any] = {PREFECT_API_URL: api_url} if api_url else {}
+        if api_url and "PREFECT_CLIENT_MAX_RETRIES" not in os.environ:
+            updates[PREFECT_CLIENT_MAX_RETRIES] = STAGE_CLIENT_RETRIES
+        if api_url and "PREFECT_API_REQUEST_TIMEOUT" not in os.environ:
+            updates[PREFECT_API_REQUEST_TIMEOUT] = STAGE_REQUEST_TIMEOUT_S
+        started = time.time()
         with temporary_settings(updates=updates):
-            return flow(**parameters)
+            try:
+                return flow(**parameters)
+            except Exception as exc:
+                if api_url is None or not api_lost(exc):
+                    raise
+                _finish_without_api(flow.name, api_url, exc, started)
+                raise  # unreachable: _finish_without_api exits
 
 
 def stage_main(flow: Any, worker: Callable[..., Any] | None = None) -> Any:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,3 +109,31 @@ def test_status_lists_a_server_whose_checkout_is_gone_and_down_all_stops_it(
     os.waitpid(server.pid, 0)  # this process started it: reap it, or it lingers as a zombie
     with pytest.raises(ProcessLookupError):
         os.killpg(server.pid, 0)
+
+
+@pytest.mark.parametrize("when", ["finished", "unfinished"])
+def test_a_stage_outlives_its_prefect_server(tmp_path, when: str) -> None:
+    """The real local server killed mid-stage: finished work is recorded (exit 0, metrics
+    say the run was not reported); unfinished work fails fast, naming the API and the fix."""
+    root = Path(__file__).resolve().parents[1]
+    env = _env(tmp_path / "state", 0)
+    env["PYTHONPATH"] = str(root)
+    process = subprocess.run(
+        [sys.executable, "-m", "tests.api_loss_stage", str(tmp_path / "state" / "prefect"), when],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ended = time.time()
+    killed = float(process.stdout.split("server killed at ")[1].split()[0])
+    assert ended - killed < 60, (ended - killed, process.stdout[-3000:], process.stderr[-3000:])
+    url = process.stdout.split("visionpipe: Prefect API ")[1].split()[0]
+    metrics = tmp_path / "metrics" / "prepare.json"
+    if when == "finished":
+        assert process.returncode == 0, process.stderr[-3000:]
+        assert f"the Prefect API {url} stopped answering" in process.stderr
+        record = json.loads(metrics.read_text())
+        assert record["images"] == 3 and record["prefect_reported"] is False
+    else:
+        assert process.returncode == 1, process.stderr[-3000:]
+        assert f"the Prefect API {url} stopped answering during 'prepare'" in process.stderr
+        assert "`visionpipe up`" in process.stderr
+        assert not metrics.exists()
