@@ -352,6 +352,13 @@ def live_leases(directory: Path) -> list[int]:
 # logged and skipped) and ends within seconds of its last step, not minutes.
 STAGE_CLIENT_RETRIES = 2
 STAGE_REQUEST_TIMEOUT_S = 30.0
+# The same for a stage's MLflow client (MLflow's own defaults: 7 retries, backoff
+# factor 2, 120 s per request, minutes before a dead tracking server is given up on).
+STAGE_MLFLOW_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def api_lost(exc: BaseException) -> bool:
@@ -367,6 +374,21 @@ def api_lost(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def mlflow_lost(exc: BaseException) -> str | None:
+    """The tracking URI, when ``exc`` (or what caused it) is its server not answering."""
+    from mlflow.exceptions import MlflowException
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        # MLflow's REST client raises this once its retries of a request are spent
+        if isinstance(seen, MlflowException) and "API request to" in str(seen):
+            import mlflow
+
+            return mlflow.get_tracking_uri()
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _finish_without_api(stage: str, api_url: str, exc: BaseException, started: float) -> None:
@@ -436,11 +458,24 @@ def run_stage(flow: Callable[..., T], **parameters: Any) -> T:
             updates[PREFECT_CLIENT_MAX_RETRIES] = STAGE_CLIENT_RETRIES
         if api_url and "PREFECT_API_REQUEST_TIMEOUT" not in os.environ:
             updates[PREFECT_API_REQUEST_TIMEOUT] = STAGE_REQUEST_TIMEOUT_S
+        for variable, value in STAGE_MLFLOW_HTTP.items():
+            os.environ.setdefault(variable, value)
         started = time.time()
         with temporary_settings(updates=updates):
             try:
                 return flow(**parameters)
             except Exception as exc:
+                if (tracking := mlflow_lost(exc)) is not None:
+                    print(
+                        f"visionpipe: the MLflow tracking server {tracking} stopped answering "
+                        f"during '{flow.name}' ({type(exc).__name__}); nothing of the stage "
+                        "was recorded by DVC. Start it again (`visionpipe up`), or unset "
+                        "MLFLOW_TRACKING_URI to track into this checkout's mlflow.db, then "
+                        "run `dvc repro` again (its open MLflow run is marked FAILED then).",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    raise SystemExit(1) from None
                 if api_url is None or not api_lost(exc):
                     raise
                 _finish_without_api(flow.name, api_url, exc, started)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.request
@@ -126,6 +127,56 @@ def data_hash(lock_path: Path = Path("dvc.lock"), out: str = "data/prepared") ->
     return "unknown"
 
 
+OWNER_TAG = "visionpipe.owner"  # "<host>:<pid>:<start in clock ticks>" of the run's process
+ABANDONED_TAG = "visionpipe.abandoned"
+
+
+def _start_ticks(pid: int) -> str:
+    """When ``pid`` started, in clock ticks since boot ("" where /proc cannot say)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def process_owner(pid: int | None = None) -> str:
+    """This process (or ``pid``) as a run's owner: host, pid and start time."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _owner_gone(owner: str) -> bool:
+    """Whether the process ``owner`` names has ended (only knowable on its own host)."""
+    host, _, rest = owner.partition(":")
+    pid, _, ticks = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    current = _start_ticks(int(pid))
+    return current == "" or (ticks != "" and current != ticks)
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark ``FAILED`` the experiment's RUNNING runs whose owning process has ended."""
+    client = mlflow.MlflowClient()
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    closed = []
+    for run in running:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner is None or not _owner_gone(owner):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            ABANDONED_TAG,
+            f"its process ({owner}) ended without closing it; marked FAILED when next seen",
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+    return closed
+
+
 @contextmanager
 def start_run(
     experiment: str,
@@ -136,13 +187,21 @@ def start_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run carrying the stage, variant, params, git commit and data hash."""
+    """An MLflow run carrying the stage, variant, params, git commit and data hash.
+
+    It also records which process opened it (``visionpipe.owner``), and first
+    closes the experiment's runs whose process is gone but which were left
+    ``RUNNING`` (the tracking server or the stage died before the run could
+    be ended): they are marked ``FAILED``, so none stays RUNNING forever.
+    """
     experiment_id = use_experiment(experiment)
+    close_abandoned_runs(experiment_id)
     all_tags = {
         "stage": stage,
         "variant": variant,
         "git_commit": git_commit(),
         "data_hash": data_hash(),
+        OWNER_TAG: process_owner(),
         **(tags or {}),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:

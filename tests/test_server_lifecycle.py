@@ -137,3 +137,41 @@ def test_a_stage_outlives_its_prefect_server(tmp_path, when: str) -> None:
         assert f"the Prefect API {url} stopped answering during 'prepare'" in process.stderr
         assert "`visionpipe up`" in process.stderr
         assert not metrics.exists()
+
+
+def test_a_stage_whose_mlflow_server_dies_fails_fast_and_its_run_is_closed_later(
+    tmp_path, monkeypatch
+) -> None:
+    import mlflow
+
+    from flows.services import start_mlflow_server
+    from tasks.tracking import ABANDONED_TAG, close_abandoned_runs
+
+    root = Path(__file__).resolve().parents[1]
+    state = tmp_path / "state"
+    url = start_mlflow_server(state / "mlflow", tmp_path)
+    env = _env(state, 0)
+    env["PYTHONPATH"] = str(root)
+    env["MLFLOW_TRACKING_URI"] = url
+    process = subprocess.run(
+        [sys.executable, "-m", "tests.api_loss_stage", str(state / "mlflow"), "mlflow"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ended = time.time()
+    killed = float(process.stdout.split("server killed at ")[1].split()[0])
+    assert process.returncode == 1, process.stderr[-3000:]
+    assert ended - killed < 60, (ended - killed, process.stderr[-3000:])
+    assert f"the MLflow tracking server {url} stopped answering during 'train'" in process.stderr
+    assert "`visionpipe up`" in process.stderr
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # what the server was in front of
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    try:
+        (run,) = mlflow.search_runs(experiment_names=["api-loss"], output_format="list")
+        assert run.info.status == "RUNNING"  # the dead server could not be told
+        assert close_abandoned_runs(run.info.experiment_id) == [run.info.run_id]
+        closed = mlflow.get_run(run.info.run_id)
+        assert closed.info.status == "FAILED" and ABANDONED_TAG in closed.data.tags
+    finally:
+        mlflow.set_tracking_uri(None)
