@@ -15,7 +15,8 @@ Prefect needs an API to record flow and task runs. In order of preference:
    no stage has used it for ``$VISIONPIPE_PREFECT_IDLE_S`` seconds (default
    300; 0: never): each stage holds a lease on it while it runs
    (``flows/idle_server.py`` watches them). One started by ``visionpipe up``
-   stays up until ``visionpipe down``. ``visionpipe status`` lists every
+   (or any caller of ``start_local_server`` other than a stage) stays up
+   until ``visionpipe down``. ``visionpipe status`` lists every
    visionpipe server on the machine, ``visionpipe down --all`` stops them all,
    also those whose checkout is gone; its UI is at the URL the stage prints.
 3. ``VISIONPIPE_PREFECT=ephemeral`` falls back to Prefect's own per-process
@@ -101,22 +102,27 @@ def local_server_url(directory: Path | None = None) -> str | None:
 
 
 def start_local_server(
-    directory: Path | None = None, timeout: float | None = None, *, keep: bool = False
+    directory: Path | None = None, timeout: float | None = None, *, stop_when_idle: bool = False
 ) -> str:
     """Start (or reuse) the local Prefect server; return its API URL once it answers /health.
 
-    The server stops itself after ``idle_seconds()`` without a stage's lease,
-    unless ``keep`` (``visionpipe up``: until ``visionpipe down``), which also
-    keeps an already running one up.
+    With ``stop_when_idle`` (a stage needing an API: ``resolve_api_url``) a new
+    server stops itself after ``idle_seconds()`` without a stage's lease.
+    Without it (``visionpipe up``, a script or test that then points
+    ``PREFECT_API_URL`` at it) the server stays up until stopped, a running
+    one included: its state folder gets a ``keep`` file, which
+    ``stop_local_server`` and ``visionpipe down`` remove.
     """
     directory = directory or state_dir()
     timeout = timeout or float(os.environ.get(STARTUP_TIMEOUT_ENV, DEFAULT_STARTUP_TIMEOUT_S))
-    idle = idle_seconds()
+    idle = idle_seconds() if stop_when_idle else 0.0
     with locked(directory):
-        if keep:
+        if not stop_when_idle:
             (directory / "keep").touch()
         if url := local_server_url(directory):
             return url
+        if stop_when_idle:  # a keep file of an earlier server that was killed, not stopped
+            (directory / "keep").unlink(missing_ok=True)
         port = free_port()
         api_url = f"http://127.0.0.1:{port}/api"
         checkout = str(Path(__file__).resolve().parents[1])  # flows.idle_server's package
@@ -146,7 +152,10 @@ def start_local_server(
 
 def stop_local_server(directory: Path | None = None) -> bool:
     """Stop the local server this state dir records; False when none was running."""
-    return stop_server(directory or state_dir()) is not None
+    directory = directory or state_dir()
+    stopped = stop_server(directory) is not None
+    (directory / "keep").unlink(missing_ok=True)
+    return stopped
 
 
 # --- Local servers in general: the Prefect server here, the MLflow one in flows/services.py ---
@@ -303,13 +312,16 @@ def resolve_api_url() -> str | None:
         return url
     if os.environ.get(MODE_ENV, "local").lower() == "ephemeral":
         return None
-    return start_local_server()
+    return start_local_server(stop_when_idle=True)
 
 
 def uses_local_server() -> bool:
-    """Whether this process reaches Prefect through the local server visionpipe starts."""
-    mode = os.environ.get(MODE_ENV, "local").lower()
-    return not os.environ.get("PREFECT_API_URL") and mode != "ephemeral"
+    """Whether this process reaches Prefect through the local server visionpipe starts
+    (also when ``PREFECT_API_URL`` is set to that very server's URL)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return (read_state(state_dir()) or {}).get("api_url") == url
+    return os.environ.get(MODE_ENV, "local").lower() != "ephemeral"
 
 
 @contextlib.contextmanager

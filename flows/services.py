@@ -149,7 +149,7 @@ def up(root: Path | None = None, timeout: float | None = None) -> dict[str, str]
         "mlflow": mlflow_server_url() is not None,
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        prefect = pool.submit(start_local_server, None, timeout, keep=True)
+        prefect = pool.submit(start_local_server, None, timeout)
         mlflow = pool.submit(start_mlflow_server, None, root, timeout)
     errors = [error for error in (prefect.exception(), mlflow.exception()) if error]
     if errors:

@@ -104,3 +104,19 @@ def test_up_exits_1_with_the_reason_when_a_server_fails(monkeypatch, capsys):
     assert "visionpipe: the local MLflow server on http://127.0.0.1:1 exited" in (
         capsys.readouterr().err
     )
+
+
+def test_a_stage_leases_the_local_server_also_when_pointed_at_it_by_url(tmp_path, monkeypatch):
+    from flows.prefect_api import uses_local_server
+
+    monkeypatch.setenv("VISIONPIPE_HOME", str(tmp_path))
+    monkeypatch.delenv("VISIONPIPE_PREFECT", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert uses_local_server()  # no URL: the stage starts or reuses the local server
+    (tmp_path / "prefect").mkdir()
+    record = {"pid": 1, "api_url": "http://127.0.0.1:4321/api"}
+    (tmp_path / "prefect" / "server.json").write_text(json.dumps(record))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4321/api")  # the printed URL
+    assert uses_local_server()
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")  # a team's server
+    assert not uses_local_server()
