@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,18 @@ def prepared_on_disk(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _task_names(flow_run_id) -> list[str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return sorted(run.name.rsplit("-", 1)[0] for run in runs)
+def _task_names(flow_run_id, expected: int) -> list[str]:
+    """The task runs the API recorded for a flow run, sorted by name. Prefect 3 records
+    task runs from events, asynchronously: wait (up to 30 s) until ``expected`` are in."""
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        if len(runs) >= expected or time.monotonic() > deadline:
+            return sorted(run.name.rsplit("-", 1)[0] for run in runs)
+        time.sleep(0.5)
 
 
 def test_resample_flow_completes_and_records_each_task(harness, prepared_on_disk):
@@ -66,7 +73,7 @@ def test_resample_flow_completes_and_records_each_task(harness, prepared_on_disk
     assert metrics["class_counts_after"] == {"a": 12, "b": 12, "c": 12}
     assert metrics_path("resample").is_file()
     assert len(np.load(RESAMPLED_DIR / "indices.npy")) == 36
-    assert _task_names(state.state_details.flow_run_id) == ["resample", "write-resampled"]
+    assert _task_names(state.state_details.flow_run_id, 2) == ["resample", "write-resampled"]
     # val and test (and the prepared train split itself) are never touched
     assert {p: p.read_bytes() for p in sorted(PREPARED_DIR.rglob("*")) if p.is_file()} == untouched
 
@@ -174,7 +181,7 @@ def test_prepare_flow_on_a_messy_image_folder(harness, params, tmp_path, monkeyp
     assert not (
         seen["train"] & seen["test"] or seen["train"] & seen["val"] or seen["val"] & seen["test"]
     )
-    assert _task_names(state.state_details.flow_run_id) == [
+    assert _task_names(state.state_details.flow_run_id, 6) == [
         "decode", "load-source", "report", "select", "split", "write-prepared",
     ]  # fmt: skip
 
@@ -206,7 +213,6 @@ def _hostile_folder(root: Path, outside: Path):
 
 def test_a_hostile_folder_cannot_stall_or_crash_prepare(harness, params, tmp_path, monkeypatch):
     import signal
-    import time
 
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "data/raw/hostile"

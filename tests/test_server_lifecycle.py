@@ -24,7 +24,7 @@ import pytest
 
 from benchmarks.workspace import fresh_copy, git
 from flows.prefect_api import read_state, start_local_server
-from flows.services import servers_on_machine
+from flows.services import down_all, servers_on_machine
 from tests.tinyrepo import TINY, set_params
 
 pytestmark = pytest.mark.slow
@@ -118,10 +118,14 @@ def test_a_stage_outlives_its_prefect_server(tmp_path, when: str) -> None:
     root = Path(__file__).resolve().parents[1]
     env = _env(tmp_path / "state", 0)
     env["PYTHONPATH"] = str(root)
-    process = subprocess.run(
-        [sys.executable, "-m", "tests.api_loss_stage", str(tmp_path / "state" / "prefect"), when],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "tests.api_loss_stage", str(tmp_path / "state" / "prefect"),
+             when],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        down_all(tmp_path)  # the stage kills its server; this catches one it did not
     ended = time.time()
     killed = float(process.stdout.split("server killed at ")[1].split()[0])
     assert ended - killed < 60, (ended - killed, process.stdout[-3000:], process.stderr[-3000:])
@@ -153,10 +157,13 @@ def test_a_stage_whose_mlflow_server_dies_fails_fast_and_its_run_is_closed_later
     env = _env(state, 0)
     env["PYTHONPATH"] = str(root)
     env["MLFLOW_TRACKING_URI"] = url
-    process = subprocess.run(
-        [sys.executable, "-m", "tests.api_loss_stage", str(state / "mlflow"), "mlflow"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "tests.api_loss_stage", str(state / "mlflow"), "mlflow"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        down_all(tmp_path)  # the Prefect server the stage started (idle 0: it would stay up)
     ended = time.time()
     killed = float(process.stdout.split("server killed at ")[1].split()[0])
     assert process.returncode == 1, process.stderr[-3000:]
