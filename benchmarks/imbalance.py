@@ -1,6 +1,7 @@
 """Which imbalance method helps on long-tailed data: every strategy, 3 seeds, the teacher.
 
     python benchmarks/imbalance.py [--source digits] [--ratio 50] [--seeds 0 1 2]
+                                   [--params OVERRIDES.yaml] [--set SECTION.KEY=VALUE ...]
 
 For each seed, prepares ``--source`` with ``data.imbalance_ratio: --ratio`` (a
 long-tailed TRAIN split; val and test stay balanced), then for every method
@@ -18,7 +19,10 @@ worker augments and normalises, next to how many the training step consumes
 (the teacher's fit) and a bare forward/backward loop on pre-loaded tensors: the
 loader is not the bottleneck when one worker outpaces the step.
 
-Writes benchmarks/results/imbalance_<source>_rho<ratio>.json and prints a
+``--params`` and ``--set`` change params.yaml's values for this run only, as
+``benchmarks/pipeline.py``'s do (a smaller teacher or ``data.max_per_class``
+where every method on the whole dataset would take hours); the result records
+them. Writes benchmarks/results/imbalance_<source>_rho<ratio>.json and prints a
 markdown table (mean +- standard deviation over the seeds).
 """
 
@@ -36,14 +40,16 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.pipeline import merge_overrides, overrides_from  # noqa: E402
 from tasks.datasets import Rows, Split, load_prepared  # noqa: E402
 from tasks.engine import ImageDataset, make_loader, predict_logits  # noqa: E402
 from tasks.evaluate import adjust_logits  # noqa: E402
 from tasks.metrics import f1_macro  # noqa: E402
-from tasks.params import Params, load_params  # noqa: E402
+from tasks.params import Params, parse_params  # noqa: E402
 from tasks.prepare import (  # noqa: E402
     copy_splits,
     decode_all,
@@ -166,9 +172,19 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=50.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--params", type=Path, help="a YAML file of params.yaml sections to change")
+    parser.add_argument(
+        "--set", dest="assignments", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="change one key (YAML value), after --params; repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    params = load_params(ROOT / "params.yaml")
+    overrides = overrides_from(args.params, args.assignments)
+    raw = merge_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    try:
+        params = parse_params(raw, origin="params.yaml with the overrides")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     scores: dict[str, list[dict]] = {method: [] for method in args.methods}
     failures: dict[str, str] = {}
     started = time.perf_counter()
@@ -221,6 +237,8 @@ def main() -> None:
         "source": args.source,
         "imbalance_ratio": args.ratio,
         "seeds": args.seeds,
+        "overrides": overrides,
+        "data": params.data.model_dump(mode="json"),
         "teacher": params.train.model_dump(mode="json"),
         "methods": table,
         "failed": failures,

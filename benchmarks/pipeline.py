@@ -79,15 +79,22 @@ def overrides_from(params_file: Path | None, assignments: list[str]) -> dict[str
     return merged
 
 
+def merge_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (params.yaml as loaded) with ``overrides`` merged in, section by section."""
+    merged = {section: dict(values) if isinstance(values, dict) else values
+              for section, values in params.items()}  # fmt: skip
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
 def apply_overrides(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """Write ``overrides`` into ``repo``'s params.yaml, validate it, return the result."""
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(params.get(section), dict):
-            params[section].update(values)
-        else:
-            params[section] = values
+    params = merge_overrides(yaml.safe_load(path.read_text()), overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         with contextlib.chdir(repo):  # relative paths in params are the repository's
@@ -104,6 +111,24 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage} failed:\n{output}")
         self.stage = stage
         self.output = output
+
+
+def images_per_second(
+    metrics: dict[str, dict[str, Any]], stage_seconds: dict[str, float]
+) -> dict[str, float]:
+    """Throughput per stage: prepare's images decoded per second of the whole stage;
+    train's and distill's training images per second of their fit loops (the mean
+    over epochs, augmentation included; distill's is the taught student's, whose
+    batches also run the teacher forward); evaluate's test images per second of the
+    stage, counting each of the three variants once."""
+    prepare, evaluate = metrics["prepare"], metrics["evaluate"]
+    variants = [name for name in ("teacher", "student", "student_int8") if name in evaluate]
+    return {
+        "prepare": round(prepare["images"] / stage_seconds["prepare"], 1),
+        "train": metrics["train"]["images_per_second"],
+        "distill": metrics["distill"]["images_per_second"],
+        "evaluate": round(len(variants) * prepare["test_size"] / stage_seconds["evaluate"], 1),
+    }
 
 
 def run_pipeline(
@@ -156,6 +181,7 @@ def run_pipeline(
             shutil.rmtree(scratch, ignore_errors=True)
     return {
         "data_source": params["data"]["source"],
+        "images_per_second": images_per_second(metrics, stage_seconds),
         "overrides": overrides,
         "params": params,
         "stage_seconds": stage_seconds,

@@ -70,7 +70,10 @@ def distill_flow(
     def distilled_extra(result) -> dict:
         distilled = test_score(result)
         numbers = {"test_f1_macro": distilled.f1_macro, "test_accuracy": distilled.accuracy}
-        return numbers | (t.kd_gain(distilled, scratch) if scratch is not None else {})
+        if scratch is None:
+            return numbers
+        classes = data.prepared.num_classes
+        return numbers | t.kd_gain(distilled, scratch, classes, distill.bootstrap_samples, seed)
 
     summary = tracked_fit(
         lambda on_epoch: t.fit_student(
@@ -83,8 +86,9 @@ def distill_flow(
     )  # fmt: skip
     if scratch is not None:
         get_run_logger().info(
-            "distill: test f1_macro %.4f distilled vs %.4f from scratch: kd_gain %+.4f",
-            summary["test_f1_macro"], scratch.f1_macro, summary["kd_gain"],
+            "distill: test f1_macro %.4f distilled vs %.4f from scratch: kd_gain %+.4f "
+            "(95%% paired bootstrap %+.4f to %+.4f)",
+            summary["test_f1_macro"], scratch.f1_macro, summary["kd_gain"], *summary["kd_gain_ci"],
         )  # fmt: skip
     return summary
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from tasks.models import Classifier
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams
 from tasks.resume import Resume
+from tasks.scoring import paired_comparison
 from tasks.train import TrainingData, build_loaders, network_for, supervised_loss, train_batches
 
 
@@ -240,10 +242,12 @@ def fit_student(
 
 @dataclass(frozen=True)
 class SplitScore:
-    """Macro-F1 and accuracy of a fitted model on one split."""
+    """Macro-F1 and accuracy of a fitted model on one split, and what it predicted there."""
 
     f1_macro: float
     accuracy: float
+    labels: np.ndarray = field(repr=False)
+    predicted: np.ndarray = field(repr=False)
 
 
 def score(model: nn.Module, data: TrainingData, split: str, batch_size: int) -> SplitScore:
@@ -256,14 +260,31 @@ def score(model: nn.Module, data: TrainingData, split: str, batch_size: int) -> 
     return SplitScore(
         f1_macro=f1_macro(labels, predicted, data.prepared.num_classes),
         accuracy=float((predicted == labels).mean()),
+        labels=np.asarray(labels),
+        predicted=predicted,
     )
 
 
-def kd_gain(distilled: SplitScore, scratch: SplitScore) -> dict[str, float]:
-    """What distillation added over the same student trained on labels alone."""
+def kd_gain(
+    distilled: SplitScore, scratch: SplitScore, num_classes: int, samples: int, seed: int
+) -> dict[str, Any]:
+    """What distillation added over the same student trained on labels alone.
+
+    ``kd_gain_ci`` is a paired bootstrap interval (``samples`` resamples of the
+    test images, both students scored on each) and ``kd_gain_mcnemar_p`` the
+    exact test on the images only one of them gets right: together they say
+    whether the gain is larger than the luck of one test split.
+    """
+    if not np.array_equal(distilled.labels, scratch.labels):
+        raise ValueError("kd_gain compares two students on the same split's images")
+    paired = paired_comparison(
+        distilled.labels, scratch.predicted, distilled.predicted, num_classes, samples, seed
+    )
     return {
         "scratch_test_f1_macro": scratch.f1_macro,
         "scratch_test_accuracy": scratch.accuracy,
         "kd_gain": distilled.f1_macro - scratch.f1_macro,
+        "kd_gain_ci": paired["f1_macro_delta_ci"],
+        "kd_gain_mcnemar_p": paired["mcnemar_p"],
         "kd_gain_accuracy": distilled.accuracy - scratch.accuracy,
     }

@@ -256,6 +256,7 @@ class DistillParams(FitParams):
     feature_loss: FeatureLossName  # attention: Zagoruyko & Komodakis 2017, on top of KD
     feature_weight: float = Field(ge=0.0)  # beta of the attention-transfer term
     compare_scratch: bool  # also train the student without the teacher: kd_gain
+    bootstrap_samples: int = Field(ge=10)  # test resamples of kd_gain's paired interval
 
 
 class QuantizeParams(Section):

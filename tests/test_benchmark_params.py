@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from benchmarks.pipeline import apply_overrides, overrides_from
+from benchmarks.pipeline import STAGES, apply_overrides, overrides_from, run_pipeline
 from tasks.models import build_model
 from tasks.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "fashion_mnist.yaml"
+GPU_RECIPE = ROOT / "benchmarks" / "fashion_mnist_gpu.yaml"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# .ci/run installs Debian's dataset-fashion-mnist and sets this, so CI cannot skip silently.
+REQUIRE_FASHION_MNIST = os.environ.get("VISIONPIPE_REQUIRE_FASHION_MNIST") == "1"
+# The README's few-minute check of the recipe: every stage of it, on 150 images a class
+# (60 steps a fit: too few to pass the baseline guard, hence allow_weak).
+SMOKE = [
+    "data.max_per_class=150", "train.epochs=15", "distill.epochs=15", "train.min_steps=0",
+    "distill.min_steps=0", "train.allow_weak=true", "distill.allow_weak=true",
+    "quantize.qat_epochs=1",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -53,10 +65,38 @@ def test_a_wrong_override_fails_at_once_naming_the_key(
         apply_overrides(repo, overrides_from(None, [assignment]))
 
 
-def test_the_fashion_mnist_recipe_is_valid_params_with_a_student_under_100k(repo: Path) -> None:
-    params = apply_overrides(repo, overrides_from(RECIPE, []))
+@pytest.mark.parametrize("recipe", [RECIPE, GPU_RECIPE], ids=lambda path: path.stem)
+def test_the_fashion_mnist_recipes_are_valid_params_with_a_student_under_100k(
+    repo: Path, recipe: Path
+) -> None:
+    params = apply_overrides(repo, overrides_from(recipe, []))
     load_params(repo / "params.yaml")
     assert params["data"]["source"] == "fashion-mnist"
+    assert params["data"]["max_per_class"] is None  # the whole dataset
     student = params["distill"]
     model = build_model(student["model"], 1, 10, student["width"], student["dropout"])
     assert sum(p.numel() for p in model.parameters()) < 100_000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (FASHION_MNIST_DIR.is_dir() or REQUIRE_FASHION_MNIST),
+    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
+)
+def test_the_recipe_smoke_run_goes_through_every_stage() -> None:
+    """The CPU recipe as the README's quick check runs it: a recipe that no longer runs
+    (a renamed key, a model the quantizer cannot export) fails here, not after an hour."""
+    run = run_pipeline(overrides_from(RECIPE, SMOKE), log=lambda line: None)
+    assert list(run["stage_seconds"]) == list(STAGES)
+    assert run["noop_repro_ran"] == []
+    metrics = run["metrics"]
+    assert metrics["prepare"]["num_classes"] == 10
+    prepare = metrics["prepare"]
+    assert prepare["images"] == 1500
+    assert abs(prepare["test_size"] - 1500 / 7) < 5  # the official test split's share, capped
+    assert metrics["train"]["epochs_run"] == 15 and metrics["distill"]["epochs_run"] == 15
+    assert metrics["distill"]["params"] < 100_000
+    low, high = metrics["distill"]["kd_gain_ci"]
+    assert low <= high
+    for variant in ("teacher", "student", "student_int8"):
+        assert metrics["evaluate"][variant]["accuracy"] > 0.5  # 10 classes: chance is 0.1

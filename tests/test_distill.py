@@ -19,6 +19,7 @@ from tasks.distill import (
 )
 from tasks.efficientnet import input_size_of, packaged_weights
 from tasks.losses import AttentionTransferLoss, attention_map
+from tasks.metrics import f1_macro
 from tasks.models import build_model
 from tasks.params import Params
 from tasks.train import TrainingData, build_loaders
@@ -191,11 +192,35 @@ def test_attention_transfer_rejects_unpaired_maps() -> None:
         AttentionTransferLoss(-1.0)
 
 
-def test_kd_gain_is_distilled_minus_scratch() -> None:
-    gain = kd_gain(SplitScore(0.9, 0.92), SplitScore(0.85, 0.9))
-    assert gain["kd_gain"] == pytest.approx(0.05)
-    assert gain["kd_gain_accuracy"] == pytest.approx(0.02)
-    assert gain["scratch_test_f1_macro"] == 0.85
+def _split_score(labels: np.ndarray, predicted: np.ndarray) -> SplitScore:
+    return SplitScore(f1_macro(labels, predicted, 3), float(np.mean(labels == predicted)),
+                      labels, predicted)  # fmt: skip
+
+
+def test_kd_gain_is_distilled_minus_scratch_with_a_paired_interval() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    scratch = np.where(rng.random(600) < 0.7, labels, (labels + 1) % 3)
+    # The distilled student fixes a third of the scratch student's mistakes.
+    distilled = np.where((scratch != labels) & (rng.random(600) < 0.33), labels, scratch)
+    gain = kd_gain(_split_score(labels, distilled), _split_score(labels, scratch), 3, 500, 0)
+    assert gain["kd_gain"] == pytest.approx(
+        f1_macro(labels, distilled, 3) - f1_macro(labels, scratch, 3)
+    )
+    assert gain["kd_gain_accuracy"] == pytest.approx(np.mean(distilled == labels) -
+                                                     np.mean(scratch == labels))  # fmt: skip
+    low, high = gain["kd_gain_ci"]
+    assert 0 < low < gain["kd_gain"] < high  # a real gain: the interval excludes zero
+    assert gain["kd_gain_mcnemar_p"] < 0.001
+    same = kd_gain(_split_score(labels, scratch), _split_score(labels, scratch), 3, 500, 0)
+    assert same["kd_gain"] == 0 and same["kd_gain_ci"] == [0.0, 0.0]
+    assert same["kd_gain_mcnemar_p"] == 1.0
+
+
+def test_kd_gain_refuses_students_scored_on_different_images() -> None:
+    labels = np.arange(6) % 3
+    with pytest.raises(ValueError, match="same split"):
+        kd_gain(_split_score(labels, labels), _split_score(labels[::-1], labels), 3, 50, 0)
 
 
 def _off(params: Params, **update: float):
