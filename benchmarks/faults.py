@@ -43,7 +43,7 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from benchmarks.workspace import fresh_copy, git  # noqa: E402
+from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
 from flows.prefect_api import start_local_server  # noqa: E402
 from flows.services import servers_on_machine  # noqa: E402
 
@@ -51,13 +51,7 @@ IDLE_S = 10
 
 
 def _env(state: Path, idle: float) -> dict[str, str]:
-    ours = ("MLFLOW_", "PREFECT_", "VISIONPIPE_")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(ours)}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["VISIONPIPE_HOME"] = str(state)
-    env["VISIONPIPE_PREFECT_IDLE_S"] = str(idle)
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
+    return copy_env(state, VISIONPIPE_PREFECT_IDLE_S=str(idle))
 
 
 def _run(cwd: Path, env: dict[str, str], *args: str) -> tuple[int, float, str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from benchmarks.workspace import fresh_copy, git  # noqa: E402
+from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
 from flows.prefect_api import stop_local_server  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
@@ -152,9 +151,7 @@ def run_pipeline(
             apply_overrides(repo, overrides)
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "benchmark params", "--allow-empty")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["VISIONPIPE_HOME"] = str(scratch / "state")
+        env = copy_env(scratch / "state")
         try:
             stage_seconds = {}
             for stage in STAGES:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import re
 import shutil
 import subprocess
@@ -43,7 +42,7 @@ import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from benchmarks.workspace import fresh_copy  # noqa: E402
+from benchmarks.workspace import copy_env, fresh_copy  # noqa: E402
 from flows.prefect_api import start_local_server, stop_local_server  # noqa: E402
 
 CLASSES = 10
@@ -171,8 +170,7 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
     repo = fresh_copy(scratch / "repo", "benchmark copy")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env["VISIONPIPE_HOME"] = str(scratch / "state")
+    env = copy_env(scratch / "state")
     start_local_server(scratch / "state" / "prefect")
     runs = []
     try:

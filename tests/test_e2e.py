@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from benchmarks.workspace import fresh_copy, git
+from benchmarks.workspace import copy_env, fresh_copy, git
 from flows.prefect_api import local_server_url, start_local_server, stop_local_server
 from tasks.robustness import CORRUPTIONS
 from tests.imagefolders import noise
@@ -59,16 +58,7 @@ def _ran(output: str) -> list[str]:
 
 
 def _stage_env(url: str, state: Path) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("MLFLOW_", "PREFECT_", "VISIONPIPE_"))
-    }
-    # `python -m flows.<stage>` must find this interpreter, as an activated venv would.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PREFECT_API_URL"] = url
-    env["VISIONPIPE_HOME"] = str(state)
-    return env
+    return copy_env(state, PREFECT_API_URL=url)
 
 
 @pytest.fixture(scope="module")

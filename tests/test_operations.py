@@ -29,7 +29,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from benchmarks.workspace import fresh_copy, git
+from benchmarks.workspace import copy_env, fresh_copy, git
 from tasks import registry
 from tests.tinyrepo import TINY, set_params
 from tests.ui import chromium_or_skip, mlflow_compare_page, mlflow_ui_number, prefect_flow_runs_page
@@ -68,14 +68,7 @@ def ops(tmp_path_factory):
     repo = fresh_copy(base / "repo")
     set_params(repo, {**TINY, **GENEROUS})
     remote = base / "remote"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("MLFLOW_", "PREFECT_", "VISIONPIPE_"))
-    }
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["VISIONPIPE_HOME"] = str(base / "state")
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env = copy_env(base / "state")
     _dvc(repo, env, "remote", "add", "-d", "local", str(remote))
     git(repo, "commit", "-qam", "tiny params, a local DVC remote")
 

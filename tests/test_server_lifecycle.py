@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.workspace import fresh_copy, git
+from benchmarks.workspace import copy_env, fresh_copy, git
 from flows.prefect_api import read_state, start_local_server
 from flows.services import down_all, servers_on_machine
 from tests.tinyrepo import TINY, set_params
@@ -32,16 +32,7 @@ IDLE_S = 8
 
 
 def _env(state: Path, idle: float) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("MLFLOW_", "PREFECT_", "VISIONPIPE_"))
-    }
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["VISIONPIPE_HOME"] = str(state)
-    env["VISIONPIPE_PREFECT_IDLE_S"] = str(idle)
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
+    return copy_env(state, VISIONPIPE_PREFECT_IDLE_S=str(idle))
 
 
 def _run(cwd: Path, env: dict[str, str], *args: str, timeout: float = 300) -> str:
