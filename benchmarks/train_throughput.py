@@ -121,9 +121,10 @@ def main() -> None:
     if not args.no_device_path:
         paths.append(("data_on_device", True, 0))
     for name, on_device, workers in paths:
+        # One epoch: min_steps 0, or a small split's budget would add epochs to it.
         fit_params = params.train.model_copy(
-            update={"epochs": 1, "num_workers": workers, "precision": precision_name,
-                    "data_on_device": on_device}
+            update={"epochs": 1, "min_steps": 0, "num_workers": workers,
+                    "precision": precision_name, "data_on_device": on_device}
         )  # fmt: skip
         pipeline, bare, ratios = [], [], []
         for round_ in range(args.rounds):

@@ -220,7 +220,11 @@ def log_epoch(run_id: str, record: EpochRecord) -> None:
 
 
 def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a (nested) metrics dict, keys joined with dots, as MLflow wants."""
+    """Numeric leaves of a (nested) metrics dict, keys joined with dots, as MLflow wants.
+
+    A confidence interval (a ``*_ci`` key holding ``[low, high]``) becomes two
+    metrics, ``<key>_low`` and ``<key>_high``; other lists are not metrics.
+    """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
@@ -228,6 +232,13 @@ def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, fl
             flat.update(scalar_metrics(value, prefix=f"{name}."))
         elif isinstance(value, int | float):  # bool included
             flat[name] = float(value)
+        elif (
+            name.endswith("_ci")
+            and isinstance(value, list | tuple)
+            and len(value) == 2
+            and all(isinstance(bound, int | float) for bound in value)
+        ):
+            flat[f"{name}_low"], flat[f"{name}_high"] = map(float, value)
     return {_metric_key(k): v for k, v in flat.items()}
 
 

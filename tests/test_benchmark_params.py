@@ -99,4 +99,5 @@ def test_the_recipe_smoke_run_goes_through_every_stage() -> None:
     low, high = metrics["distill"]["kd_gain_ci"]
     assert low <= high
     for variant in ("teacher", "student", "student_int8"):
-        assert metrics["evaluate"][variant]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+        # 60 steps learn something (the smoke run here: 0.53-0.71), not everything: chance is 0.1
+        assert metrics["evaluate"][variant]["accuracy"] > 0.3

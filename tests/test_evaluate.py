@@ -155,7 +155,7 @@ def test_write_confusion_csv_and_png(tmp_path: Path) -> None:
     assert png_path.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_scalar_metrics_flattens_and_drops_non_numbers() -> None:
+def test_scalar_metrics_flattens_splits_intervals_and_drops_non_numbers() -> None:
     metrics = {
         "f1_macro": 0.9,
         "params": 1234,
@@ -164,6 +164,8 @@ def test_scalar_metrics_flattens_and_drops_non_numbers() -> None:
         "note": None,
         "f1_per_class": {"T-shirt/top": 0.8, "Ankle boot": 0.7, "what?": 0.1},
         "student": {"latency": {"median_ms": 0.2, "unit": "ms"}},
+        "kd_gain_ci": [-0.01, 0.03],  # an interval: two metrics
+        "latency_ms": [0.2, 0.3, 0.25],  # any other list: none
     }
     assert scalar_metrics(metrics) == {
         "f1_macro": 0.9,
@@ -173,6 +175,8 @@ def test_scalar_metrics_flattens_and_drops_non_numbers() -> None:
         "f1_per_class.Ankle boot": 0.7,
         "f1_per_class.what_": 0.1,  # characters MLflow rejects become "_"
         "student.latency.median_ms": 0.2,
+        "kd_gain_ci_low": -0.01,
+        "kd_gain_ci_high": 0.03,
     }
     assert all(isinstance(value, float) for value in scalar_metrics(metrics).values())
 

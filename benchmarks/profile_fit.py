@@ -1,0 +1,121 @@
+"""Where a training epoch's time goes: ``torch.profiler`` over the teacher's or the student's fit.
+
+    python benchmarks/profile_fit.py [--stage train|distill] [--max-images 5120] [--top 15]
+
+After ``dvc repro prepare resample`` (and ``train``, for ``--stage distill``):
+in a copy ``benchmarks/pipeline.py --keep`` left, it profiles that recipe. Runs
+one epoch of the stage's own fit (``tasks.train.fit_teacher`` or
+``tasks.distill.fit_student`` with the frozen teacher, the loaders and
+augmentation of params.yaml) on the first ``--max-images`` train images, under
+``torch.profiler`` (CPU activities, plus CUDA when the fit runs there), and
+reports the operators with the most self time, and the shares of the epoch
+spent in convolutions (forward and backward), in the batched augmentation's
+ops (``grid_sampler``, ``affine_grid``), in the optimizer step and in the
+rest. A fit whose time is convolutions has nothing a bare loop would not pay.
+Writes benchmarks/results/profile_<stage>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from tasks.datasets import Split, take_rows  # noqa: E402
+from tasks.distill import fit_student, load_teacher  # noqa: E402
+from tasks.layout import TEACHER  # noqa: E402
+from tasks.params import load_params  # noqa: E402
+from tasks.train import fit_teacher, load_training_data  # noqa: E402
+
+# Operator-name fragments -> the share they are reported under (first match wins).
+GROUPS = {
+    "convolution": ("conv", "mkldnn_convolution", "cudnn_convolution"),
+    "augmentation": ("grid_sampler", "affine_grid"),
+    "batch norm": ("batch_norm",),
+    "optimizer": ("adamw", "_foreach", "lerp", "addcdiv"),
+}
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in GROUPS.items():
+        if any(fragment in lowered for fragment in fragments):
+            return group
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=["train", "distill"], default="train")
+    parser.add_argument("--max-images", type=int, default=5120)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    params = load_params(ROOT / "params.yaml")
+    data = load_training_data.fn()
+    rows = np.arange(min(args.max_images, len(data.train)))
+    first = Split(take_rows(data.train.images, rows), np.asarray(data.train.labels)[rows])
+    data = replace(data, train=first, weights=np.asarray(data.weights)[rows])
+    section = params.train if args.stage == "train" else params.distill
+    fit_params = section.model_copy(update={"epochs": 1, "min_steps": 0})
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+
+    def quiet(line: str) -> None:
+        pass
+
+    def fit_once():
+        if args.stage == "train":
+            return fit_teacher.fn(data, fit_params, params.augment, params.seed, log=quiet)
+        teacher = load_teacher.fn(TEACHER)
+        return fit_student.fn(data, teacher, fit_params, params.augment, params.seed, log=quiet)
+
+    with profile(activities=activities) as prof:
+        result = fit_once()
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    shares: dict[str, float] = {}
+    for event in events:
+        group = group_of(event.key)
+        shares[group] = shares.get(group, 0.0) + event.self_cpu_time_total / total
+    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[: args.top]
+    rows_out = [
+        {
+            "op": event.key,
+            "self_cpu_share": round(event.self_cpu_time_total / total, 4),
+            "self_cpu_ms": round(event.self_cpu_time_total / 1000, 1),
+            "calls": event.count,
+        }
+        for event in top
+    ]
+    for row in rows_out:
+        print(f"{row['self_cpu_share']:7.1%}  {row['self_cpu_ms']:9.1f} ms  {row['op']}")
+    print({group: f"{share:.1%}" for group, share in sorted(shares.items())})
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    path = write_result(
+        f"profile_{args.stage}_{device}.json",
+        {
+            "command": "python benchmarks/profile_fit.py " + " ".join(sys.argv[1:]),
+            "machine": describe_machine(),
+            "stage": args.stage,
+            "train_images": len(first),
+            "images_per_second": result.history[0].images_per_second,
+            "params": fit_params.model_dump(mode="json"),
+            "self_cpu_share_by_group": {k: round(v, 4) for k, v in sorted(shares.items())},
+            "top_ops": rows_out,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
