@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from tasks.datasets import Split, take_rows  # noqa: E402
+from benchmarks.train_throughput import first_train_rows  # noqa: E402
 from tasks.distill import fit_student, load_teacher  # noqa: E402
 from tasks.layout import TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
@@ -61,9 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
     data = load_training_data.fn()
-    rows = np.arange(min(args.max_images, len(data.train)))
-    first = Split(take_rows(data.train.images, rows), np.asarray(data.train.labels)[rows])
-    data = replace(data, train=first, weights=np.asarray(data.weights)[rows])
+    data = first_train_rows(data, args.max_images)
     section = params.train if args.stage == "train" else params.distill
     fit_params = section.model_copy(update={"epochs": 1, "min_steps": 0})
     activities = [ProfilerActivity.CPU]
@@ -107,7 +103,7 @@ def main() -> None:
             "command": "python benchmarks/profile_fit.py " + " ".join(sys.argv[1:]),
             "machine": describe_machine(),
             "stage": args.stage,
-            "train_images": len(first),
+            "train_images": len(data.train),
             "images_per_second": result.history[0].images_per_second,
             "params": fit_params.model_dump(mode="json"),
             "self_cpu_share_by_group": {k: round(v, 4) for k, v in sorted(shares.items())},

@@ -55,7 +55,12 @@ from tasks.engine import (  # noqa: E402
 )
 from tasks.models import build_model  # noqa: E402
 from tasks.params import load_params  # noqa: E402
-from tasks.train import build_loaders, load_training_data, supervised_loss  # noqa: E402
+from tasks.train import (  # noqa: E402
+    TrainingData,
+    build_loaders,
+    load_training_data,
+    supervised_loss,
+)
 from tasks.transforms import normalise  # noqa: E402
 
 
@@ -84,6 +89,13 @@ def bare_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bat
     return steps * batch / (time.perf_counter() - start)
 
 
+def first_train_rows(data: TrainingData, count: int) -> TrainingData:
+    """``data`` with only its first ``count`` train rows (and their sampling weights)."""
+    rows = np.arange(min(count, len(data.train)))
+    first = Split(take_rows(data.train.images, rows), np.asarray(data.train.labels)[rows])
+    return replace(data, train=first, weights=np.asarray(data.weights)[rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -101,9 +113,7 @@ def main() -> None:
     precision_name = args.precision or params.train.precision
     data = load_training_data.fn()
     if args.max_images is not None:
-        rows = np.arange(min(args.max_images, len(data.train)))
-        first = Split(take_rows(data.train.images, rows), np.asarray(data.train.labels)[rows])
-        data = replace(data, train=first, weights=np.asarray(data.weights)[rows])
+        data = first_train_rows(data, args.max_images)
     device = select_device(params.train.device)
     precision = Precision.of(precision_name, device)
     channels = data.prepared.image_shape[2]
