@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,13 +11,11 @@ import yaml
 from benchmarks.pipeline import STAGES, apply_overrides, overrides_from, run_pipeline
 from tasks.models import build_model
 from tasks.params import load_params
+from tests.fashion_mnist import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "fashion_mnist.yaml"
 GPU_RECIPE = ROOT / "benchmarks" / "fashion_mnist_gpu.yaml"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-# .ci/run installs Debian's dataset-fashion-mnist and sets this, so CI cannot skip silently.
-REQUIRE_FASHION_MNIST = os.environ.get("VISIONPIPE_REQUIRE_FASHION_MNIST") == "1"
 # The README's few-minute check of the recipe: every stage of it, on 150 images a class
 # (60 steps a fit: too few to pass the baseline guard, hence allow_weak).
 SMOKE = [
@@ -79,10 +76,7 @@ def test_the_fashion_mnist_recipes_are_valid_params_with_a_student_under_100k(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (FASHION_MNIST_DIR.is_dir() or REQUIRE_FASHION_MNIST),
-    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
-)
+@needs_fashion_mnist
 def test_the_recipe_smoke_run_goes_through_every_stage() -> None:
     """The CPU recipe as the README's quick check runs it: a recipe that no longer runs
     (a renamed key, a model the quantizer cannot export) fails here, not after an hour."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 from pathlib import Path
 
@@ -14,11 +13,8 @@ from PIL import Image
 from tasks.params import DataParams, Params
 from tasks.prepare import decode_all, image_spec, select, staging_file, stratified_split
 from tasks.sources import FASHION_MNIST_CLASSES, build_source, cap_per_class, read_idx
+from tests.fashion_mnist import FASHION_MNIST_DIR, needs_fashion_mnist
 from tests.imagefolders import build_messy_folder, noise
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-# .ci/run installs Debian's dataset-fashion-mnist and sets this, so CI cannot skip silently.
-REQUIRE_FASHION_MNIST = os.environ.get("VISIONPIPE_REQUIRE_FASHION_MNIST") == "1"
 
 
 def data_params(params: Params, **update: object) -> DataParams:
@@ -98,10 +94,7 @@ def test_fashion_mnist_reads_idx_and_marks_official_test(params: Params, tmp_pat
     assert np.array_equal(_pixels(source, 3), noise((2, 28, 28), 1)[0])
 
 
-@pytest.mark.skipif(
-    not (FASHION_MNIST_DIR.is_dir() or REQUIRE_FASHION_MNIST),
-    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
-)
+@needs_fashion_mnist
 def test_the_real_fashion_mnist_keeps_its_official_split(params: Params, tmp_path: Path) -> None:
     data = data_params(params, source="fashion-mnist", fashion_mnist_dir=FASHION_MNIST_DIR)
     source = build_source(data)
