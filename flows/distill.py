@@ -15,8 +15,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.fitting import resumable, tracked_fit
 from flows.prefect_api import stage_main
-from flows.train import resumable, tracked_fit
 from tasks import distill as t
 from tasks.baselines import read_baselines
 from tasks.layout import PREPARED_DIR, STUDENT, TEACHER, curve_path, metrics_path
@@ -31,7 +31,7 @@ def distill_flow(
     data = load_training_data()
     teacher = t.load_teacher(TEACHER)
     log = get_run_logger().info
-    run_params = {"seed": seed, **distill.flat("distill"), **augment.flat("augment")}
+    run_params = run_parameters(seed, distill, augment)
     teacher_id = [teacher.mlflow_run_id, teacher.metrics]
     common = {
         "data": data,
@@ -93,12 +93,22 @@ def distill_flow(
     return summary
 
 
+def run_parameters(seed: int, distill: DistillParams, augment: AugmentParams) -> dict:
+    """What the students' MLflow runs record as params (and their resume states are keyed on)."""
+    return {"seed": seed, **distill.flat("distill"), **augment.flat("augment")}
+
+
 def distill_worker(seed: int, distill: DistillParams, augment: AugmentParams, mlflow: MlflowParams):
-    """A rank other than 0 under torchrun: the same fits in the same order, no outputs."""
+    """A rank other than 0 under torchrun: the same fits in the same order, resumed alike,
+    no outputs."""
     data = load_training_data.fn()
+    run_params = run_parameters(seed, distill, augment)
     if distill.compare_scratch:
-        t.fit_student.fn(data, None, distill, augment, seed)
-    return t.fit_student.fn(data, t.load_teacher.fn(TEACHER), distill, augment, seed)
+        scratch = resumable("distill_scratch", run_params, data)
+        t.fit_student.fn(data, None, distill, augment, seed, resume=scratch)
+    teacher = t.load_teacher.fn(TEACHER)
+    resume = resumable("distill", run_params, data, [teacher.mlflow_run_id, teacher.metrics])
+    return t.fit_student.fn(data, teacher, distill, augment, seed, resume=resume)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from tasks.distributed import (
 )
 from tasks.metrics import f1_macro
 from tasks.params import FitParams
-from tasks.resume import Resume, capture_rng, discard, load_state, restore_rng, save_state
+from tasks.resume import EpochRecord, Resume, TrainState, discard, load_state, save_state
 from tasks.transforms import Augment, normalise
 
 # (model, images, labels) -> (loss, logits). The teacher's is cross-entropy;
@@ -178,18 +178,6 @@ def supervised_objective(loss: nn.Module) -> Objective:
 
 
 @dataclass(frozen=True)
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_accuracy: float
-    val_f1_macro: float
-    lr: float
-    seconds: float
-    images_per_second: float
-
-
-@dataclass(frozen=True)
 class FitResult:
     """The model with its best weights loaded, and how it got there."""
 
@@ -325,13 +313,6 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights (also of a compiled or DDP-wrapped model's)."""
-    inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)
-    return {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
-
-
 def fit(
     model: nn.Module,
     objective: Objective,
@@ -383,8 +364,21 @@ def fit(
         )
     scheduler = _scheduler(optimizer, params, budget.total_steps)
     scaler = precision.scaler()
+    sampler = getattr(train_loader, "sampler", None)
+    augment = getattr(getattr(train_loader, "dataset", None), "augment", None)
+    state = TrainState(model, optimizer, scheduler, scaler, train_loader.generator, augment)
+    if resume is not None:
+        payload, why_not = load_state(resume)  # on every rank: rank 0 reads, all get it
+        if payload is not None:
+            state.restore(payload)
+            log(
+                f"resuming from {resume.path}: epoch {state.epoch} of {budget.epochs} was "
+                f"finished, continuing at epoch {state.epoch + 1}"
+            )
+        elif why_not != "no saved state":
+            log(f"not resuming from {resume.path}: {why_not}; starting over")
     forward: nn.Module = model
-    if world.distributed:
+    if world.distributed:  # after the restore: DDP starts every rank from rank 0's weights
         forward = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -393,35 +387,9 @@ def fit(
         )
     if params.compile:
         forward = torch.compile(forward)
-    sampler = getattr(train_loader, "sampler", None)
-    best_key = (-1.0, float("-inf"))
-    best_state, best_epoch, best_loss, stale, stopped = None, 0, float("inf"), 0, False
-    history: list[EpochRecord] = []
-    first_epoch, spent = 1, 0.0
-    augment = getattr(getattr(train_loader, "dataset", None), "augment", None)
-    if resume is not None:
-        state, why_not = load_state(resume)
-        if state is None:
-            if why_not != "no saved state":
-                log(f"not resuming from {resume.path}: {why_not}; starting over")
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng(state["rng"], train_loader.generator, augment)
-            best_key = tuple(state["best_key"])
-            best_state, best_epoch = state["best_state"], state["best_epoch"]
-            best_loss, stale, stopped = state["best_loss"], state["stale"], state["stopped"]
-            history = [EpochRecord(**record) for record in state["history"]]
-            first_epoch, spent = state["epoch"] + 1, state["seconds"]
-            log(
-                f"resuming from {resume.path}: epoch {state['epoch']} of {budget.epochs} was "
-                f"finished, continuing at epoch {first_epoch}"
-            )
-    started = time.perf_counter() - spent
-    for epoch in range(first_epoch, budget.epochs + 1):
-        if stopped:
+    started = time.perf_counter() - state.seconds
+    for epoch in range(state.epoch + 1, budget.epochs + 1):
+        if state.stopped:
             break
         model.train()
         frozen = backbone is not None and epoch <= finetune.freeze_epochs
@@ -482,40 +450,22 @@ def fit(
             seconds=time.perf_counter() - epoch_start,
             images_per_second=seen / train_seconds if train_seconds > 0 else 0.0,
         )
-        history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if (val_f1, -val_loss) > best_key:
-            best_key = (val_f1, -val_loss)
-            best_state = _state_dict(model)
-            best_epoch, best_loss, stale = epoch, val_loss, 0
-        elif not frozen:  # head-only epochs do not count towards patience
-            stale += 1
-            stopped = stale >= params.patience and budget.may_stop_after(epoch)
-        if resume is not None and world.is_main:
-            save_state(
-                resume,
-                {
-                    "epoch": epoch, "seconds": time.perf_counter() - started,
-                    "model": _state_dict(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": capture_rng(train_loader.generator, augment),
-                    "best_key": list(best_key), "best_state": best_state,
-                    "best_epoch": best_epoch, "best_loss": best_loss, "stale": stale,
-                    "stopped": stopped, "history": [asdict(r) for r in history],
-                },
-            )  # fmt: skip
-    model.load_state_dict(best_state)
+        state.finish_epoch(record, not frozen, params.patience, budget.may_stop_after(epoch))
+        state.seconds = time.perf_counter() - started
+        if resume is not None:
+            save_state(resume, state)  # every rank: rank 0 gathers their generators and writes
+    model.load_state_dict(state.best_weights)
     result = FitResult(
         model=model,
-        best_epoch=best_epoch,
-        best_val_f1_macro=best_key[0],
-        best_val_loss=best_loss,
-        history=tuple(history),
-        stopped_early=len(history) < budget.epochs,
+        best_epoch=state.best_epoch,
+        best_val_f1_macro=state.best_key[0],
+        best_val_loss=state.best_loss,
+        history=tuple(state.history),
+        stopped_early=len(state.history) < budget.epochs,
         epochs_planned=budget.epochs,
         seconds=time.perf_counter() - started,
     )
-    if world.is_main:
-        discard(resume)
+    discard(resume)  # rank 0's file
     return result

@@ -1,16 +1,26 @@
 """One tiny fit, in one process or under torchrun: ``python -m tests.ddp_fit OUT.json``.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.ddp_fit out.json
+    python -m torch.distributed.run ... -m tests.ddp_fit out.json STATE.pt KILL_AT
 
 A width-4 cnn on seeded 8x8 images (a bright corner marks class 1), global
 batch 16, three epochs, no augmentation or dropout, through ``tasks.train``'s
 real ``build_loaders`` and ``engine.fit``. Rank 0 writes the per-epoch train
-loss, val accuracy and the final weights to OUT.json.
+loss, val accuracy and the final weights to OUT.json, and every rank a hash
+of its final weights and buffers to OUT.json.rank<r>.
+
+With STATE the fit is resumable (``tasks/resume.py``) and every random stream
+matters: four epochs with dropout and augmentation (drawn per rank). With
+KILL_AT > 0 rank 0 SIGKILLs itself when epoch KILL_AT ends, before that
+epoch's state is saved, as a crash would; torchrun then stops the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,19 +32,24 @@ from tasks.distributed import World, init_process_group
 from tasks.engine import fit, seed_everything, supervised_objective
 from tasks.models import build_model
 from tasks.params import load_params
+from tasks.resume import Resume
 from tasks.train import TrainingData, build_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(out: str) -> None:
+def main(out: str, state: str = "-", kill_at: int = 0) -> None:
     torch.set_num_threads(1)
     params = load_params(ROOT / "params.yaml")
+    resume = None if state == "-" else Resume(Path(state), "tiny-ddp-run")
+    dropout = 0.0 if resume is None else 0.3
     fit_params = params.train.model_copy(
-        update={"epochs": 3, "batch_size": 16, "patience": 10, "dropout": 0.0, "device": "cpu",
-                "lr": 0.01, "min_steps": 0}
+        update={"epochs": 3 if resume is None else 4, "batch_size": 16, "patience": 10,
+                "dropout": dropout, "device": "cpu", "lr": 0.01, "min_steps": 0}
     )  # fmt: skip
-    augment = params.augment.model_copy(update={"affine_p": 0.0, "brightness_contrast_p": 0.0})
+    augment = params.augment
+    if resume is None:
+        augment = augment.model_copy(update={"affine_p": 0.0, "brightness_contrast_p": 0.0})
     rng = np.random.default_rng(0)
     labels = np.arange(128) % 2
     images = rng.integers(0, 200, size=(128, 8, 8, 1), dtype=np.uint8)
@@ -45,13 +60,26 @@ def main(out: str) -> None:
     world = World.from_env()
     device = init_process_group(world, torch.device("cpu"))
     seed_everything(0, deterministic=True)
-    model = build_model("cnn", 1, 2, 4, 0.0)
+    model = build_model("cnn", 1, 2, 4, dropout)
     train_loader, val_loader = build_loaders(data, fit_params, augment, 0, device)
     objective = supervised_objective(torch.nn.CrossEntropyLoss())
-    result = fit(model, objective, train_loader, val_loader, fit_params, device)
+    logs: list[str] = []
+
+    def on_epoch(record) -> None:
+        if record.epoch == kill_at and world.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    result = fit(
+        model, objective, train_loader, val_loader, fit_params, device, on_epoch,
+        resume=resume, log=logs.append,
+    )  # fmt: skip
+    weights = b"".join(v.numpy().tobytes() for v in result.model.state_dict().values())
+    Path(f"{out}.rank{world.rank}").write_text(hashlib.sha256(weights).hexdigest())
     if world.is_main:
         Path(out).write_text(json.dumps({
             "world": world.size,
+            "epochs": [r.epoch for r in result.history],
+            "logs": logs,
             "batches_per_epoch": len(train_loader),
             "train_loss": [r.train_loss for r in result.history],
             "val_accuracy": [r.val_accuracy for r in result.history],
@@ -61,4 +89,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:3], *map(int, sys.argv[3:4]))

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(out: Path, processes: int) -> dict:
+def _launch(out: Path, processes: int, *resume: str) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = [
         sys.executable,
@@ -21,9 +22,14 @@ def _fit(out: Path, processes: int) -> dict:
         "-m",
         "tests.ddp_fit",
         str(out),
+        *resume,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _fit(out: Path, processes: int, *resume: str) -> dict:
+    done = _launch(out, processes, *resume)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -42,3 +48,27 @@ def test_two_gloo_processes_match_single_process_training(tmp_path: Path) -> Non
     a = np.concatenate([single["weights"][k] for k in weights])
     b = np.concatenate([ddp["weights"][k] for k in weights])
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.2
+
+
+def test_two_killed_gloo_processes_resume_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    # dropout and per-rank augmentation on: each rank's own random streams must come back too
+    state = tmp_path / "resume" / "train.pt"
+    killed = _launch(tmp_path / "killed.json", 2, str(state), "3")
+    assert killed.returncode != 0 and not (tmp_path / "killed.json").exists()
+    saved = torch.load(state, weights_only=True)
+    assert (saved["epoch"], saved["world"], len(saved["rng"])) == (2, 2, 2)
+    assert saved["rng"][0]["augment"] != saved["rng"][1]["augment"]  # one stream per rank
+
+    resumed = _fit(tmp_path / "resumed.json", 2, str(state), "0")
+    assert resumed["epochs"] == [1, 2, 3, 4]
+    assert any("epoch 2 of 4 was finished, continuing at epoch 3" in m for m in resumed["logs"])
+    assert not state.exists()
+
+    whole = _fit(tmp_path / "whole.json", 2, str(tmp_path / "whole.pt"), "0")
+    assert whole["logs"] == []
+    assert resumed["train_loss"] == whole["train_loss"]
+    assert resumed["weights"] == whole["weights"]  # bit for bit
+    for rank in (0, 1):  # and every rank ends with them, running statistics included
+        ending = (tmp_path / f"resumed.json.rank{rank}").read_text()
+        assert ending == (tmp_path / f"whole.json.rank{rank}").read_text()
+        assert ending == (tmp_path / "whole.json.rank0").read_text()
