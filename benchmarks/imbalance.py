@@ -45,12 +45,8 @@ from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from benchmarks.pipeline import merge_overrides, overrides_from  # noqa: E402
-from tasks.datasets import Rows, Split, load_prepared  # noqa: E402
-from tasks.engine import ImageDataset, make_loader, predict_logits  # noqa: E402
-from tasks.evaluate import adjust_logits  # noqa: E402
-from tasks.metrics import f1_macro  # noqa: E402
-from tasks.params import Params, parse_params  # noqa: E402
-from tasks.prepare import (  # noqa: E402
+from tasks.data.datasets import Rows, Split, load_prepared  # noqa: E402
+from tasks.data.prepare import (  # noqa: E402
     copy_splits,
     decode_all,
     image_spec,
@@ -58,9 +54,13 @@ from tasks.prepare import (  # noqa: E402
     split,
     staging_file,
 )
-from tasks.resample import resample_split  # noqa: E402
-from tasks.sources import build_source, cap_per_class  # noqa: E402
-from tasks.train import TrainingData, fit_teacher, train_augment  # noqa: E402
+from tasks.data.resample import resample_split  # noqa: E402
+from tasks.data.sources import build_source, cap_per_class  # noqa: E402
+from tasks.evaluation.evaluate import adjust_logits  # noqa: E402
+from tasks.metrics import f1_macro  # noqa: E402
+from tasks.params import Params, parse_params  # noqa: E402
+from tasks.training.engine import ImageDataset, make_loader, predict_logits  # noqa: E402
+from tasks.training.train import TrainingData, fit_teacher, train_augment  # noqa: E402
 
 # name -> (resample overrides, train overrides, augment overrides, logit adjustment tau)
 METHODS: dict[str, tuple[dict, dict, dict, float]] = {

@@ -7,7 +7,7 @@ macro-F1), and on a small test split that is a few images either way. This
 repeats the distill stage's own comparison for several seeds: per seed, the
 student from scratch and the student distilled from ``models/teacher.pt``,
 each configuration below, with the same initial weights and batches
-(``tasks.distill.fit_student``, everything else as params.yaml says). The
+(``tasks.training.distill.fit_student``, everything else as params.yaml says). The
 stage core is called directly, without Prefect, MLflow or DVC.
 
 Writes benchmarks/results/kd_gain_<source>_<device>.json and prints a
@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from tasks.distill import fit_student, load_teacher, score  # noqa: E402
 from tasks.layout import PREPARED_DIR, RESAMPLED_DIR, TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
-from tasks.train import load_training_data  # noqa: E402
+from tasks.training.distill import fit_student, load_teacher, score  # noqa: E402
+from tasks.training.train import load_training_data  # noqa: E402
 
 # name -> distill overrides; None is the student on labels alone
 CONFIGS: dict[str, dict | None] = {

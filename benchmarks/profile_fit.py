@@ -4,8 +4,8 @@
 
 After ``dvc repro prepare resample`` (and ``train``, for ``--stage distill``):
 in a copy ``benchmarks/pipeline.py --keep`` left, it profiles that recipe. Runs
-one epoch of the stage's own fit (``tasks.train.fit_teacher`` or
-``tasks.distill.fit_student`` with the frozen teacher, the loaders and
+one epoch of the stage's own fit (``tasks.training.train.fit_teacher`` or
+``tasks.training.distill.fit_student`` with the frozen teacher, the loaders and
 augmentation of params.yaml) on the first ``--max-images`` train images, under
 ``torch.profiler`` (CPU activities, plus CUDA when the fit runs there), and
 reports the operators with the most self time, and the shares of the epoch
@@ -29,10 +29,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from benchmarks.train_throughput import first_train_rows  # noqa: E402
-from tasks.distill import fit_student, load_teacher  # noqa: E402
 from tasks.layout import TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
-from tasks.train import fit_teacher, load_training_data  # noqa: E402
+from tasks.training.distill import fit_student, load_teacher  # noqa: E402
+from tasks.training.train import fit_teacher, load_training_data  # noqa: E402
 
 # Operator-name fragments -> the share they are reported under (first match wins).
 GROUPS = {

@@ -7,7 +7,7 @@ realistic BatchNorm statistics: latency does not depend on what was learnt)
 is exported to ONNX and quantized exactly as the quantize stage does, once
 with every conv in int8 and once with the first conv (1 input channel) kept
 fp32 (``quantize.keep_first_conv_fp32``). All runtimes of one network are
-timed side by side with ``tasks.latency.measure_runtimes`` (interleaved
+timed side by side with ``tasks.evaluation.latency.measure_runtimes`` (interleaved
 rounds, same thread count), so ratios hold on a noisy shared machine even
 when absolute times do not. Writes benchmarks/results/quantize_latency.json.
 """
@@ -26,10 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from tasks.latency import BATCH, measure_runtimes  # noqa: E402
+from tasks.evaluation.latency import BATCH, measure_runtimes  # noqa: E402
+from tasks.export.quantize import export_onnx, onnx_session, quantize_onnx, torch_logits  # noqa: E402
 from tasks.models import build_model, count_params  # noqa: E402
 from tasks.params import QuantizeParams  # noqa: E402
-from tasks.quantize import export_onnx, onnx_session, quantize_onnx, torch_logits  # noqa: E402
 
 NETWORKS = [  # (model, width, input size): the digits default, then Fashion-MNIST candidates
     ("cnn", 16, 16),

@@ -9,8 +9,8 @@ teacher and augmentation of this checkout's params.yaml: run it in a copy
 ``benchmarks/pipeline.py --keep`` left to measure a recipe). For each
 DataLoader worker count, alternates in one process, ``--rounds`` times:
 
-- **pipeline**: one epoch of ``tasks.engine.fit`` on the real train batches
-  (``tasks.train.build_loaders``: the DataLoader with albumentations on the fly,
+- **pipeline**: one epoch of ``tasks.training.engine.fit`` on the real train batches
+  (``tasks.training.train.build_loaders``: the DataLoader with albumentations on the fly,
   the sampler and normalisation; and, as a separate row, ``data_on_device``:
   the split on the device, augmented there in batches), the teacher from
   params.yaml, its batch size, optimizer,
@@ -45,17 +45,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from tasks.datasets import Split, take_rows  # noqa: E402
-from tasks.engine import (  # noqa: E402
+from tasks.data.datasets import Split, take_rows  # noqa: E402
+from tasks.models import build_model  # noqa: E402
+from tasks.params import load_params  # noqa: E402
+from tasks.training.engine import (  # noqa: E402
     Precision,
     fit,
     seed_everything,
     select_device,
     supervised_objective,
 )
-from tasks.models import build_model  # noqa: E402
-from tasks.params import load_params  # noqa: E402
-from tasks.train import (  # noqa: E402
+from tasks.training.train import (  # noqa: E402
     TrainingData,
     build_loaders,
     load_training_data,

@@ -73,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tasks.evaluate import comparison_markdown
+    from tasks.evaluation.evaluate import comparison_markdown
     from tasks.layout import metrics_path
 
     path = metrics_path("evaluate")
@@ -86,7 +86,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """One line (or JSON object) per image on stdout, broken ones included; exit 1 if any."""
-    from tasks.predict import ModelError, collect_paths, load_model, predict_paths
+    from tasks.serving.predict import ModelError, collect_paths, load_model, predict_paths
 
     try:
         model = load_model(args.model, threads=args.threads)

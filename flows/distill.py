@@ -17,11 +17,11 @@ from prefect import flow, get_run_logger
 
 from flows.fitting import resumable, tracked_fit
 from flows.prefect_api import stage_main
-from tasks import distill as t
-from tasks.baselines import read_baselines
+from tasks.data.baselines import read_baselines
 from tasks.layout import PREPARED_DIR, STUDENT, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, DistillParams, MlflowParams
-from tasks.train import load_training_data
+from tasks.training import distill as t
+from tasks.training.train import load_training_data
 
 
 @flow(name="distill")

@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.prefect_api import stage_main
-from tasks import evaluate as t
 from tasks import tracking
 from tasks.artifacts import atomic_dir, atomic_path
-from tasks.baselines import read_baselines
-from tasks.datasets import load_prepared
+from tasks.data.baselines import read_baselines
+from tasks.data.datasets import load_prepared
+from tasks.evaluation import evaluate as t
 from tasks.layout import (
     CONFUSION_DIR,
     EVALUATION_DIR,

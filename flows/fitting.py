@@ -16,11 +16,11 @@ from typing import Any
 from prefect import get_run_logger
 
 from tasks import tracking
-from tasks import train as t
-from tasks.baselines import check_fit
-from tasks.engine import EpochRecord, FitResult
+from tasks.data.baselines import check_fit
 from tasks.params import AugmentParams, FitParams
-from tasks.resume import Resume, fingerprint, resume_path
+from tasks.training import train as t
+from tasks.training.engine import EpochRecord, FitResult
+from tasks.training.resume import Resume, fingerprint, resume_path
 
 
 def tracked_fit(
@@ -42,7 +42,7 @@ def tracked_fit(
     """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics.
 
     With ``baselines`` (``data/prepared/baselines.json``) the fit must beat them
-    (``tasks.baselines.check_fit``) before anything is written: a model that
+    (``tasks.data.baselines.check_fit``) before anything is written: a model that
     learned nothing fails the stage, or with ``allow_weak`` ships tagged
     ``weak_model`` and with ``weak: true`` in its metrics.
 

@@ -513,7 +513,7 @@ def stage_main(flow: Any, worker: Callable[..., Any] | None = None) -> Any:
         print(f"visionpipe: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     sections = {name: getattr(params, name) for name in flow_sections(flow)}
-    if int(os.environ.get("RANK", "0")) > 0:  # set by torchrun (tasks/distributed.py)
+    if int(os.environ.get("RANK", "0")) > 0:  # set by torchrun (tasks/training/distributed.py)
         return worker(**sections) if worker is not None else None
     return run_stage(flow, **sections)
 

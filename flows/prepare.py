@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.prefect_api import stage_main
-from tasks import prepare as t
+from tasks.data import prepare as t
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, metrics_path
 from tasks.params import DataParams
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.prefect_api import stage_main
-from tasks import quantize as t
 from tasks.artifacts import atomic_path
-from tasks.datasets import load_prepared
+from tasks.data.datasets import load_prepared
+from tasks.export import quantize as t
 from tasks.layout import PREPARED_DIR, STUDENT, STUDENT_FP32_ONNX, STUDENT_INT8, metrics_path
 from tasks.params import QuantizeParams
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.prefect_api import stage_main
-from tasks import resample as t
-from tasks.datasets import load_prepared
+from tasks.data import resample as t
+from tasks.data.datasets import load_prepared
 from tasks.layout import PREPARED_DIR, RESAMPLED_DIR, metrics_path
 from tasks.params import ResampleParams
 

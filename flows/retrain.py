@@ -36,11 +36,11 @@ from prefect.client.schemas.objects import State
 from prefect.tasks import exponential_backoff
 
 from flows.prefect_api import run_stage
-from tasks import registry
-from tasks.datasets import load_prepared
+from tasks.data.datasets import load_prepared
 from tasks.layout import PREPARED_DIR, metrics_path
 from tasks.orchestration import stage_task
 from tasks.params import load_params
+from tasks.serving import registry
 from tasks.tracking import data_hash, git_commit, start_run
 
 

@@ -9,10 +9,10 @@ from prefect import flow, get_run_logger
 
 from flows.fitting import resumable, tracked_fit
 from flows.prefect_api import stage_main
-from tasks import train as t
-from tasks.baselines import read_baselines
+from tasks.data.baselines import read_baselines
 from tasks.layout import PREPARED_DIR, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, MlflowParams, TrainParams
+from tasks.training import train as t
 
 
 @flow(name="train")

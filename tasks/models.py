@@ -12,7 +12,7 @@ every layer (MobileNet's alpha): the knob that trades accuracy for size
 without changing the architecture's shape.
 
 Every conv is followed by BatchNorm inside one ``nn.Sequential`` (conv, BN,
-ReLU): the pattern ``tasks/quantize.py`` folds before quantizing.
+ReLU): the pattern ``tasks/export/quantize.py`` folds before quantizing.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tasks.datasets import ChannelStats
+from tasks.data.datasets import ChannelStats
 from tasks.efficientnet import HEAD_CHANNELS, TRUNK_BLOCKS, features_channels, lite0_features
 
 

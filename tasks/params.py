@@ -49,7 +49,7 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 CalibrationName = Literal["minmax", "percentile", "entropy"]
 ResizeName = Literal["stretch", "pad", "center_crop"]
-# augment: keys the device data path (tasks/device_data.py) does not implement
+# augment: keys the device data path (tasks/training/device_data.py) does not implement
 DEVICE_UNSUPPORTED = ("crop_p", "elastic_p", "blur_p", "hue_saturation_p")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -73,7 +73,7 @@ class Section(BaseModel):
 class DataParams(Section):
     source: str
     fashion_mnist_dir: Path
-    # auto: from the images (tasks/prepare.py resolves and records them in metrics/prepare.json)
+    # auto: read off the images (tasks/data/prepare.py records them in metrics/prepare.json)
     image_size: Annotated[int, Field(ge=4, le=1024)] | Literal["auto"]
     channels: Literal[1, 3, "auto"]
     resize: ResizeName
@@ -208,7 +208,7 @@ class FitParams(Section):
     device: DeviceName
     precision: PrecisionName  # autocast dtype; fp16 adds loss scaling
     compile: bool  # torch.compile the training forward
-    data_on_device: bool  # train split on the device, augmented there (tasks/device_data.py)
+    data_on_device: bool  # train split held and augmented on the device (training/device_data.py)
     deterministic: bool
 
     @field_validator("weights")

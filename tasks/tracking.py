@@ -32,7 +32,7 @@ import yaml
 from mlflow.entities import Metric
 
 if TYPE_CHECKING:
-    from tasks.engine import EpochRecord
+    from tasks.training.engine import EpochRecord
 
 
 def tracking_uri(root: Path | None = None) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
-from tasks.datasets import ChannelStats
+from tasks.data.datasets import ChannelStats
 from tasks.params import AugmentParams
 
 
@@ -96,7 +96,7 @@ class Augment:
     ``augment.minority_boost`` > 1, the classes in ``minority`` get the same
     pipeline with every probability multiplied by it (capped at 1), so rare
     classes are varied more often. Both pipelines are seeded; DataLoader
-    workers re-seed them through ``set_random_seed`` (``tasks/engine.py``).
+    workers re-seed them through ``set_random_seed`` (``tasks/training/engine.py``).
     """
 
     def __init__(self, common: A.Compose, strong: A.Compose | None, minority: frozenset[int]):

@@ -4,12 +4,12 @@
     python -m torch.distributed.run ... -m tests.ddp_fit out.json STATE.pt KILL_AT
 
 A width-4 cnn on seeded 8x8 images (a bright corner marks class 1), global
-batch 16, three epochs, no augmentation or dropout, through ``tasks.train``'s
+batch 16, three epochs, no augmentation or dropout, through ``tasks.training.train``'s
 real ``build_loaders`` and ``engine.fit``. Rank 0 writes the per-epoch train
 loss, val accuracy and the final weights to OUT.json, and every rank a hash
 of its final weights and buffers to OUT.json.rank<r>.
 
-With STATE the fit is resumable (``tasks/resume.py``) and every random stream
+With STATE the fit is resumable (``tasks/training/resume.py``) and every random stream
 matters: four epochs with dropout and augmentation (drawn per rank). With
 KILL_AT > 0 rank 0 SIGKILLs itself when epoch KILL_AT ends, before that
 epoch's state is saved, as a crash would; torchrun then stops the others.
@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.datasets import ChannelStats, PreparedData, Split
-from tasks.distributed import World, init_process_group
-from tasks.engine import fit, seed_everything, supervised_objective
+from tasks.data.datasets import ChannelStats, PreparedData, Split
 from tasks.models import build_model
 from tasks.params import load_params
-from tasks.resume import Resume
-from tasks.train import TrainingData, build_loaders
+from tasks.training.distributed import World, init_process_group
+from tasks.training.engine import fit, seed_everything, supervised_objective
+from tasks.training.resume import Resume
+from tasks.training.train import TrainingData, build_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.datasets import ChannelStats, Split
-from tasks.engine import fit, make_loader, seed_everything
+from tasks.data.datasets import ChannelStats, Split
 from tasks.models import build_model
 from tasks.params import load_params
-from tasks.resume import Resume
+from tasks.training.engine import fit, make_loader, seed_everything
+from tasks.training.resume import Resume
 from tasks.transforms import build_augment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def main(state: str, kill_at: int) -> None:
         if record.epoch == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    from tasks.engine import supervised_objective
+    from tasks.training.engine import supervised_objective
 
     resume = None if state == "-" else Resume(Path(state), "tiny-run")
     result = fit(

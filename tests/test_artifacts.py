@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tasks.artifacts import atomic_dir, write_json
-from tasks.images import ImageSpec
-from tasks.prepare import staging_file
+from tasks.data.images import ImageSpec
+from tasks.data.prepare import staging_file
 
 
 def test_atomic_dir_swaps_in_whole_or_not_at_all(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.baselines import (
+from tasks.data.baselines import (
     WeakModelError,
     check_fit,
     downsample,
@@ -13,7 +13,7 @@ from tasks.baselines import (
     trivial_baselines,
     write_baselines,
 )
-from tasks.datasets import ChannelStats, PreparedData, Split
+from tasks.data.datasets import ChannelStats, PreparedData, Split
 
 
 def _prepared(rng: np.random.Generator, learnable: bool, per_class=(40, 20, 10)) -> PreparedData:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datasets import (
+from tasks.data.datasets import (
     NpyWriter,
     PreparedData,
     Rows,

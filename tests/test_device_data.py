@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.datasets import ChannelStats, Split
-from tasks.device_data import DeviceBatches, affine_theta, warp
-from tasks.engine import fit, make_loader, supervised_objective
+from tasks.data.datasets import ChannelStats, Split
 from tasks.models import build_model
 from tasks.params import Params, ParamsError, parse_params
+from tasks.training.device_data import DeviceBatches, affine_theta, warp
+from tasks.training.engine import fit, make_loader, supervised_objective
 
 CPU = torch.device("cpu")
 

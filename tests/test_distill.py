@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from tasks.checkpoints import Checkpoint
-from tasks.device_data import DeviceBatches
-from tasks.distill import (
+from tasks.efficientnet import input_size_of, packaged_weights
+from tasks.metrics import f1_macro
+from tasks.models import build_model
+from tasks.params import Params
+from tasks.training.device_data import DeviceBatches
+from tasks.training.distill import (
     FeatureTaps,
     SplitScore,
     _student,
@@ -17,12 +21,8 @@ from tasks.distill import (
     matched_taps,
     stage_ends,
 )
-from tasks.efficientnet import input_size_of, packaged_weights
-from tasks.losses import AttentionTransferLoss, attention_map
-from tasks.metrics import f1_macro
-from tasks.models import build_model
-from tasks.params import Params
-from tasks.train import TrainingData, build_loaders
+from tasks.training.losses import AttentionTransferLoss, attention_map
+from tasks.training.train import TrainingData, build_loaders
 
 
 def _data(tiny) -> TrainingData:

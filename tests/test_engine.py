@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.datasets import ChannelStats, PreparedData, Rows, Split, take_rows
-from tasks.distributed import ShardedSampler, World, local_batch_size
-from tasks.engine import (
+from tasks.data.datasets import ChannelStats, PreparedData, Rows, Split, take_rows
+from tasks.models import build_model
+from tasks.params import AugmentParams, Params, TrainParams
+from tasks.training.distributed import ShardedSampler, World, local_batch_size
+from tasks.training.engine import (
     Budget,
     FitResult,
     ImageDataset,
@@ -22,9 +24,7 @@ from tasks.engine import (
     select_device,
     supervised_objective,
 )
-from tasks.models import build_model
-from tasks.params import AugmentParams, Params, TrainParams
-from tasks.train import TrainingData, fit_teacher
+from tasks.training.train import TrainingData, fit_teacher
 from tasks.transforms import build_augment, normalise
 
 CPU = torch.device("cpu")
@@ -394,7 +394,7 @@ def test_train_loader_drops_partial_batch_and_eval_loader_keeps_order(
 
 
 def test_balanced_weights_draw_every_class_equally_often(tiny_prepared: PreparedData) -> None:
-    from tasks.resample import balanced_weights
+    from tasks.data.resample import balanced_weights
 
     labels = np.repeat(np.arange(3), [60, 30, 6])
     split = Split(np.zeros((len(labels), 8, 8, 1), np.uint8), labels)

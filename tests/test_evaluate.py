@@ -20,8 +20,8 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from tasks import evaluate
-from tasks.evaluate import (
+from tasks.evaluation import evaluate
+from tasks.evaluation.evaluate import (
     ORT_FP32,
     ORT_INT8,
     TORCH_EAGER,
@@ -32,7 +32,7 @@ from tasks.evaluate import (
     plot_confusion,
     write_confusion,
 )
-from tasks.latency import (
+from tasks.evaluation.latency import (
     BATCH,
     Latency,
     b64_repeats,
@@ -42,8 +42,8 @@ from tasks.latency import (
     measure_runtimes,
     tile_batch,
 )
+from tasks.evaluation.scoring import classification_report
 from tasks.models import build_model
-from tasks.scoring import classification_report
 from tasks.tracking import scalar_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -182,7 +182,7 @@ def test_scalar_metrics_flattens_splits_intervals_and_drops_non_numbers() -> Non
 
 
 def test_logit_adjustment_moves_decisions_towards_rare_classes() -> None:
-    from tasks.evaluate import adjust_logits
+    from tasks.evaluation.evaluate import adjust_logits
 
     logits = np.array([[2.0, 1.5], [0.2, 0.0]], dtype=np.float32)
     prior = (0.9, 0.1)

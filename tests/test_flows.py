@@ -15,7 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.prepare import prepare_flow
 from flows.resample import resample_flow
 from tasks.artifacts import read_json
-from tasks.datasets import ChannelStats, Split, load_prepared, write_prepared
+from tasks.data.datasets import ChannelStats, Split, load_prepared, write_prepared
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, RESAMPLED_DIR, metrics_path
 from tasks.params import DataParams, Params, ResampleParams
 from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder, noise
@@ -87,7 +87,7 @@ def test_adasyn_where_undefined_falls_back_to_smote_and_says_so_in_the_teacher_r
     import mlflow
 
     from flows.train import train_flow
-    from tasks.baselines import trivial_baselines, write_baselines
+    from tasks.data.baselines import trivial_baselines, write_baselines
 
     monkeypatch.chdir(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -297,7 +297,7 @@ def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
 
     from flows.train import train_flow
-    from tasks.baselines import WeakModelError, trivial_baselines, write_baselines
+    from tasks.data.baselines import WeakModelError, trivial_baselines, write_baselines
     from tasks.layout import TEACHER
 
     none = ResampleParams(

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.gradcam import grad_cam, pick_examples, plot_grad_cam
+from tasks.evaluation.gradcam import grad_cam, pick_examples, plot_grad_cam
 from tests.toymodels import corner_data, trained_corner_model
 
 

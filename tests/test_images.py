@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.datasets import create_npy
-from tasks.images import ArrayItems, FileItems, ImageSpec, convert_image, decode_chunk, to_array
+from tasks.data.datasets import create_npy
+from tasks.data.images import (
+    ArrayItems,
+    FileItems,
+    ImageSpec,
+    convert_image,
+    decode_chunk,
+    to_array,
+)
 from tests.imagefolders import build_messy_folder, noise
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.losses import FocalLoss, KDLoss, build_loss, class_weights
+from tasks.training.losses import FocalLoss, KDLoss, build_loss, class_weights
 
 STUDENT = torch.tensor([[1.0, -0.5, 2.0], [0.3, 0.1, -1.2]])
 TEACHER = torch.tensor([[0.5, 0.0, 3.0], [-0.2, 1.5, 0.4]])

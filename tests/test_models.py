@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.datasets import ChannelStats
+from tasks.data.datasets import ChannelStats
 from tasks.models import MODELS, InputView, build_model, count_params
 from tasks.params import Params
 

@@ -30,7 +30,7 @@ import mlflow
 import pytest
 
 from benchmarks.workspace import copy_env, fresh_copy, git
-from tasks import registry
+from tasks.serving import registry
 from tests.tinyrepo import TINY, set_params
 from tests.ui import chromium_or_skip, mlflow_compare_page, mlflow_ui_number, prefect_flow_runs_page
 

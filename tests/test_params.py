@@ -140,11 +140,11 @@ def _choices(literal: Any) -> set[str]:
 
 def test_choice_lists_match_the_factories() -> None:
     # params.py keeps its own copies so validating params never imports torch.
-    from tasks.losses import CLASS_WEIGHTS, LOSSES
+    from tasks.data.resample import SAMPLERS
+    from tasks.data.sources import SOURCES
+    from tasks.export.quantize import CALIBRATION_METHODS
     from tasks.models import MODELS
-    from tasks.quantize import CALIBRATION_METHODS
-    from tasks.resample import SAMPLERS
-    from tasks.sources import SOURCES
+    from tasks.training.losses import CLASS_WEIGHTS, LOSSES
 
     assert _choices(SamplerName) == set(SAMPLERS)
     assert _choices(ModelName) == set(MODELS)

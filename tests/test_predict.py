@@ -15,7 +15,7 @@ from PIL import Image
 from flows.cli import main
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.params import Params
-from tasks.predict import (
+from tasks.serving.predict import (
     ModelError,
     Prediction,
     collect_paths,

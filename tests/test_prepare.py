@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datasets import ChannelStats, load_prepared
-from tasks.images import ArrayItems, FileItems, ImageSpec, Outcome
-from tasks.params import DataParams, Params
-from tasks.prepare import (
+from tasks.data.datasets import ChannelStats, load_prepared
+from tasks.data.images import ArrayItems, FileItems, ImageSpec, Outcome
+from tasks.data.prepare import (
     Decoded,
     ImageShape,
     SplitPlan,
@@ -27,7 +26,8 @@ from tasks.prepare import (
     staging_file,
     stratified_split,
 )
-from tasks.sources import Source
+from tasks.data.sources import Source
+from tasks.params import DataParams, Params
 from tests.imagefolders import noise
 
 

@@ -14,11 +14,9 @@ from onnx import numpy_helper
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from tasks.datasets import ChannelStats, Split
-from tasks.models import build_model
-from tasks.params import QuantizeParams
-from tasks.qat import ActivationFakeQuant, fake_quant_weight, fold_batchnorm, qat_finetune
-from tasks.quantize import (
+from tasks.data.datasets import ChannelStats, Split
+from tasks.export.qat import ActivationFakeQuant, fake_quant_weight, fold_batchnorm, qat_finetune
+from tasks.export.quantize import (
     ArrayCalibrationReader,
     QuantizationCheck,
     calibration_set,
@@ -31,6 +29,8 @@ from tasks.quantize import (
     quantize_onnx,
     torch_logits,
 )
+from tasks.models import build_model
+from tasks.params import QuantizeParams
 from tasks.transforms import normalise
 from tests.toymodels import corner_data, trained_corner_model
 

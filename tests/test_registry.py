@@ -14,11 +14,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks import registry
-from tasks.datasets import Split
+from tasks.data.datasets import Split
+from tasks.export.quantize import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
-from tasks.quantize import onnx_logits, onnx_session
+from tasks.serving import registry
 from tasks.transforms import normalise
 from tests.toymodels import (
     CORNER_CLASSES,

@@ -12,10 +12,8 @@ from imblearn.over_sampling import ADASYN, SMOTE, BorderlineSMOTE, RandomOverSam
 from imblearn.under_sampling import RandomUnderSampler
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.datasets import ChannelStats, Split
-from tasks.models import build_model
-from tasks.params import ResampleParams
-from tasks.resample import (
+from tasks.data.datasets import ChannelStats, Split
+from tasks.data.resample import (
     NEEDS_FEATURES,
     SAMPLERS,
     Resampled,
@@ -23,6 +21,8 @@ from tasks.resample import (
     feature_matrix,
     resample_split,
 )
+from tasks.models import build_model
+from tasks.params import ResampleParams
 
 COUNTS = [20, 8, 4]
 SEED = 0

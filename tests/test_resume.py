@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from tasks.params import load_params
-from tasks.resume import Resume, capture_rng, fingerprint, load_state, restore_rng, save_state
+from tasks.training.resume import (
+    Resume,
+    capture_rng,
+    fingerprint,
+    load_state,
+    restore_rng,
+    save_state,
+)
 from tasks.transforms import build_augment
 
 ROOT = Path(__file__).resolve().parents[1]

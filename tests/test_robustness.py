@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.datasets import ChannelStats
-from tasks.robustness import CORRUPTIONS, corrupt, corrupted_sets, fgsm_accuracy
+from tasks.data.datasets import ChannelStats
+from tasks.evaluation.robustness import CORRUPTIONS, corrupt, corrupted_sets, fgsm_accuracy
 from tests.toymodels import corner_data, trained_corner_model
 
 IMAGES = np.full((6, 16, 16, 1), 128, np.uint8)

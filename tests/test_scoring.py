@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, top_k_accuracy_score
 
-from tasks.metrics import f1_macro, f1_macro_rows
-from tasks.scoring import (
+from tasks.evaluation.scoring import (
     bootstrap_ci,
     classification_report,
     delta_confusion,
@@ -17,6 +16,7 @@ from tasks.scoring import (
     probabilities,
     reliability,
 )
+from tasks.metrics import f1_macro, f1_macro_rows
 
 CLASSES = ("a", "b", "c", "d")
 

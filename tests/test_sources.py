@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks.data.prepare import decode_all, image_spec, select, staging_file, stratified_split
+from tasks.data.sources import FASHION_MNIST_CLASSES, build_source, cap_per_class, read_idx
 from tasks.params import DataParams, Params
-from tasks.prepare import decode_all, image_spec, select, staging_file, stratified_split
-from tasks.sources import FASHION_MNIST_CLASSES, build_source, cap_per_class, read_idx
 from tests.fashion_mnist import FASHION_MNIST_DIR, needs_fashion_mnist
 from tests.imagefolders import build_messy_folder, noise
 

@@ -13,13 +13,13 @@ import yaml
 from PIL import Image
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.datasets import PreparedData, Split
-from tasks.engine import Finetune, _optimizer
-from tasks.losses import FocalLoss
+from tasks.data.datasets import PreparedData, Split
+from tasks.data.resample import balanced_weights
 from tasks.models import build_model
 from tasks.params import Params
-from tasks.resample import balanced_weights
-from tasks.train import (
+from tasks.training.engine import Finetune, _optimizer
+from tasks.training.losses import FocalLoss
+from tasks.training.train import (
     TrainingData,
     augment_artifacts,
     fit_teacher,

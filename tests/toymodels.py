@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.datasets import ChannelStats
-from tasks.images import ImageSpec
+from tasks.data.datasets import ChannelStats
+from tasks.data.images import ImageSpec
+from tasks.export.quantize import export_onnx, model_metadata, quantize_onnx
 from tasks.models import build_model
 from tasks.params import QuantizeParams
-from tasks.quantize import export_onnx, model_metadata, quantize_onnx
 from tasks.transforms import normalise
 
 

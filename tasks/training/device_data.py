@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from tasks.datasets import ChannelStats, Split, take_rows
-from tasks.distributed import ShardedSampler, World, local_batch_size
+from tasks.data.datasets import ChannelStats, Split, take_rows
 from tasks.params import DEVICE_UNSUPPORTED, AugmentParams
+from tasks.training.distributed import ShardedSampler, World, local_batch_size
 from tasks.transforms import minority_classes, resolve_augment
 
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from tasks.datasets import ChannelStats, Split
-from tasks.engine import make_loader
+from tasks.data.datasets import ChannelStats, Split
+from tasks.training.engine import make_loader
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

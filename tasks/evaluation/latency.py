@@ -1,6 +1,6 @@
 """Latency of one network in each runtime it can ship in, measured side by side.
 
-Pure timing and selection, no model code: ``tasks/evaluate.py`` hands in one
+Pure timing and selection, no model code: ``tasks/evaluation/evaluate.py`` hands in one
 ``predict`` per (variant, runtime) and real test images; this module warms
 every runtime up, then times them interleaved in rounds, so that a noisy
 shared machine slows all of them alike, and picks each variant's fastest

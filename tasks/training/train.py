@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from tasks.artifacts import write_csv, write_json
 from tasks.checkpoints import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from tasks.datasets import (
+from tasks.data.datasets import (
     PREPARED_DIR,
     RESAMPLED_DIR,
     PreparedData,
@@ -32,15 +32,18 @@ from tasks.datasets import (
     load_resampled_train,
     load_sample_weights,
 )
-from tasks.device_data import DeviceBatches
-from tasks.distributed import World, init_process_group
 from tasks.efficientnet import (
     auto_input_size,
     input_size_of,
     load_imagenet_weights,
     packaged_weights,
 )
-from tasks.engine import (
+from tasks.models import PRETRAINED, InputView, build_model, count_params
+from tasks.orchestration import stage_task
+from tasks.params import AugmentParams, FitParams, TrainParams
+from tasks.training.device_data import DeviceBatches
+from tasks.training.distributed import World, init_process_group
+from tasks.training.engine import (
     EpochRecord,
     Finetune,
     FitResult,
@@ -50,11 +53,8 @@ from tasks.engine import (
     select_device,
     supervised_objective,
 )
-from tasks.losses import build_loss
-from tasks.models import PRETRAINED, InputView, build_model, count_params
-from tasks.orchestration import stage_task
-from tasks.params import AugmentParams, FitParams, TrainParams
-from tasks.resume import Resume
+from tasks.training.losses import build_loss
+from tasks.training.resume import Resume
 from tasks.transforms import Augment, build_augment
 
 
@@ -136,7 +136,7 @@ def build_loaders(
 
     The train batches come from a DataLoader (albumentations per image, on the
     CPU) or, with ``data_on_device``, from the split held on ``device`` and
-    augmented there in whole batches (``tasks/device_data.py``).
+    augmented there in whole batches (``tasks/training/device_data.py``).
     """
     common = {"stats": data.prepared.stats, "batch_size": params.batch_size, "seed": seed}
     pin = device.type == "cuda"

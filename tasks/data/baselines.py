@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import read_json, write_json
-from tasks.datasets import PreparedData
+from tasks.data.datasets import PreparedData
 from tasks.metrics import f1_macro
 
 BASELINES_FILE = "baselines.json"  # inside data/prepared/

@@ -2,12 +2,12 @@
 
 Run with ``dvc repro prepare`` (or ``python -m flows.prepare``). Reads the
 ``seed`` and ``data`` sections; writes ``data/prepared/`` (format in
-``tasks/datasets.py``), ``metrics/prepare.json`` and ``reports/data_quality.json``.
+``tasks/data/datasets.py``), ``metrics/prepare.json`` and ``reports/data_quality.json``.
 
 The data flow is streamed, so memory stays bounded for any number of images:
 
-1. list the source's items (``tasks/sources.py``), capped by ``data.max_per_class``;
-2. decode them in worker processes (``tasks/images.py``), each writing its rows
+1. list the source's items (``tasks/data/sources.py``), capped by ``data.max_per_class``;
+2. decode them in worker processes (``tasks/data/images.py``), each writing its rows
    straight into a staging ``.npy`` file; only outcomes come back;
 3. quarantine what did not decode, drop exact duplicates (by content hash) so
    that no image sits in two splits, and fail if a class is left too small;
@@ -38,8 +38,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from tasks.artifacts import atomic_dir, remove_leftovers, write_json
-from tasks.baselines import trivial_baselines, write_baselines
-from tasks.datasets import (
+from tasks.data.baselines import trivial_baselines, write_baselines
+from tasks.data.datasets import (
     SPLITS,
     ChannelStats,
     NpyWriter,
@@ -48,11 +48,11 @@ from tasks.datasets import (
     load_prepared,
     write_description,
 )
-from tasks.images import ArrayItems, ImageSpec, Outcome, decode_chunk, open_regular
+from tasks.data.images import ArrayItems, ImageSpec, Outcome, decode_chunk, open_regular
+from tasks.data.sources import Source, build_source, cap_per_class
 from tasks.orchestration import stage_task
 from tasks.params import BUILTIN_SOURCES, DataParams
 from tasks.progress import Progress
-from tasks.sources import Source, build_source, cap_per_class
 
 CHUNK = 256  # items per worker task: large enough to amortise the hand-off
 COPY_CHUNK = 2048  # rows per block when copying a split out of staging
@@ -232,7 +232,7 @@ def decode_all(
         Image.init()  # import every Pillow plugin once, before the workers fork
         # fork, not spawn: a spawned worker re-imports the stage's __main__ and with
         # it Prefect (3.6 s and 240 MB each). The forked workers run only Pillow and
-        # numpy code (tasks/images.py), which takes no lock the parent's threads hold.
+        # numpy code (tasks/data/images.py), which takes no lock the parent's threads hold.
         context = multiprocessing.get_context("fork")
         by_start: dict[int, list[Outcome]] = {}
         with ProcessPoolExecutor(min(workers, len(starts)), mp_context=context) as pool:
@@ -467,7 +467,7 @@ def write_prepared(
 ) -> dict[str, Any]:
     """Swap the new prepared data in whole, or leave the old in place on any failure.
 
-    The trivial baselines (``tasks/baselines.py``) are measured on the new splits
+    The trivial baselines (``tasks/data/baselines.py``) are measured on the new splits
     before the swap, so ``baselines.json`` always describes the data beside it.
     Returns them.
     """

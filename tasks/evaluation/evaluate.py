@@ -6,11 +6,11 @@ checkpoints in PyTorch and the int8 model in ONNX Runtime. Latency is measured
 in every runtime a variant can ship in (PyTorch eager and ONNX Runtime fp32 for
 the fp32 variants, ONNX Runtime int8 for the int8 one), on the CPU with
 ``evaluate.num_threads`` threads, after warm-up, interleaved in one process
-(``tasks/latency.py``); each variant reports its fastest runtime at batch 64.
+(``tasks/evaluation/latency.py``); each variant reports its fastest runtime at batch 64.
 Writes:
 
 - ``metrics/evaluate.json``: one object per variant (scores from
-  ``tasks/scoring.py``, calibration, bootstrap intervals, robustness, FGSM,
+  ``tasks/evaluation/scoring.py``, calibration, bootstrap intervals, robustness, FGSM,
   size, latency per runtime), per compression step a paired comparison, and in
   ``student_int8`` the issue's compression ``targets`` (size, latency, macro-F1);
 - ``reports/confusion/<variant>.{csv,png}``: DVC confusion plots and images;
@@ -38,12 +38,12 @@ import onnxruntime as ort
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
-from tasks import scoring
 from tasks.artifacts import atomic_path, write_csv, write_json
 from tasks.checkpoints import load_checkpoint
-from tasks.datasets import ChannelStats, Split
-from tasks.gradcam import grad_cam, pick_examples, plot_grad_cam
-from tasks.latency import (
+from tasks.data.datasets import ChannelStats, Split
+from tasks.evaluation import scoring
+from tasks.evaluation.gradcam import grad_cam, pick_examples, plot_grad_cam
+from tasks.evaluation.latency import (
     BATCH,
     Latency,
     fastest,
@@ -51,12 +51,12 @@ from tasks.latency import (
     measure_runtimes,
     tile_batch,
 )
+from tasks.evaluation.robustness import corrupted_sets, fgsm_accuracy
+from tasks.export.quantize import export_onnx, onnx_logits, onnx_session, torch_logits
 from tasks.metrics import f1_macro_rows
 from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
-from tasks.quantize import export_onnx, onnx_logits, onnx_session, torch_logits
-from tasks.robustness import corrupted_sets, fgsm_accuracy
 from tasks.transforms import normalise
 
 VARIANTS = ("teacher", "student", "student_int8")
@@ -243,7 +243,7 @@ def evaluate_variant(
     fitted on the validation split (``temperature_scaling``) changes only the
     confidence, so the ECE is reported before and after it. ``latency`` is the
     variant's per runtime (``measure_variants_latency``). ``corrupted`` holds
-    the test images under each fixed corruption (``tasks/robustness.py``).
+    the test images under each fixed corruption (``tasks/evaluation/robustness.py``).
     """
     tau, prior = params.logit_adjust_tau, variant.class_prior
     logits = adjust_logits(_logits(variant, test.images, params.batch_size), prior, tau)
@@ -653,7 +653,7 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
         "| latency_ms_b1 | latency_ms_b64 | throughput_ips_b64 | runtime |"
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
-    # What learning nothing scores on the same test split (tasks/baselines.py).
+    # What learning nothing scores on the same test split (tasks/data/baselines.py).
     for name, b in results.get(BASELINES, {}).items():
         lines.append(
             f"| baseline: {name} | {b['f1_macro']:.4f} | — | {b['accuracy']:.4f} | — | — | — "

@@ -16,7 +16,7 @@ entered again; symlinks that leave the source root are skipped unless
 ``data.symlinks: follow`` (``skip``: no symlink is followed); every symlink
 followed or skipped is counted. Entries that are not regular files (FIFOs,
 sockets, devices) stay items, so prepare quarantines them as ``not_a_file``
-without reading a byte (``tasks.images.open_regular``).
+without reading a byte (``tasks.data.images.open_regular``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.images import ArrayItems, FileItems, Items
+from tasks.data.images import ArrayItems, FileItems, Items
 from tasks.params import DataParams
 
 FASHION_MNIST_CLASSES = (

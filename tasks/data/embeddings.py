@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tasks.checkpoints import load_checkpoint
-from tasks.datasets import ChannelStats
+from tasks.data.datasets import ChannelStats
 from tasks.transforms import normalise
 
 

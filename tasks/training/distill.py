@@ -3,7 +3,7 @@
 Run with ``dvc repro distill`` (or ``python -m flows.distill``). Reads ``seed``,
 ``distill``, ``augment`` and ``mlflow.experiment``; needs ``models/teacher.pt``.
 Writes ``models/student.pt``, ``metrics/distill.json`` and
-``plots/distill_curve.csv``. The loss is ``tasks.losses.KDLoss``, plus
+``plots/distill_curve.csv``. The loss is ``tasks.training.losses.KDLoss``, plus
 ``AttentionTransferLoss`` with ``distill.feature_loss: attention``. Without
 augmentation (and without a feature loss) the teacher's logits for the train
 split are computed once rather than once per epoch.
@@ -29,10 +29,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tasks.checkpoints import Checkpoint, load_checkpoint
-from tasks.datasets import Split
-from tasks.device_data import DeviceBatches
-from tasks.distributed import World, init_process_group
-from tasks.engine import (
+from tasks.data.datasets import Split
+from tasks.evaluation.scoring import paired_comparison
+from tasks.metrics import f1_macro
+from tasks.models import Classifier
+from tasks.orchestration import stage_task
+from tasks.params import AugmentParams, DistillParams
+from tasks.training.device_data import DeviceBatches
+from tasks.training.distributed import World, init_process_group
+from tasks.training.engine import (
     EpochRecord,
     FitResult,
     Objective,
@@ -44,14 +49,15 @@ from tasks.engine import (
     select_device,
     supervised_objective,
 )
-from tasks.losses import AttentionTransferLoss, KDLoss
-from tasks.metrics import f1_macro
-from tasks.models import Classifier
-from tasks.orchestration import stage_task
-from tasks.params import AugmentParams, DistillParams
-from tasks.resume import Resume
-from tasks.scoring import paired_comparison
-from tasks.train import TrainingData, build_loaders, network_for, supervised_loss, train_batches
+from tasks.training.losses import AttentionTransferLoss, KDLoss
+from tasks.training.resume import Resume
+from tasks.training.train import (
+    TrainingData,
+    build_loaders,
+    network_for,
+    supervised_loss,
+    train_batches,
+)
 
 
 class FeatureTaps:

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of labels, predictions and probabilities,
 and leans on scikit-learn and SciPy for the definitions (no hand-written
-F1 or AUC). ``tasks/evaluate.py`` runs the models and writes the results.
+F1 or AUC). ``tasks/evaluation/evaluate.py`` runs the models and writes the results.
 
 - ``classification_report``: per-class precision/recall/F1/support, the
   macro/weighted/micro averages, balanced and top-k accuracy, one-vs-rest

@@ -22,17 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tasks.datasets import ChannelStats, Split, take_rows
-from tasks.distributed import (
+from tasks.data.datasets import ChannelStats, Split, take_rows
+from tasks.metrics import f1_macro
+from tasks.params import FitParams
+from tasks.training.distributed import (
     ShardedSampler,
     World,
     all_reduce_sum,
     broadcast_buffers,
     local_batch_size,
 )
-from tasks.metrics import f1_macro
-from tasks.params import FitParams
-from tasks.resume import EpochRecord, Resume, TrainState, discard, load_state, save_state
+from tasks.training.resume import EpochRecord, Resume, TrainState, discard, load_state, save_state
 from tasks.transforms import Augment, normalise
 
 # (model, images, labels) -> (loss, logits). The teacher's is cross-entropy;
@@ -140,7 +140,7 @@ def make_loader(
     epoch is ``len(split)`` draws with replacement, row ``i`` drawn with
     probability proportional to ``weights[i]``: rebalanced per epoch, no copies.
     Under ``torchrun`` (``world``) a train loader yields this rank's shard of
-    each global batch of ``batch_size`` (``tasks/distributed.py``).
+    each global batch of ``batch_size`` (``tasks/training/distributed.py``).
     """
     world = world or World()
     dataset = ImageDataset(split, stats, augment if train else None)
@@ -339,7 +339,7 @@ def fit(
     ``params.precision`` turns on autocast (and loss scaling for fp16) on any
     device; ``params.compile`` runs the training forward through
     ``torch.compile``. With ``resume``, the whole training state is saved
-    atomically after every epoch and a re-run continues from it (``tasks/resume.py``).
+    atomically after every epoch and a re-run continues from it (``tasks/training/resume.py``).
     """
     finetune = finetune or Finetune()
     world = World.from_env()

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.datasets import ChannelStats
-from tasks.images import FileItems, ImageSpec, Outcome, decode_item
+from tasks.data.datasets import ChannelStats
+from tasks.data.images import FileItems, ImageSpec, Outcome, decode_item
+from tasks.data.sources import IMAGE_SUFFIXES
+from tasks.evaluation.scoring import probabilities
+from tasks.export.quantize import onnx_logits, onnx_session, torch_logits
 from tasks.layout import STUDENT, STUDENT_INT8, TEACHER
-from tasks.quantize import onnx_logits, onnx_session, torch_logits
-from tasks.scoring import probabilities
-from tasks.sources import IMAGE_SUFFIXES
 from tasks.transforms import normalise
 
 VARIANTS: dict[str, Path] = {"teacher": TEACHER, "student": STUDENT, "student_int8": STUDENT_INT8}

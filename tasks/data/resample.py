@@ -18,7 +18,7 @@ Strategies (``resample.strategy``):
 - ``none``.
 
 Neighbours are found in pixel space or in an embedding space
-(``resample.space``, ``tasks/embeddings.py``). Either way the synthetic samples
+(``resample.space``, ``tasks/data/embeddings.py``). Either way the synthetic samples
 are stored as images: in embedding space each feature vector carries the
 image's pixels, scaled down so far that they never move a neighbour ranking
 (see ``feature_matrix``), and since SMOTE-like samplers interpolate linearly,
@@ -39,7 +39,7 @@ from imblearn.over_sampling import ADASYN, SMOTE, BorderlineSMOTE, RandomOverSam
 from imblearn.under_sampling import RandomUnderSampler
 
 from tasks.artifacts import atomic_dir, write_json, write_npy
-from tasks.datasets import ChannelStats, Split, write_split
+from tasks.data.datasets import ChannelStats, Split, write_split
 from tasks.orchestration import stage_task
 from tasks.params import ResampleParams
 
@@ -178,7 +178,7 @@ def resample_split(
     if params.strategy in NEEDS_FEATURES:
         embeddings = None
         if params.space == "embeddings":
-            from tasks.embeddings import build_embedder, embed
+            from tasks.data.embeddings import build_embedder, embed
 
             if stats is None:
                 raise ValueError("resample.space: embeddings needs the train channel stats")

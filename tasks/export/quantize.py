@@ -24,7 +24,7 @@ int8 conv is several times slower than its fp32 one (measured in
 So does a pretrained student's input resize, which loses accuracy in uint8.
 
 ``quantize.method``: ``ptq`` stops there; ``qat`` fine-tunes with simulated
-int8 first (``tasks/qat.py``) and quantizes the result the same way;
+int8 first (``tasks/export/qat.py``) and quantizes the result the same way;
 ``auto`` runs PTQ and, only when its val macro-F1 drop exceeds
 ``quantize.max_drop``, QAT too, keeping whichever int8 model scores higher
 on the validation split. ``metrics/quantize.json`` says which won and why.
@@ -56,11 +56,11 @@ from torch import nn
 
 from tasks.artifacts import atomic_path, write_json
 from tasks.checkpoints import Checkpoint, load_checkpoint
-from tasks.datasets import Split
+from tasks.data.datasets import Split
+from tasks.export.qat import qat_finetune
 from tasks.metrics import f1_macro
 from tasks.orchestration import stage_task
 from tasks.params import QuantizeParams
-from tasks.qat import qat_finetune
 from tasks.transforms import normalise
 
 INPUT_NAME = "images"
@@ -328,7 +328,7 @@ def quantize(
 def qat_student(
     checkpoint: Checkpoint, train: Split, params: QuantizeParams, seed: int, out_dir: Path
 ) -> Path:
-    """Fine-tune with simulated int8 (``tasks/qat.py``); the fp32 ONNX of the result."""
+    """Fine-tune with simulated int8 (``tasks/export/qat.py``); the fp32 ONNX of the result."""
     tuned = qat_finetune(
         checkpoint.build(),
         train,
