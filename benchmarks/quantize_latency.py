@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from tasks.evaluation.latency import BATCH, measure_runtimes  # noqa: E402
-from tasks.export.quantize import export_onnx, onnx_session, quantize_onnx, torch_logits  # noqa: E402
+from tasks.export.onnx_io import export_onnx, onnx_session, torch_logits  # noqa: E402
+from tasks.export.quantize import quantize_onnx  # noqa: E402
 from tasks.models import build_model, count_params  # noqa: E402
 from tasks.params import QuantizeParams  # noqa: E402
 

@@ -15,19 +15,21 @@ from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from tasks.data.datasets import ChannelStats, Split
+from tasks.export.onnx_io import (
+    export_onnx,
+    model_metadata,
+    onnx_logits,
+    onnx_session,
+    torch_logits,
+)
 from tasks.export.qat import ActivationFakeQuant, fake_quant_weight, fold_batchnorm, qat_finetune
 from tasks.export.quantize import (
     ArrayCalibrationReader,
     QuantizationCheck,
     calibration_set,
-    export_onnx,
-    model_metadata,
     needs_qat,
-    onnx_logits,
-    onnx_session,
     pick,
     quantize_onnx,
-    torch_logits,
 )
 from tasks.models import build_model
 from tasks.params import QuantizeParams

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tasks.data.datasets import Split
-from tasks.export.quantize import onnx_logits, onnx_session
+from tasks.export.onnx_io import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
 from tasks.serving import registry

@@ -14,7 +14,8 @@ import torch
 from tasks.checkpoints import Checkpoint, save_checkpoint
 from tasks.data.datasets import ChannelStats
 from tasks.data.images import ImageSpec
-from tasks.export.quantize import export_onnx, model_metadata, quantize_onnx
+from tasks.export.onnx_io import export_onnx, model_metadata
+from tasks.export.quantize import quantize_onnx
 from tasks.models import build_model
 from tasks.params import QuantizeParams
 from tasks.transforms import normalise

@@ -52,7 +52,7 @@ from tasks.evaluation.latency import (
     tile_batch,
 )
 from tasks.evaluation.robustness import corrupted_sets, fgsm_accuracy
-from tasks.export.quantize import export_onnx, onnx_logits, onnx_session, torch_logits
+from tasks.export.onnx_io import export_onnx, onnx_logits, onnx_session, torch_logits
 from tasks.metrics import f1_macro_rows
 from tasks.models import count_params
 from tasks.orchestration import stage_task

@@ -33,17 +33,12 @@ on the validation split. ``metrics/quantize.json`` says which won and why.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import torch
-from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -52,149 +47,31 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from torch import nn
 
 from tasks.artifacts import atomic_path, write_json
 from tasks.checkpoints import Checkpoint, load_checkpoint
 from tasks.data.datasets import Split
+from tasks.export.onnx_io import (
+    INPUT_NAME,
+    export_onnx,
+    finalise_onnx,
+    input_shape,
+    model_metadata,
+    onnx_logits,
+    onnx_session,
+    torch_logits,
+)
 from tasks.export.qat import qat_finetune
 from tasks.metrics import f1_macro
 from tasks.orchestration import stage_task
 from tasks.params import QuantizeParams
 from tasks.transforms import normalise
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
 }
-
-
-def model_metadata(checkpoint: Checkpoint, **extra: object) -> dict[str, str]:
-    """What an ONNX file needs to describe itself: classes, preprocessing, params."""
-    return {
-        "classes": json.dumps(list(checkpoint.classes)),
-        "mean": json.dumps(list(checkpoint.stats.mean)),
-        "std": json.dumps(list(checkpoint.stats.std)),
-        "image_size": str(checkpoint.image_size),
-        "channels": str(checkpoint.in_channels),
-        "params": json.dumps(checkpoint.params),
-        "preprocessing": json.dumps(checkpoint.preprocessing),
-        **{key: json.dumps(value) for key, value in extra.items()},
-    }
-
-
-def _compact(graph: onnx.GraphProto) -> None:
-    """Short names for every internal tensor and node; no all-zero zero points on constants.
-
-    The quantizer names tensors like ``features.2.0.weight_bias_quantized_scale``
-    and adds an explicit zero point of zeros to every int32 bias and every
-    (symmetric) int8 weight. Neither changes a result (a missing zero point
-    *is* zero in the ONNX spec), but in a 24k-parameter model they are a tenth
-    of the int8 file.
-    """
-    initializers = {init.name: init for init in graph.initializer}
-    zeros = {
-        init.name
-        for init in graph.initializer
-        if init.data_type == onnx.TensorProto.INT32
-        and not numpy_helper.to_array(init).any()
-        and init.name.endswith("zero_point")
-    }
-    conv_inputs = {name for node in graph.node if node.op_type == "Conv" for name in node.input}
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) != 3:
-            continue
-        # An int32 bias, or a conv's int8 weights stored as a constant (symmetric, so
-        # zero): the missing zero point takes the constant's own type. ORT still
-        # fuses such a conv into QLinearConv, but not a Gemm into QGemm (checked
-        # in tests/test_quantize.py), so Gemm weights keep theirs.
-        stored = initializers.get(node.input[0])
-        point = initializers.get(node.input[2])
-        implicit = node.input[2] in zeros or (
-            node.output[0] in conv_inputs
-            and stored is not None
-            and point is not None
-            and stored.data_type == point.data_type == onnx.TensorProto.INT8
-            and not numpy_helper.to_array(point).any()
-        )
-        if implicit:
-            del node.input[2]
-    used = {name for node in graph.node for name in node.input}
-    unused = [init for init in graph.initializer if init.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
-    keep = {value.name for value in [*graph.input, *graph.output]}
-    names: dict[str, str] = {}
-
-    def short(name: str) -> str:
-        if not name or name in keep:
-            return name
-        return names.setdefault(name, f"t{len(names):x}")
-
-    for init in graph.initializer:
-        init.name = short(init.name)
-    for i, node in enumerate(graph.node):
-        node.input[:] = [short(name) for name in node.input]
-        node.output[:] = [short(name) for name in node.output]
-        node.name = f"n{i:x}"
-    for value in graph.value_info:
-        value.name = short(value.name)
-
-
-def _finalise(path: Path, metadata: dict[str, str]) -> None:
-    """Set the model's own metadata, drop the exporter's debug info, compact names.
-
-    The dynamo exporter records a stack trace and FX names on every node
-    (over 1 KB each) and torch.export's graph signature on the graph; shape
-    inference leaves a shape for every intermediate tensor, and the quantizer
-    declares opsets of domains it did not use. Useful when debugging an
-    export, pure weight in a deployable file, and enough to swamp the int8
-    savings of a small model.
-    """
-    model = onnx.load(path)
-    graph = model.graph
-    for item in [*graph.node, *graph.input, *graph.output, graph]:
-        del item.metadata_props[:]
-        item.doc_string = ""
-    # Intermediate shapes: ORT infers them when it loads the model.
-    del graph.value_info[:]
-    _compact(graph)
-    used = {node.domain or "" for node in graph.node} | {""}
-    for opset in [opset for opset in model.opset_import if opset.domain not in used]:
-        model.opset_import.remove(opset)
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, path)
-
-
-def export_onnx(
-    model: nn.Module, input_shape: tuple[int, int, int], path: Path, metadata: dict[str, str]
-) -> Path:
-    """Export ``model`` (eval mode) to one self-contained ONNX file with a dynamic batch."""
-    sample = torch.zeros(2, *input_shape)
-    # The exporter warns about torchvision ops it cannot register; none are used here.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        # torch's own exporter trips a deprecation inside torch (LeafSpec); not ours to fix.
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(
-            model.eval(),
-            (sample,),
-            tmp,
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
-        _finalise(tmp, metadata)
-    return path
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
@@ -259,37 +136,8 @@ def quantize_onnx(
             nodes_to_exclude=excluded,
         )
         quantization = {**params.model_dump(), "method_used": method}
-        _finalise(tmp, {**metadata, "quantization": json.dumps(quantization)})
+        finalise_onnx(tmp, {**metadata, "quantization": json.dumps(quantization)})
     return int8_path
-
-
-def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with a fixed thread count (so latencies compare across variants)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate(
-        [
-            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-
-
-@torch.no_grad()
-def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-    model.eval()
-    return np.concatenate(
-        [
-            model(torch.from_numpy(images[i : i + batch_size])).numpy()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
 
 
 @stage_task(name="load-student")
@@ -303,10 +151,6 @@ def calibration_set(train: Split, checkpoint: Checkpoint, size: int, seed: int) 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(train), size=min(size, len(train)), replace=False))
     return normalise(train.images[rows], checkpoint.stats)
-
-
-def input_shape(checkpoint: Checkpoint) -> tuple[int, int, int]:
-    return (checkpoint.in_channels, checkpoint.image_size, checkpoint.image_size)
 
 
 @stage_task(name="export-onnx")

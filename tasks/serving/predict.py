@@ -30,7 +30,7 @@ from tasks.data.datasets import ChannelStats
 from tasks.data.images import FileItems, ImageSpec, Outcome, decode_item
 from tasks.data.sources import IMAGE_SUFFIXES
 from tasks.evaluation.scoring import probabilities
-from tasks.export.quantize import onnx_logits, onnx_session, torch_logits
+from tasks.export.onnx_io import onnx_logits, onnx_session, torch_logits
 from tasks.layout import STUDENT, STUDENT_INT8, TEACHER
 from tasks.transforms import normalise
 
