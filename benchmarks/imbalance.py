@@ -56,7 +56,7 @@ from tasks.data.prepare import (  # noqa: E402
 )
 from tasks.data.resample import resample_split  # noqa: E402
 from tasks.data.sources import build_source, cap_per_class  # noqa: E402
-from tasks.evaluation.evaluate import adjust_logits  # noqa: E402
+from tasks.evaluation.scoring import adjust_logits  # noqa: E402
 from tasks.metrics import f1_macro  # noqa: E402
 from tasks.params import Params, parse_params  # noqa: E402
 from tasks.training.engine import ImageDataset, make_loader, predict_logits  # noqa: E402

@@ -45,7 +45,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from tasks.data.datasets import Split, take_rows  # noqa: E402
+from tasks.data.datasets import (  # noqa: E402
+    Split,
+    normalise,
+    take_rows,
+)
 from tasks.models import build_model  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.training.engine import (  # noqa: E402
@@ -61,7 +65,6 @@ from tasks.training.train import (  # noqa: E402
     load_training_data,
     supervised_loss,
 )
-from tasks.transforms import normalise  # noqa: E402
 
 
 def bare_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,

@@ -42,7 +42,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from flows.prefect_api import MODE_ENV, local_server_url, state_dir
     from flows.services import mlflow_server_url, mlflow_state_dir, servers_on_machine
-    from tasks.tracking import tracking_uri
+    from tasks.tracking_store import tracking_uri
 
     url = os.environ.get("PREFECT_API_URL")
     if url:
@@ -73,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tasks.evaluation.evaluate import comparison_markdown
+    from tasks.evaluation.report import comparison_markdown
     from tasks.layout import metrics_path
 
     path = metrics_path("evaluate")

@@ -19,6 +19,9 @@ from tasks.artifacts import atomic_dir, atomic_path
 from tasks.data.baselines import read_baselines
 from tasks.data.datasets import load_prepared
 from tasks.evaluation import evaluate as t
+from tasks.evaluation import plots, report
+from tasks.evaluation.results import BASELINES, ORT_INT8, RUNTIME_VERSIONS, runtime_versions
+from tasks.evaluation.variants import load_variants, measure_variants_latency
 from tasks.layout import (
     CONFUSION_DIR,
     EVALUATION_DIR,
@@ -39,7 +42,7 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
     logger = get_run_logger()
     prepared = load_prepared(PREPARED_DIR)
     labels = prepared.test.labels
-    variants = t.load_variants(
+    variants = load_variants(
         TEACHER, STUDENT, STUDENT_FP32_ONNX, STUDENT_INT8, evaluate.num_threads
     )
     for variant in variants:
@@ -49,7 +52,7 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                 "re-run the pipeline (dvc repro)"
             )
     # Before anything else loads the CPU, and all runtimes together, so they compare fairly.
-    latency = t.measure_variants_latency(variants, prepared.test.images, evaluate)
+    latency = measure_variants_latency(variants, prepared.test.images, evaluate)
     corrupted = t.corrupt_test(prepared.test.images, seed) if evaluate.robustness else None
     evaluations: dict[str, t.Evaluation] = {}
     for variant in variants:
@@ -76,7 +79,7 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
         STUDENT_FP32_ONNX.stat().st_size,
         STUDENT_INT8.stat().st_size,
         latency["student"],
-        latency["student_int8"][t.ORT_INT8],
+        latency["student_int8"][ORT_INT8],
         results["student"]["f1_macro"],
         results["student_int8"]["f1_macro"],
     )
@@ -91,18 +94,19 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
         )  # fmt: skip
     # What learning nothing scores on the same test split, beside the variants.
     found = read_baselines(PREPARED_DIR)
-    results[t.BASELINES] = {name: found[name]["test"] for name in ("majority", "linear")}
+    results[BASELINES] = {name: found[name]["test"] for name in ("majority", "linear")}
+    results[RUNTIME_VERSIONS] = runtime_versions()  # once, beside the runtime keys
     files: dict[str, list] = {}
     with atomic_dir(CONFUSION_DIR) as confusion_dir, atomic_dir(EVALUATION_DIR) as report_dir:
         for name, evaluation in evaluations.items():
             files[name] = [
-                *t.write_confusion(name, labels, evaluation.predicted, prepared.classes,
+                *plots.write_confusion(name, labels, evaluation.predicted, prepared.classes,
                                    confusion_dir),
-                *t.write_reports(name, evaluation, labels, prepared.classes,
+                *plots.write_reports(name, evaluation, labels, prepared.classes,
                                  evaluate.calibration_bins, report_dir),
             ]  # fmt: skip
         for variant in variants:
-            cam = t.write_grad_cam(variant, evaluations[variant.name], prepared.test,
+            cam = plots.write_grad_cam(variant, evaluations[variant.name], prepared.test,
                                    evaluate.grad_cam_examples, seed, report_dir)  # fmt: skip
             files[variant.name] += [cam] if cam else []
         steps = t.compare_steps(
@@ -116,15 +120,16 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
                 "%s %s: f1_macro %+.4f [%+.4f, %+.4f], McNemar p %.3g",
                 candidate, key, c["f1_macro_delta"], *c["f1_macro_delta_ci"], c["mcnemar_p"],
             )  # fmt: skip
-        report = report_dir / "report.md"
-        with atomic_path(report) as tmp:
-            tmp.write_text(t.report_markdown(results, prepared.classes))
+        report_file = report_dir / "report.md"
+        with atomic_path(report_file) as tmp:
+            tmp.write_text(report.report_markdown(results, prepared.classes))
         # Logged before the folders are swapped in, while the files are where `files` says.
         for variant in variants:
             # the runtime its latency metrics come from: its fastest at batch 64
             tags = {
                 "source_run_id": variant.source_run_id or "",
                 "runtime": results[variant.name]["runtime"],
+                **{f"{lib}_version": v for lib, v in results[RUNTIME_VERSIONS].items()},
             }
             with tracking.start_run(
                 mlflow.experiment, variant.name, stage="evaluate", variant=variant.name,
@@ -132,20 +137,22 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
             ) as run:  # fmt: skip
                 tracking.log_results(
                     run.info.run_id,
-                    {**results[variant.name], "baseline": results[t.BASELINES]},
-                    [*files[variant.name], report],
+                    {**results[variant.name], "baseline": results[BASELINES]},
+                    [*files[variant.name], report_file],
                 )
                 tracking.log_results(run.info.run_id, {}, [variant.artifact], "model")
                 # the per-class table, also as an MLflow table (shown in the artifact view)
                 tracking.log_table(
                     run.info.run_id,
-                    t.per_class_rows(results[variant.name], prepared.classes),
+                    plots.per_class_rows(results[variant.name], prepared.classes),
                     "per_class.json",
                 )
 
     t.write_metrics(METRICS, results)
     create_markdown_artifact(
-        key="evaluate", markdown=t.comparison_markdown(results), description="visionpipe variants"
+        key="evaluate",
+        markdown=report.comparison_markdown(results),
+        description="visionpipe variants",
     )
     return results
 

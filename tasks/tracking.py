@@ -1,12 +1,11 @@
 """MLflow tracking: where runs go and what every run carries.
 
-Tracking URI, in order: ``MLFLOW_TRACKING_URI`` if set (a team's tracking
-server); else the local MLflow server ``visionpipe up`` started in front of
-this repository's store, if it answers; else that store itself,
-``sqlite:///mlflow.db`` at the repository root with artifacts in ``mlruns/``.
-The server and the direct path read and write the same database and
-folder, so a run lands in the same place whichever is used, and the
-pipeline runs the same with the server down.
+The tracking URI comes from ``tasks/tracking_store.py``: a team's server
+(``MLFLOW_TRACKING_URI``), else the local server in front of this
+repository's ``sqlite:///mlflow.db`` store, else the store itself. The
+server and the direct path read and write the same database and folder, so
+a run lands in the same place whichever is used, and the pipeline runs the
+same with the server down.
 
 Every run is tagged with ``stage``, ``variant``, the git commit and the hash of
 the prepared data recorded in ``dvc.lock``, so any number in the MLflow UI
@@ -15,12 +14,10 @@ leads back to the code and data that produced it.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -31,41 +28,10 @@ import mlflow
 import yaml
 from mlflow.entities import Metric
 
+from tasks.tracking_store import tracking_uri
+
 if TYPE_CHECKING:
     from tasks.training.engine import EpochRecord
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI``, else the local server for ``root``'s store, else the store.
-
-    ``root`` is the repository root (default: the working directory); the
-    store is ``sqlite:///<root>/mlflow.db``.
-    """
-    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
-        return uri
-    store = f"sqlite:///{((root or Path.cwd()) / 'mlflow.db').resolve()}"
-    return local_server_url(store) or store
-
-
-def local_server_url(store: str) -> str | None:
-    """The URL of the MLflow server ``visionpipe up`` runs in front of ``store``, if it answers.
-
-    flows/services.py starts it and records it in
-    ``$VISIONPIPE_HOME/mlflow/server.json``; it is read here directly, not
-    through that module, so that tasks/ never imports flows/ (nor Prefect). A
-    server in front of any other store is ignored: a test's or another
-    checkout's runs must not land in it. Cost: no request when none is
-    recorded, else one loopback request, at most 1 s.
-    """
-    home = Path(os.environ.get("VISIONPIPE_HOME", ".visionpipe")).resolve()
-    try:
-        state = json.loads((home / "mlflow" / "server.json").read_text())
-        if state["backend_store_uri"] != store:
-            return None
-        with urllib.request.urlopen(f"{state['url']}/health", timeout=1.0) as response:
-            return state["url"] if response.status == 200 else None
-    except (OSError, ValueError, KeyError, TypeError):  # URLError is an OSError
-        return None
 
 
 def use_experiment(name: str, root: Path | None = None) -> str:

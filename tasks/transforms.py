@@ -7,7 +7,6 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
-from tasks.data.datasets import ChannelStats
 from tasks.params import AugmentParams
 
 
@@ -195,11 +194,3 @@ def build_augment(
         return Augment(common, None, frozenset())
     strong = _pipeline(params, seed + 1, channels, size, params.minority_boost)
     return Augment(common, strong, minority_classes(class_counts))
-
-
-def normalise(images: np.ndarray, stats: ChannelStats) -> np.ndarray:
-    """uint8 (N, H, W, C) or (H, W, C) -> float32 channels-first, standardised with train stats."""
-    mean = np.asarray(stats.mean, dtype=np.float32)
-    std = np.asarray(stats.std, dtype=np.float32)
-    scaled = (np.asarray(images, dtype=np.float32) / 255.0 - mean) / std
-    return np.ascontiguousarray(np.moveaxis(scaled, -1, -3))

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from flows.cli import main
+from tests.command_imports import HEAVY, modules_loaded_by
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,13 @@ def test_a_stage_leases_the_local_server_also_when_pointed_at_it_by_url(tmp_path
     assert uses_local_server()
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")  # a team's server
     assert not uses_local_server()
+
+
+@pytest.mark.parametrize("argv", [("--help",), ("compare",), ("status",), ("check",)])
+def test_light_commands_load_no_ml_or_orchestration_library(tmp_path, argv):
+    # what makes a command answer in well under a second: importing torch,
+    # MLflow or Prefect alone takes seconds here
+    modules, out = modules_loaded_by(tmp_path, *argv)
+    heavy = {m for m in modules if m.split(".")[0] in HEAVY}
+    assert heavy == set(), f"visionpipe {' '.join(argv)} imports {sorted(heavy)}"
+    assert out  # it did answer

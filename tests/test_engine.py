@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.data.datasets import ChannelStats, PreparedData, Rows, Split, take_rows
+from tasks.data.datasets import ChannelStats, PreparedData, Rows, Split, normalise, take_rows
 from tasks.models import build_model
 from tasks.params import AugmentParams, Params, TrainParams
 from tasks.training.distributed import ShardedSampler, World, local_batch_size
@@ -25,7 +25,7 @@ from tasks.training.engine import (
     supervised_objective,
 )
 from tasks.training.train import TrainingData, fit_teacher
-from tasks.transforms import build_augment, normalise
+from tasks.transforms import build_augment
 
 CPU = torch.device("cpu")
 SWITCHES = (

@@ -23,6 +23,7 @@ from tasks.serving.predict import (
     pick_artifact,
     predict_paths,
 )
+from tests.command_imports import modules_loaded_by
 from tests.toymodels import (
     CORNER_CLASSES,
     CORNER_SPEC,
@@ -230,3 +231,14 @@ def test_an_mlflow_runs_uri(
     Image.fromarray(image).save(tmp_path / "corner.png")
     [prediction] = predict_paths(model, [tmp_path / "corner.png"])
     assert prediction.top_k[0][0] == "corner"
+
+
+def test_predict_loads_inference_code_only(artifacts: Artifacts, folder: Path, tmp_path: Path):
+    modules, out = modules_loaded_by(
+        tmp_path, "predict", "--model", str(artifacts.int8), str(folder)
+    )
+    assert "corner1.png" in out  # it predicted
+    assert "tasks.serving.predict" in modules and "onnxruntime" in modules
+    not_inference = ("tasks.training", "tasks.export.quantize", "tasks.export.qat", "prefect",
+                     "mlflow", "albumentations", "matplotlib")  # fmt: skip
+    assert {m for m in modules if m.startswith(not_inference)} == set()

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import ChannelStats, Split, normalise
 from tasks.export.onnx_io import (
     export_onnx,
     model_metadata,
@@ -33,7 +33,6 @@ from tasks.export.quantize import (
 )
 from tasks.models import build_model
 from tasks.params import QuantizeParams
-from tasks.transforms import normalise
 from tests.toymodels import corner_data, trained_corner_model
 
 CLASSES = ("a", "b", "c")

@@ -14,12 +14,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks.data.datasets import Split
+from tasks.data.datasets import Split, normalise
 from tasks.export.onnx_io import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
 from tasks.serving import registry
-from tasks.transforms import normalise
 from tests.toymodels import (
     CORNER_CLASSES,
     CORNER_SPEC,

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score, top_k_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    top_k_accuracy_score,
+)
 
 from tasks.evaluation.scoring import (
     bootstrap_ci,
@@ -17,6 +28,7 @@ from tasks.evaluation.scoring import (
     reliability,
 )
 from tasks.metrics import f1_macro, f1_macro_rows
+from tests.evaluations import LABELS, PREDICTED
 
 CLASSES = ("a", "b", "c", "d")
 
@@ -140,3 +152,64 @@ def test_f1_macro_of_many_resamples_at_once_is_f1_macro_of_each() -> None:
     expected = [f1_macro(labels[i], predicted[i], 4) for i in idx]
     assert rows == pytest.approx(expected, abs=1e-12)
     assert f1_macro_rows(labels, predicted, 4)[0] == pytest.approx(f1_macro(labels, predicted, 4))
+
+
+PETS = ("cat", "dog", "eel")
+
+
+def classification_metrics(
+    labels: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]
+) -> dict:
+    """The report for hard predictions: probability 0.9 on the predicted class."""
+    probs = np.full((len(predicted), len(classes)), 0.1 / (len(classes) - 1))
+    probs[np.arange(len(predicted)), predicted] = 0.9
+    return classification_report(labels, probs, classes, top_k=2)
+
+
+def test_metrics_golden_values() -> None:
+    metrics = classification_metrics(LABELS, PREDICTED, PETS)
+    # Per class: cat P=1 R=1/2 F1=2/3; dog P=2/5 R=1 F1=4/7; eel F1=0.
+    assert metrics["accuracy"] == pytest.approx(3 / 6)
+    assert metrics["f1_macro"] == pytest.approx((2 / 3 + 4 / 7 + 0) / 3)  # 26/63
+    assert metrics["f1_weighted"] == pytest.approx(26 / 63)  # equal supports
+    assert metrics["precision_macro"] == pytest.approx((1 + 2 / 5 + 0) / 3)
+    assert metrics["recall_macro"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert metrics["balanced_accuracy"] == pytest.approx(0.5)
+    assert metrics["f1_per_class"] == pytest.approx({"cat": 2 / 3, "dog": 4 / 7, "eel": 0.0})
+
+
+def test_metrics_match_scikit_learn() -> None:
+    rng = np.random.default_rng(0)
+    labels, predicted = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    metrics = classification_metrics(labels, predicted, ("a", "b", "c", "d"))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    for key, score in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score)):
+        assert metrics[f"{key}_macro"] == pytest.approx(score(labels, predicted, average="macro"))
+    assert metrics["f1_weighted"] == pytest.approx(f1_score(labels, predicted, average="weighted"))
+    per_class = f1_score(labels, predicted, average=None)
+    assert list(metrics["f1_per_class"].values()) == pytest.approx(per_class.tolist())
+    assert list(metrics["f1_per_class"]) == ["a", "b", "c", "d"]
+
+
+def test_never_predicted_class_is_zero_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = classification_metrics(LABELS, PREDICTED, PETS)
+    assert metrics["f1_per_class"]["eel"] == 0.0
+    assert all(isinstance(value, float) for value in metrics["f1_per_class"].values())
+
+
+def test_logit_adjustment_moves_decisions_towards_rare_classes() -> None:
+    from tasks.evaluation.scoring import adjust_logits
+
+    logits = np.array([[2.0, 1.5], [0.2, 0.0]], dtype=np.float32)
+    prior = (0.9, 0.1)
+    assert adjust_logits(logits, prior, 0.0) is logits
+    assert adjust_logits(logits, None, 1.0) is logits
+    adjusted = adjust_logits(logits, prior, 1.0)
+    np.testing.assert_allclose(adjusted, logits - np.log(prior), rtol=1e-6)
+    assert adjusted.dtype == np.float32
+    # the head class won both; after adjustment the close call goes to the rare class
+    assert logits.argmax(axis=1).tolist() == [0, 0]
+    assert adjusted.argmax(axis=1).tolist() == [1, 1]

@@ -29,7 +29,8 @@ from flows.services import (
     stop_mlflow_server,
     up,
 )
-from tasks.tracking import log_results, start_run, tracking_uri
+from tasks.tracking import log_results, start_run
+from tasks.tracking_store import tracking_uri
 
 
 def _dead_pid() -> int:

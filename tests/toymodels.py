@@ -12,13 +12,12 @@ import numpy as np
 import torch
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.data.datasets import ChannelStats
+from tasks.data.datasets import ChannelStats, normalise
 from tasks.data.images import ImageSpec
 from tasks.export.onnx_io import export_onnx, model_metadata
 from tasks.export.quantize import quantize_onnx
 from tasks.models import build_model
 from tasks.params import QuantizeParams
-from tasks.transforms import normalise
 
 
 def corner_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

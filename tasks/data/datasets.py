@@ -298,3 +298,11 @@ def load_resample_warnings(directory: Path = RESAMPLED_DIR) -> tuple[str, ...]:
     """What the resample stage warned about (a strategy that fell back, say)."""
     path = directory / "warnings.json"
     return tuple(read_json(path)) if path.is_file() else ()
+
+
+def normalise(images: np.ndarray, stats: ChannelStats) -> np.ndarray:
+    """uint8 (N, H, W, C) or (H, W, C) -> float32 channels-first, standardised with train stats."""
+    mean = np.asarray(stats.mean, dtype=np.float32)
+    std = np.asarray(stats.std, dtype=np.float32)
+    scaled = (np.asarray(images, dtype=np.float32) / 255.0 - mean) / std
+    return np.ascontiguousarray(np.moveaxis(scaled, -1, -3))

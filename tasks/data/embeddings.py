@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from tasks.checkpoints import load_checkpoint
-from tasks.data.datasets import ChannelStats
-from tasks.transforms import normalise
+from tasks.data.datasets import ChannelStats, normalise
 
 
 class RandomProjectionCNN(nn.Module):

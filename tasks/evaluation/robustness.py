@@ -17,8 +17,7 @@ import albumentations as A
 import numpy as np
 import torch
 
-from tasks.data.datasets import ChannelStats
-from tasks.transforms import normalise
+from tasks.data.datasets import ChannelStats, normalise
 
 # name -> transform; severities are part of the name so a table says what was done.
 CORRUPTIONS: dict[str, Callable[[], A.BasicTransform]] = {

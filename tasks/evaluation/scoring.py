@@ -197,3 +197,18 @@ def delta_confusion(
     return confusion_matrix(labels, candidate, labels=everything).astype(
         np.int64
     ) - confusion_matrix(labels, reference, labels=everything).astype(np.int64)
+
+
+def adjust_logits(logits: np.ndarray, prior: tuple[float, ...] | None, tau: float) -> np.ndarray:
+    r"""Post-hoc logit adjustment (Menon et al., "Long-tail learning via logit
+    adjustment", ICLR 2021): :math:`f_c(x) - \tau \log \pi_c`.
+
+    A model trained on a long-tailed prior :math:`\pi` is biased towards the
+    head classes; subtracting :math:`\tau \log \pi` moves the decision
+    thresholds towards the tail (``tau = 1`` is the Bayes-optimal correction for
+    the balanced error). ``tau = 0`` or an unknown prior leaves the logits as they are.
+    """
+    if tau == 0.0 or prior is None:
+        return logits
+    log_prior = np.log(np.clip(np.asarray(prior, dtype=np.float64), 1e-12, None))
+    return (logits - tau * log_prior).astype(logits.dtype)

@@ -27,8 +27,6 @@ from tasks.artifacts import atomic_path
 from tasks.checkpoints import Checkpoint
 
 INPUT_NAME = "images"
-
-
 OUTPUT_NAME = "logits"
 
 

@@ -50,7 +50,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from tasks.artifacts import atomic_path, write_json
 from tasks.checkpoints import Checkpoint, load_checkpoint
-from tasks.data.datasets import Split
+from tasks.data.datasets import Split, normalise
 from tasks.export.onnx_io import (
     INPUT_NAME,
     export_onnx,
@@ -65,7 +65,6 @@ from tasks.export.qat import qat_finetune
 from tasks.metrics import f1_macro
 from tasks.orchestration import stage_task
 from tasks.params import QuantizeParams
-from tasks.transforms import normalise
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,

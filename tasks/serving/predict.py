@@ -26,13 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data.datasets import ChannelStats
+from tasks.data.datasets import ChannelStats, normalise
 from tasks.data.images import FileItems, ImageSpec, Outcome, decode_item
 from tasks.data.sources import IMAGE_SUFFIXES
 from tasks.evaluation.scoring import probabilities
 from tasks.export.onnx_io import onnx_logits, onnx_session, torch_logits
 from tasks.layout import STUDENT, STUDENT_INT8, TEACHER
-from tasks.transforms import normalise
 
 VARIANTS: dict[str, Path] = {"teacher": TEACHER, "student": STUDENT, "student_int8": STUDENT_INT8}
 MODEL_SUFFIXES = (".onnx", ".pt")
@@ -186,7 +185,7 @@ def _load_file(path: Path, source: str, threads: int, root: Path | None = None) 
 def _load_uri(uri: str, threads: int) -> Model:
     import mlflow.artifacts
 
-    from tasks.tracking import tracking_uri
+    from tasks.tracking_store import tracking_uri
 
     # runs:/ and models:/ resolve through the tracking server the pipeline logs to.
     mlflow.set_tracking_uri(tracking_uri())

@@ -39,12 +39,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from tasks.checkpoints import load_checkpoint
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import ChannelStats, Split, normalise
 from tasks.export.onnx_io import INPUT_NAME, OUTPUT_NAME, export_onnx, input_shape, model_metadata
 from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER
 from tasks.metrics import f1_macro
 from tasks.params import PromoteParams
-from tasks.transforms import normalise
 
 MODEL_PREFIX = "visionpipe-"
 CHAMPION = "champion"

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tasks.data.datasets import ChannelStats, Split, take_rows
+from tasks.data.datasets import ChannelStats, Split, normalise, take_rows
 from tasks.metrics import f1_macro
 from tasks.params import FitParams
 from tasks.training.distributed import (
@@ -33,7 +33,7 @@ from tasks.training.distributed import (
     local_batch_size,
 )
 from tasks.training.resume import EpochRecord, Resume, TrainState, discard, load_state, save_state
-from tasks.transforms import Augment, normalise
+from tasks.transforms import Augment
 
 # (model, images, labels) -> (loss, logits). The teacher's is cross-entropy;
 # the student's adds the frozen teacher's soft targets.
