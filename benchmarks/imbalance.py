@@ -59,8 +59,10 @@ from tasks.data.sources import build_source, cap_per_class  # noqa: E402
 from tasks.evaluation.scoring import adjust_logits  # noqa: E402
 from tasks.metrics import f1_macro  # noqa: E402
 from tasks.params import Params, parse_params  # noqa: E402
-from tasks.training.engine import ImageDataset, make_loader, predict_logits  # noqa: E402
-from tasks.training.train import TrainingData, fit_teacher, train_augment  # noqa: E402
+from tasks.training.engine import predict_logits  # noqa: E402
+from tasks.training.inputs import TrainingData, train_augment  # noqa: E402
+from tasks.training.loaders import ImageDataset, make_loader  # noqa: E402
+from tasks.training.train import fit_teacher  # noqa: E402
 
 # name -> (resample overrides, train overrides, augment overrides, logit adjustment tau)
 METHODS: dict[str, tuple[dict, dict, dict, float]] = {

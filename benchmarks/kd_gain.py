@@ -30,7 +30,7 @@ from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from tasks.layout import PREPARED_DIR, RESAMPLED_DIR, TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.training.distill import fit_student, load_teacher, score  # noqa: E402
-from tasks.training.train import load_training_data  # noqa: E402
+from tasks.training.inputs import load_training_data  # noqa: E402
 
 # name -> distill overrides; None is the student on labels alone
 CONFIGS: dict[str, dict | None] = {

@@ -32,7 +32,8 @@ from benchmarks.train_throughput import first_train_rows  # noqa: E402
 from tasks.layout import TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.training.distill import fit_student, load_teacher  # noqa: E402
-from tasks.training.train import fit_teacher, load_training_data  # noqa: E402
+from tasks.training.inputs import load_training_data  # noqa: E402
+from tasks.training.train import fit_teacher  # noqa: E402
 
 # Operator-name fragments -> the share they are reported under (first match wins).
 GROUPS = {

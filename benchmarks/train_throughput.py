@@ -52,19 +52,9 @@ from tasks.data.datasets import (  # noqa: E402
 )
 from tasks.models import build_model  # noqa: E402
 from tasks.params import load_params  # noqa: E402
-from tasks.training.engine import (  # noqa: E402
-    Precision,
-    fit,
-    seed_everything,
-    select_device,
-    supervised_objective,
-)
-from tasks.training.train import (  # noqa: E402
-    TrainingData,
-    build_loaders,
-    load_training_data,
-    supervised_loss,
-)
+from tasks.training.engine import fit, supervised_objective  # noqa: E402
+from tasks.training.hardware import Precision, seed_everything, select_device  # noqa: E402
+from tasks.training.inputs import TrainingData, build_loaders, load_training_data, supervised_loss  # noqa: E402
 
 
 def bare_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,

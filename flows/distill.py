@@ -21,7 +21,7 @@ from tasks.data.baselines import read_baselines
 from tasks.layout import PREPARED_DIR, STUDENT, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, DistillParams, MlflowParams
 from tasks.training import distill as t
-from tasks.training.train import load_training_data
+from tasks.training.inputs import load_training_data
 
 
 @flow(name="distill")

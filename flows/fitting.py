@@ -18,8 +18,9 @@ from prefect import get_run_logger
 from tasks import tracking
 from tasks.data.baselines import check_fit
 from tasks.params import AugmentParams, FitParams
-from tasks.training import train as t
 from tasks.training.engine import EpochRecord, FitResult
+from tasks.training.inputs import TrainingData
+from tasks.training.outputs import augment_artifacts, describe_epoch, write_model
 from tasks.training.resume import Resume, fingerprint, resume_path
 
 
@@ -28,7 +29,7 @@ def tracked_fit(
     *,
     stage: str,
     variant: str,
-    data: t.TrainingData,
+    data: TrainingData,
     params: FitParams,
     run_params: dict[str, Any],
     experiment: str,
@@ -64,7 +65,7 @@ def tracked_fit(
 
         def on_epoch(record: EpochRecord) -> None:
             tracking.log_epoch(run_id, record)
-            logger.info(t.describe_epoch(record))
+            logger.info(describe_epoch(record))
 
         result = fit_model(on_epoch)
         checked: dict[str, Any] = {}
@@ -75,12 +76,12 @@ def tracked_fit(
             )  # fmt: skip
             checked = check.metrics()
             tracking.set_tags(run_id, {"weak_model": str(check.weak).lower()})
-        summary = t.write_model(
+        summary = write_model(
             result, data, params, run_params, checkpoint, metrics, curve, run_id,
             checked | (extra(result) if extra else {}),
         )  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
-            shown = t.augment_artifacts(data, augment, seed, Path(tmp))
+            shown = augment_artifacts(data, augment, seed, Path(tmp))
             tracking.log_results(run_id, summary, [checkpoint, curve, *shown])
     logger.info(
         "%s: best epoch %s of %s, val f1_macro %.4f, %s params",
@@ -90,6 +91,6 @@ def tracked_fit(
     return summary
 
 
-def resumable(stage: str, run_params: dict[str, Any], data: t.TrainingData, *extra: Any) -> Resume:
+def resumable(stage: str, run_params: dict[str, Any], data: TrainingData, *extra: Any) -> Resume:
     """Per-epoch state for ``stage``, valid only for these params and this data."""
     return Resume(resume_path(stage), fingerprint(run_params, data.describe(), *extra))

@@ -13,11 +13,12 @@ from tasks.data.baselines import read_baselines
 from tasks.layout import PREPARED_DIR, TEACHER, curve_path, metrics_path
 from tasks.params import AugmentParams, MlflowParams, TrainParams
 from tasks.training import train as t
+from tasks.training.inputs import load_training_data
 
 
 @flow(name="train")
 def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: MlflowParams) -> dict:
-    data = t.load_training_data()
+    data = load_training_data()
     run_params = run_parameters(seed, train, augment)
     resume = resumable("train", run_params, data)
     log = get_run_logger().info
@@ -43,7 +44,7 @@ def run_parameters(seed: int, train: TrainParams, augment: AugmentParams) -> dic
 
 def train_worker(seed: int, train: TrainParams, augment: AugmentParams, mlflow: MlflowParams):
     """What a rank other than 0 does under torchrun: the same fit, resumed alike, no outputs."""
-    data = t.load_training_data.fn()
+    data = load_training_data.fn()
     resume = resumable("train", run_parameters(seed, train, augment), data)
     return t.fit_teacher.fn(data, train, augment, seed, resume=resume)
 

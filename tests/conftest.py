@@ -16,6 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # Prefect servers started by tests would try to send telemetry; there is no network here.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests need CUDA: without it they are skipped, saying so (CI has no GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # --- unit-test fixtures ---
 
 TINY_CLASSES = 10

@@ -31,9 +31,10 @@ from tasks.data.datasets import ChannelStats, PreparedData, Split
 from tasks.models import build_model
 from tasks.params import load_params
 from tasks.training.distributed import World, init_process_group
-from tasks.training.engine import fit, seed_everything, supervised_objective
+from tasks.training.engine import fit, supervised_objective
+from tasks.training.hardware import seed_everything
+from tasks.training.inputs import TrainingData, build_loaders
 from tasks.training.resume import Resume
-from tasks.training.train import TrainingData, build_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 

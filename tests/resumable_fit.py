@@ -23,7 +23,9 @@ import torch
 from tasks.data.datasets import ChannelStats, Split
 from tasks.models import build_model
 from tasks.params import load_params
-from tasks.training.engine import fit, make_loader, seed_everything
+from tasks.training.engine import fit
+from tasks.training.hardware import seed_everything
+from tasks.training.loaders import make_loader
 from tasks.training.resume import Resume
 from tasks.transforms import build_augment
 

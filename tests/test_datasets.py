@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from tasks.data.datasets import (
+    ChannelStats,
     NpyWriter,
     PreparedData,
     Rows,
     Split,
     load_prepared,
     load_resampled_train,
+    normalise,
+    take_rows,
     write_prepared,
     write_split,
 )
@@ -66,3 +69,35 @@ def test_resampled_train_is_a_view_on_the_memory_map(
     assert train.labels.tolist() == [*tiny_prepared.train.labels[indices].tolist(), 1, 2]
     with pytest.raises(IndexError):
         train.images[6]
+
+
+def test_normalise_standardises_with_train_stats(tiny_prepared: PreparedData) -> None:
+    images, stats = tiny_prepared.train.images, tiny_prepared.stats
+    out = normalise(images, stats)
+    assert out.dtype == np.float32
+    assert out.shape == (len(images), 1, 8, 8)
+    assert out.flags.c_contiguous
+    assert out.mean() == pytest.approx(0.0, abs=1e-5)
+    assert out.std() == pytest.approx(1.0, abs=1e-4)
+    assert normalise(images[0], stats).shape == (1, 8, 8)  # one HWC image -> CHW
+
+
+def test_normalise_channel_order() -> None:
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 51, 102, 255
+    stats = ChannelStats(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.1))
+    out = normalise(image, stats)
+    assert out.shape == (3, 2, 3)
+    expected = [(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (1.0 - 0.3) / 0.1]
+    np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-6)
+
+
+def test_rows_take_matches_row_by_row_reads() -> None:
+    base = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
+    extra = np.full((2, 2, 2, 1), 200, dtype=np.uint8)
+    view = Rows(base, np.array([4, 0, 4]), extra)
+    rows = np.array([4, 0, 2, -1, 3])
+    np.testing.assert_array_equal(view.take(rows), np.stack([view[i] for i in rows]))
+    np.testing.assert_array_equal(take_rows(base, [1, 1]), base[[1, 1]])
+    with pytest.raises(IndexError):
+        view.take(np.array([5]))

@@ -11,7 +11,8 @@ from tasks.data.datasets import ChannelStats, Split
 from tasks.models import build_model
 from tasks.params import Params, ParamsError, parse_params
 from tasks.training.device_data import DeviceBatches, affine_theta, warp
-from tasks.training.engine import fit, make_loader, supervised_objective
+from tasks.training.engine import fit, supervised_objective
+from tasks.training.loaders import make_loader
 
 CPU = torch.device("cpu")
 

@@ -21,8 +21,8 @@ from tasks.training.distill import (
     matched_taps,
     stage_ends,
 )
+from tasks.training.inputs import TrainingData, build_loaders
 from tasks.training.losses import AttentionTransferLoss, attention_map
-from tasks.training.train import TrainingData, build_loaders
 
 
 def _data(tiny) -> TrainingData:

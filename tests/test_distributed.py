@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+
+from tasks.training.distributed import ShardedSampler, World, local_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,23 @@ def test_two_killed_gloo_processes_resume_to_the_uninterrupted_weights(tmp_path:
         ending = (tmp_path / f"resumed.json.rank{rank}").read_text()
         assert ending == (tmp_path / f"whole.json.rank{rank}").read_text()
         assert ending == (tmp_path / "whole.json.rank0").read_text()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shards_of_two_ranks_make_up_the_single_process_batches(weighted: bool) -> None:
+    weights = np.linspace(1.0, 3.0, 20) if weighted else None
+    single = list(ShardedSampler(20, seed=4, weights=weights))
+    shards = [list(ShardedSampler(20, 4, World(rank, 2), weights)) for rank in (0, 1)]
+    # rank r's k-th batch of 3 is its share of the single process's k-th batch of 6
+    for k in range(3):
+        together = sorted(shards[0][3 * k : 3 * k + 3] + shards[1][3 * k : 3 * k + 3])
+        assert together == sorted(single[6 * k : 6 * k + 6])
+    sampler = ShardedSampler(20, seed=4)
+    sampler.set_epoch(1)
+    assert list(sampler) != single and sorted(sampler) == list(range(20))
+
+
+def test_global_batch_must_split_evenly_over_the_ranks() -> None:
+    assert local_batch_size(64, World(0, 4)) == 16
+    with pytest.raises(ValueError, match="multiple of --nproc_per_node"):
+        local_batch_size(64, World(0, 3))

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tasks.data.datasets import ChannelStats, Split
-from tasks.training.engine import make_loader
+from tasks.training.loaders import make_loader
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -1,7 +1,9 @@
 """Training: the teacher (train stage) and the student (distill stage) on one engine.
 
-``engine`` holds ``fit``; ``resume`` its ``TrainState``, saved after every
-epoch; ``distributed`` what changes under torchrun; ``device_data`` batches
-held and augmented on the device; ``losses`` the objectives. ``train`` and
-``distill`` are the two stages.
+``train`` and ``distill`` are the two stages. They start from ``inputs``
+(data, batches, network, loss) and end in ``outputs`` (checkpoint, metrics,
+curve). In between, ``engine.fit`` runs the loop, with ``resume``'s
+``TrainState`` saved after every epoch; ``loaders`` and ``device_data`` make
+the batches, ``hardware`` picks device and precision, ``distributed`` is what
+changes under torchrun, and ``losses`` holds the objectives.
 """

@@ -41,23 +41,21 @@ from tasks.training.engine import (
     EpochRecord,
     FitResult,
     Objective,
-    Precision,
     fit,
-    make_loader,
     predict_logits,
-    seed_everything,
-    select_device,
     supervised_objective,
 )
-from tasks.training.losses import AttentionTransferLoss, KDLoss
-from tasks.training.resume import Resume
-from tasks.training.train import (
+from tasks.training.hardware import Precision, seed_everything, select_device
+from tasks.training.inputs import (
     TrainingData,
     build_loaders,
     network_for,
     supervised_loss,
     train_batches,
 )
+from tasks.training.loaders import make_loader
+from tasks.training.losses import AttentionTransferLoss, KDLoss
+from tasks.training.resume import Resume
 
 
 class FeatureTaps:

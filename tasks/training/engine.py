@@ -1,15 +1,15 @@
-"""The training engine the train and distill stages share.
+"""The training loop the train and distill stages share: ``fit``.
 
-Seeding in one function, device choice, a Dataset that augments on the fly,
-and ``fit``: AdamW, a one-cycle or cosine schedule stepped per batch, early
-stopping on validation macro-F1 with ``patience``, best weights restored.
-What differs between teacher and student is only the ``Objective``.
+AdamW, a one-cycle or cosine schedule stepped per batch (``Budget``: enough
+epochs for ``min_steps``), early stopping on validation macro-F1 with
+``patience``, best weights restored; its whole state is one ``TrainState``
+(``resume.py``), saved after every epoch. What differs between teacher and
+student is only the ``Objective``. The batches come from ``loaders.py`` or
+``device_data.py``, device and precision from ``hardware.py``.
 """
 
 from __future__ import annotations
 
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -19,152 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tasks.data.datasets import ChannelStats, Split, normalise, take_rows
 from tasks.metrics import f1_macro
 from tasks.params import FitParams
 from tasks.training.distributed import (
-    ShardedSampler,
     World,
     all_reduce_sum,
     broadcast_buffers,
-    local_batch_size,
 )
+from tasks.training.hardware import Precision
 from tasks.training.resume import EpochRecord, Resume, TrainState, discard, load_state, save_state
-from tasks.transforms import Augment
 
 # (model, images, labels) -> (loss, logits). The teacher's is cross-entropy;
 # the student's adds the frozen teacher's soft targets.
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed python, numpy and torch; make kernels deterministic if asked.
-
-    DataLoader workers and albumentations are seeded from the same seed by
-    ``make_loader`` (through its generator and ``_seed_worker``).
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic (CUDA docs).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def select_device(name: str) -> torch.device:
-    """``auto``: CUDA, else Apple's MPS, else the CPU; asking for an absent one is an error."""
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
-    if name == "mps" and not mps:
-        raise RuntimeError("device: mps was asked for but torch sees no MPS device")
-    return torch.device(name)
-
-
-class ImageDataset(Dataset):
-    """uint8 images -> (augmented) normalised CHW float tensors.
-
-    The DataLoader asks for a whole batch through ``__getitems__``: one gather
-    from the memory map, augmentation image by image in index order (the same
-    draws, in the same order, as one ``__getitem__`` per image), then one
-    vectorised normalisation and one tensor, instead of a normalisation, a
-    tensor and a collate per image. On 16x16 digits that per-image work was
-    about half of a CPU train step (``benchmarks/train_throughput.py``).
-    """
-
-    def __init__(self, split: Split, stats: ChannelStats, augment: Augment | None = None):
-        self.images = split.images
-        self.labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
-        self.stats = stats
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = np.asarray(self.images[index])
-        if self.augment is not None:
-            image = self.augment(image, int(self.labels[index]))
-        return torch.from_numpy(normalise(image, self.stats)), self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.asarray(indices, dtype=np.int64)
-        images = take_rows(self.images, rows)
-        labels = self.labels[torch.from_numpy(rows)]
-        if self.augment is not None:
-            pairs = zip(images, labels.tolist(), strict=True)
-            images = np.stack([self.augment(image, label) for image, label in pairs])
-        return torch.from_numpy(normalise(images, self.stats)), labels
-
-
-def _batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DataLoader's collate step: ``ImageDataset.__getitems__`` already built the batch."""
-    return batch
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch gives each worker a distinct seed derived from the loader's
-    # generator; pass it on so augmentation differs across workers yet repeats
-    # across runs.
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    if info.dataset.augment is not None:
-        info.dataset.augment.set_random_seed(seed)
-
-
-def make_loader(
-    split: Split,
-    stats: ChannelStats,
-    batch_size: int,
-    *,
-    seed: int,
-    train: bool = False,
-    augment: Augment | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    weights: np.ndarray | None = None,
-    world: World | None = None,
-) -> DataLoader:
-    """A loader over ``split``; ``train`` shuffles and drops a last partial batch.
-
-    With unequal ``weights`` (``resample.strategy: balanced_sampler``) a train
-    epoch is ``len(split)`` draws with replacement, row ``i`` drawn with
-    probability proportional to ``weights[i]``: rebalanced per epoch, no copies.
-    Under ``torchrun`` (``world``) a train loader yields this rank's shard of
-    each global batch of ``batch_size`` (``tasks/training/distributed.py``).
-    """
-    world = world or World()
-    dataset = ImageDataset(split, stats, augment if train else None)
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if train:
-        balanced = weights is not None and not np.allclose(weights, weights[0])
-        sampler = ShardedSampler(len(dataset), seed, world, weights if balanced else None)
-        batch_size = local_batch_size(batch_size, world)
-        if augment is not None and world.rank > 0:
-            augment.set_random_seed(seed + 7919 * world.rank)  # its own draws per rank
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        # BatchNorm cannot train on a batch of one.
-        drop_last=train and len(sampler or dataset) > batch_size,
-        num_workers=num_workers,
-        worker_init_fn=_seed_worker if num_workers else None,
-        generator=generator,
-        collate_fn=_batched,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-    )
 
 
 def supervised_objective(loss: nn.Module) -> Objective:
@@ -284,33 +154,6 @@ def _validate(
     predicted = logits.argmax(axis=1)
     accuracy = float((predicted == labels).mean())
     return loss, accuracy, f1_macro(labels, predicted, num_classes=logits.shape[1])
-
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast and gradient scaling for ``train.precision`` on ``device``.
-
-    bf16 keeps fp32's exponent range, so it needs no loss scaling; fp16 does
-    (a ``GradScaler`` skips steps whose gradients overflowed and adapts the scale).
-    """
-
-    device_type: str
-    dtype: torch.dtype | None
-
-    @classmethod
-    def of(cls, name: str, device: torch.device) -> Precision:
-        if name not in AMP_DTYPES:
-            raise ValueError(f"precision: unknown {name!r}; valid choices: {', '.join(AMP_DTYPES)}")
-        return cls(device.type, AMP_DTYPES[name])
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
-
-    def scaler(self) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
 
 def fit(
