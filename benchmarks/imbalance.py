@@ -48,14 +48,14 @@ from benchmarks.pipeline import merge_overrides, overrides_from  # noqa: E402
 from tasks.data.datasets import Rows, Split, load_prepared  # noqa: E402
 from tasks.data.prepare import (  # noqa: E402
     copy_splits,
-    decode_all,
-    image_spec,
+    decode,
     select,
     split,
     staging_file,
 )
-from tasks.data.resample import resample_split  # noqa: E402
+from tasks.data.resample import resample  # noqa: E402
 from tasks.data.sources import build_source, cap_per_class  # noqa: E402
+from tasks.data.spec import image_spec  # noqa: E402
 from tasks.evaluation.scoring import adjust_logits  # noqa: E402
 from tasks.metrics import f1_macro  # noqa: E402
 from tasks.params import Params, parse_params  # noqa: E402
@@ -92,8 +92,8 @@ def prepare(params: Params, source: str, ratio: float, seed: int, out: Path) -> 
     items = cap_per_class(build_source(data), data.max_per_class, seed)
     spec = image_spec(data, items, seed)
     with staging_file(out, len(items), spec) as staging:
-        decoded = decode_all(items, spec, staging, workers=1, log=lambda line: None)
-        selection = select(items, decoded, data.min_per_class)
+        decoded = decode.fn(items, spec, staging, workers=1, log=lambda line: None)
+        selection = select.fn(items, decoded, data.min_per_class)
         plan = split.fn(items, selection, data, seed)
         copy_splits(staging, plan, items.labels, out, items.classes, spec, log=lambda line: None)
 
@@ -101,7 +101,7 @@ def prepare(params: Params, source: str, ratio: float, seed: int, out: Path) -> 
 def run(params: Params, prepared_dir: Path, method: str, seed: int) -> dict:
     resample_update, train_update, augment_update, tau = METHODS[method]
     prepared = load_prepared(prepared_dir)
-    result = resample_split(
+    result = resample.fn(
         prepared.train,
         prepared.num_classes,
         params.resample.model_copy(update=resample_update),

@@ -66,7 +66,7 @@ def measure(name: str, width: int, size: int, threads: int, repeats: int, scratc
             qat_batch_size=64,
         )  # fmt: skip
         label = "onnxruntime-int8" + ("-first-conv-fp32" if keep else "-all-convs")
-        files[label] = quantize_onnx(fp32, scratch / f"{label}_{size}.onnx", calibration, params)
+        files[label] = quantize_onnx.fn(fp32, scratch / f"{label}_{size}.onnx", calibration, params)
     torch.set_num_threads(threads)
     runtimes = {"torch-eager": (lambda x: torch_logits(model, x, len(x)), batch)}
     for label, path in files.items():

@@ -32,7 +32,7 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
         decoded = t.decode(
             source, spec, staging, t.worker_count(data.workers), logger.info, data.decode_timeout_s
         )
-        selection = t.select_usable(source, decoded, data.min_per_class)
+        selection = t.select(source, decoded, data.min_per_class)
         plan = t.split(source, selection, data, seed)
         baselines = t.write_prepared(PREPARED_DIR, staging, plan, source, spec, seed, logger.info)
     metrics = t.report(METRICS, QUALITY, source, decoded, selection, plan, data, spec, baselines)

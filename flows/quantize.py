@@ -30,13 +30,13 @@ def quantize_flow(seed: int, quantize: QuantizeParams) -> dict:
     t.export_student(student, STUDENT_FP32_ONNX)
     with tempfile.TemporaryDirectory() as scratch:
         candidates = {"ptq": Path(scratch) / "ptq.onnx"}
-        t.quantize(STUDENT_FP32_ONNX, candidates["ptq"], calibration, quantize, "ptq")
+        t.quantize_onnx(STUDENT_FP32_ONNX, candidates["ptq"], calibration, quantize, "ptq")
         checks = {"ptq": t.check_int8(student, candidates["ptq"], prepared.val)}
         logger.info("quantize: PTQ val f1_macro drop %.4f", checks["ptq"].drop)
         if t.needs_qat(quantize.method, checks["ptq"], quantize.max_drop):
             tuned = t.qat_student(student, prepared.train, quantize, seed, Path(scratch))
             candidates["qat"] = Path(scratch) / "qat.onnx"
-            t.quantize(tuned, candidates["qat"], calibration, quantize, "qat")
+            t.quantize_onnx(tuned, candidates["qat"], calibration, quantize, "qat")
             checks["qat"] = t.check_int8(student, candidates["qat"], prepared.val)
             logger.info("quantize: QAT val f1_macro drop %.4f", checks["qat"].drop)
         chosen = t.pick(quantize.method, checks["ptq"], checks.get("qat"))

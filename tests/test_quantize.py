@@ -89,7 +89,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     fp32 = export_onnx(
         checkpoint.build(), (1, 8, 8), directory / "student.onnx", model_metadata(checkpoint)
     )
-    int8 = quantize_onnx(fp32, directory / "student_int8.onnx", images, QUANTIZE)
+    int8 = quantize_onnx.fn(fp32, directory / "student_int8.onnx", images, QUANTIZE)
     return Exported(checkpoint, images, fp32, int8)
 
 
@@ -237,7 +237,7 @@ def test_int8_of_a_trained_model_agrees_on_99_percent_of_held_out_predictions(
     trained: Trained, tmp_path: Path, keep_first_conv_fp32: bool
 ) -> None:
     params = QUANTIZE.model_copy(update={"keep_first_conv_fp32": keep_first_conv_fp32})
-    int8 = quantize_onnx(trained.fp32, tmp_path / "int8.onnx", trained.calibration, params)
+    int8 = quantize_onnx.fn(trained.fp32, tmp_path / "int8.onnx", trained.calibration, params)
     assert _agreement(trained.model, int8, trained.test) >= 0.99
     graph = onnx.load(int8).graph
     floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
@@ -270,7 +270,7 @@ def test_int8_of_the_pretrained_trunk_agrees_and_resizes_its_input_in_float(tmp_
     ])  # fmt: skip
     images = normalise(crops, stats)
     fp32 = export_onnx(model, (3, 16, 16), tmp_path / "trunk.onnx", {})
-    int8 = quantize_onnx(fp32, tmp_path / "trunk_int8.onnx", images[::2], QUANTIZE)
+    int8 = quantize_onnx.fn(fp32, tmp_path / "trunk_int8.onnx", images[::2], QUANTIZE)
     # Measured on this fixed draw: 0.906 with the Resize in float, 0.850 with it in uint8
     # (a random head on real features: many near ties, so neither is near 1).
     assert _agreement(model, int8, images[1::2]) >= 0.88
@@ -283,7 +283,7 @@ def test_int8_of_the_pretrained_trunk_agrees_and_resizes_its_input_in_float(tmp_
 
 
 def test_int8_file_names_are_compact_and_zero_points_implicit(trained: Trained, tmp_path) -> None:
-    int8 = quantize_onnx(trained.fp32, tmp_path / "int8.onnx", trained.calibration, QUANTIZE)
+    int8 = quantize_onnx.fn(trained.fp32, tmp_path / "int8.onnx", trained.calibration, QUANTIZE)
     graph = onnx.load(int8).graph
     assert max(len(node.name) for node in graph.node) <= 4
     int32_zeros = [
@@ -303,7 +303,7 @@ def test_int8_file_names_are_compact_and_zero_points_implicit(trained: Trained, 
 def test_onnx_runtime_runs_the_int8_file_on_integer_kernels(trained: Trained, tmp_path) -> None:
     import onnxruntime as ort
 
-    int8 = quantize_onnx(trained.fp32, tmp_path / "int8.onnx", trained.calibration, QUANTIZE)
+    int8 = quantize_onnx.fn(trained.fp32, tmp_path / "int8.onnx", trained.calibration, QUANTIZE)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -354,7 +354,7 @@ def test_qat_returns_a_plain_float_network_whose_int8_agrees(trained: Trained, t
     assert "FakeQuantLayer" not in kinds and "BatchNorm2d" not in kinds
     assert not tuned.training
     fp32 = export_onnx(tuned, (1, 16, 16), tmp_path / "qat.onnx", {})
-    int8 = quantize_onnx(fp32, tmp_path / "qat_int8.onnx", trained.calibration, QUANTIZE, "qat")
+    int8 = quantize_onnx.fn(fp32, tmp_path / "qat_int8.onnx", trained.calibration, QUANTIZE, "qat")
     assert _agreement(tuned, int8, trained.test) >= 0.99
     assert _agreement(trained.model, int8, trained.test) >= 0.99  # still the same classifier
     assert json.loads(_metadata(int8)["quantization"])["method_used"] == "qat"

@@ -19,7 +19,7 @@ from tasks.data.resample import (
     Resampled,
     build_sampler,
     feature_matrix,
-    resample_split,
+    resample,
 )
 from tasks.models import build_model
 from tasks.params import ResampleParams
@@ -51,7 +51,7 @@ def _params(strategy: str, k_neighbors: int = 3, **update: object) -> ResamplePa
 
 def _run(train: Split, strategy: str, k_neighbors: int = 3, **update: object) -> Resampled:
     stats = ChannelStats.of(train.images)
-    return resample_split(train, len(COUNTS), _params(strategy, k_neighbors, **update), SEED, stats)
+    return resample.fn(train, len(COUNTS), _params(strategy, k_neighbors, **update), SEED, stats)
 
 
 def _labels_after(train: Split, result: Resampled) -> np.ndarray:
@@ -140,7 +140,7 @@ def test_a_class_of_one_cannot_be_smoted(train: Split) -> None:
     keep = np.r_[np.flatnonzero(train.labels != 2), np.flatnonzero(train.labels == 2)[:1]]
     single = Split(train.images[keep], train.labels[keep])
     with pytest.raises(ValueError, match=r"a class has 1 train image.*random_over or balanced"):
-        resample_split(single, 3, _params("smote"), SEED)
+        resample.fn(single, 3, _params("smote"), SEED)
 
 
 def test_embeddings_from_a_teacher_checkpoint(train: Split, tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_balanced_sampler_makes_weights_not_copies(train: Split) -> None:
 def test_same_seed_same_rows(train: Split) -> None:
     first, again = _run(train, "random_over"), _run(train, "random_over")
     assert np.array_equal(first.indices, again.indices)
-    other = resample_split(train, len(COUNTS), _params("random_over"), SEED + 1)
+    other = resample.fn(train, len(COUNTS), _params("random_over"), SEED + 1)
     assert not np.array_equal(first.indices, other.indices)
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.data.prepare import decode_all, image_spec, select, staging_file, stratified_split
+from tasks.data.prepare import decode, select, staging_file
 from tasks.data.sources import FASHION_MNIST_CLASSES, build_source, cap_per_class, read_idx
+from tasks.data.spec import image_spec
+from tasks.data.splits import stratified_split
 from tasks.params import DataParams, Params
 from tests.fashion_mnist import FASHION_MNIST_DIR, needs_fashion_mnist
 from tests.imagefolders import build_messy_folder, noise
@@ -111,10 +113,10 @@ def test_the_real_fashion_mnist_keeps_its_official_split(params: Params, tmp_pat
     # ...and the subset goes through prepare's decode, selection and split.
     spec = image_spec(data_params(params, image_size=28, channels=1))
     with staging_file(tmp_path / "prepared", len(capped), spec) as staging:
-        decoded = decode_all(capped, spec, staging, workers=1, log=lambda line: None)
+        decoded = decode.fn(capped, spec, staging, workers=1, log=lambda line: None)
         assert np.array_equal(np.load(staging.path)[0, ..., 0], _pixels(capped, 0))
     assert decoded.ok.all() and decoded.converted == 0  # 28x28 grayscale: stored as is
-    selection = select(capped, decoded, min_per_class=10)
+    selection = select.fn(capped, decoded, min_per_class=10)
     kept = selection.positions
     splits = stratified_split(
         capped.labels[kept], 0.15, 0.15, seed=0, official_test=capped.official_test[kept]

@@ -79,5 +79,5 @@ def export_corner_variants(directory: Path, quantize: QuantizeParams) -> tuple[P
     pt = save_checkpoint(directory / "student.pt", checkpoint)
     fp32 = export_onnx(model, (1, 16, 16), directory / "student.onnx", model_metadata(checkpoint))
     calibration = normalise(corner_pixels(64, seed=2)[..., None], CORNER_STATS)
-    int8 = quantize_onnx(fp32, directory / "student_int8.onnx", calibration, quantize)
+    int8 = quantize_onnx.fn(fp32, directory / "student_int8.onnx", calibration, quantize)
     return pt, fp32, int8

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from tasks.artifacts import atomic_dir, remove_leftovers, write_json
 from tasks.data.baselines import trivial_baselines, write_baselines
@@ -48,8 +47,9 @@ from tasks.data.datasets import (
     load_prepared,
     write_description,
 )
-from tasks.data.images import ArrayItems, ImageSpec, Outcome, decode_chunk, open_regular
+from tasks.data.images import ArrayItems, ImageSpec, Outcome, decode_chunk
 from tasks.data.sources import Source, build_source, cap_per_class
+from tasks.data.splits import SplitPlan, long_tail, stratified_split
 from tasks.orchestration import stage_task
 from tasks.params import BUILTIN_SOURCES, DataParams
 from tasks.progress import Progress
@@ -57,81 +57,6 @@ from tasks.progress import Progress
 CHUNK = 256  # items per worker task: large enough to amortise the hand-off
 COPY_CHUNK = 2048  # rows per block when copying a split out of staging
 RAW_DATA_DIR = Path("data/raw")  # dvc.yaml's prepare stage depends on this folder's content
-
-
-AUTO_SIZE_BOUNDS = (16, 32)  # data.image_size: auto stays here: students stay small and fast
-AUTO_SIZE_STEP = 4
-AUTO_SAMPLE = 2000  # files whose headers set data.image_size: auto (all are read for channels)
-GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-
-
-@dataclass(frozen=True)
-class ImageShape:
-    """What an item's header says: its size and whether it holds colour."""
-
-    width: int
-    height: int
-    grayscale: bool
-
-
-def _header(path: str, max_bytes: int | None = None) -> ImageShape | None:
-    """Size and colour from the file's header (no pixel decoding); None if unreadable
-    or not a regular file (``open_regular``: a FIFO is never opened for a blocking read).
-
-    A palette image counts as grayscale when every palette entry is grey.
-    """
-    try:
-        with open_regular(path, max_bytes) as file, Image.open(file) as image:
-            gray = image.mode in GRAYSCALE_MODES
-            if image.mode in ("P", "PA"):
-                palette = np.asarray(image.getpalette() or [], dtype=np.int16).reshape(-1, 3)
-                gray = bool((palette == palette[:, :1]).all())
-            return ImageShape(image.width, image.height, gray)
-    except Exception:  # broken files are prepare's to quarantine, with their reason
-        return None
-
-
-def item_shapes(source: Source, seed: int, sample: int | None = None) -> list[ImageShape]:
-    """Headers of the source's items (of a seeded sample of ``sample`` of them, if given)."""
-    items = source.items
-    if isinstance(items, ArrayItems):
-        height, width = items.pixels.shape[1:3]
-        gray = items.pixels.ndim == 3 or items.pixels.shape[3] == 1
-        return [ImageShape(width, height, gray)]  # one array, one shape
-    paths = np.asarray(items.paths)
-    if sample is not None and len(paths) > sample:
-        paths = np.random.default_rng(seed).choice(paths, sample, replace=False)
-    shapes = (_header(path, items.max_bytes) for path in paths)
-    return [shape for shape in shapes if shape is not None]
-
-
-def auto_size(shapes: list[ImageShape]) -> int:
-    """The median shorter side, rounded to a multiple of AUTO_SIZE_STEP, within AUTO_SIZE_BOUNDS."""
-    low, high = AUTO_SIZE_BOUNDS
-    if not shapes:
-        return low
-    median = float(np.median([min(s.width, s.height) for s in shapes]))
-    return int(min(max(AUTO_SIZE_STEP * round(median / AUTO_SIZE_STEP), low), high))
-
-
-def image_spec(params: DataParams, source: Source | None = None, seed: int = 0) -> ImageSpec:
-    """The stored format; ``data.channels`` / ``data.image_size`` ``auto`` are read off
-    ``source``: 1 channel when every readable item is grayscale, else 3; the size from
-    the median shorter side (``auto_size``)."""
-    channels, size = params.channels, params.image_size
-    if "auto" in (channels, size) and source is None:
-        raise ValueError("data.channels / data.image_size auto need the source to look at")
-    if channels == "auto":
-        channels = 1 if all(s.grayscale for s in item_shapes(source, seed)) else 3
-    if size == "auto":
-        size = auto_size(item_shapes(source, seed, AUTO_SAMPLE))
-    return ImageSpec(
-        size=int(size),
-        channels=int(channels),
-        resize=params.resize,
-        background=params.background,
-        min_size=params.min_size,
-    )
 
 
 def worker_count(workers: int | str) -> int:
@@ -203,7 +128,8 @@ class Decoded:
         )
 
 
-def decode_all(
+@stage_task(name="decode")
+def decode(
     source: Source,
     spec: ImageSpec,
     staging: Staging,
@@ -246,18 +172,6 @@ def decode_all(
     return Decoded.of([outcome for start in starts for outcome in by_start[start]])
 
 
-@stage_task(name="decode")
-def decode(
-    source: Source,
-    spec: ImageSpec,
-    staging: Staging,
-    workers: int,
-    log: Callable[[str], None],
-    timeout_s: float | None = None,
-) -> Decoded:
-    return decode_all(source, spec, staging, workers, log, timeout_s)
-
-
 @dataclass(frozen=True)
 class Selection:
     """Which staging rows go on to be split, and what was set aside and why."""
@@ -267,6 +181,7 @@ class Selection:
     duplicates: list[dict[str, Any]] = field(default_factory=list)
 
 
+@stage_task(name="select")
 def select(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
     """Quarantine what failed, keep one copy of each exact duplicate, check class sizes.
 
@@ -326,99 +241,6 @@ def select(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
             f"{detail}. Add images, remove the class folder, or lower data.min_per_class."
         )
     return Selection(np.flatnonzero(keep), quarantined, duplicates)
-
-
-@stage_task(name="select")
-def select_usable(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
-    return select(source, decoded, min_per_class)
-
-
-def stratified_split(
-    labels: np.ndarray,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    official_test: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Indices of train/val/test, each stratified by label.
-
-    Where the source publishes a test split it is kept as is, and validation is
-    carved from the rest; otherwise test takes ``test_fraction`` of all items and
-    val takes ``val_fraction`` of all items.
-    """
-    everything = np.arange(len(labels))
-    try:
-        if official_test is not None:
-            test, rest = everything[official_test], everything[~official_test]
-            val_share = val_fraction
-        else:
-            rest, test = train_test_split(
-                everything, test_size=test_fraction, stratify=labels, random_state=seed
-            )
-            val_share = val_fraction / (1.0 - test_fraction)
-        train, val = train_test_split(
-            rest, test_size=val_share, stratify=labels[rest], random_state=seed
-        )
-    except ValueError as exc:
-        counts = np.bincount(labels)
-        raise ValueError(
-            f"cannot split stratified by class (data.val_fraction={val_fraction}, "
-            f"data.test_fraction={test_fraction}; smallest class has {counts.min()} images): {exc}"
-        ) from None
-    splits = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-    for name, indices in splits.items():
-        missing = np.setdiff1d(np.unique(labels), labels[indices])
-        if missing.size:
-            counts = np.bincount(labels)
-            raise ValueError(
-                f"class(es) {missing.tolist()} (with {counts[missing].tolist()} images) would have "
-                f"no image in the {name} split (data.val_fraction={val_fraction}, "
-                f"data.test_fraction={test_fraction}): add images to them or remove them"
-            )
-    return splits
-
-
-def long_tail_counts(counts: list[int], ratio: float) -> list[int]:
-    """Per-class sizes of the exponential long-tail profile.
-
-    Class ``k`` of ``C`` keeps ``n_max * ratio ** (-k / (C - 1))`` images, so the
-    first class keeps ``n_max`` and the last ``n_max / ratio`` (Cui et al. 2019,
-    "Class-Balanced Loss Based on Effective Number of Samples"; Cao et al. 2019,
-    LDAM). A class never grows and keeps at least one image.
-    """
-    n_max, last = max(counts), len(counts) - 1
-    return [min(count, max(1, int(n_max * ratio ** (-k / last)))) for k, count in enumerate(counts)]
-
-
-def long_tail(train: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
-    """A seeded random subset of the train indices following ``long_tail_counts``."""
-    if ratio == 1.0:
-        return train
-    num_classes = int(labels.max()) + 1
-    members = [train[labels[train] == c] for c in range(num_classes)]
-    targets = long_tail_counts([len(m) for m in members], ratio)
-    rng = np.random.default_rng(seed)
-    kept = [rng.choice(m, size=t, replace=False) for m, t in zip(members, targets, strict=True)]
-    return np.sort(np.concatenate(kept))
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """Staging rows of each split, in order."""
-
-    positions: dict[str, np.ndarray]
-    long_tail_dropped: int
-
-
-@stage_task(name="split")
-def split(source: Source, selection: Selection, params: DataParams, seed: int) -> SplitPlan:
-    kept = selection.positions
-    labels = source.labels[kept]
-    official = None if source.official_test is None else source.official_test[kept]
-    indices = stratified_split(labels, params.val_fraction, params.test_fraction, seed, official)
-    train = long_tail(indices["train"], labels, params.imbalance_ratio, seed)
-    positions = {name: kept[indices[name]] for name in SPLITS} | {"train": kept[train]}
-    return SplitPlan(positions, len(indices["train"]) - len(train))
 
 
 def copy_splits(
@@ -552,3 +374,14 @@ def summary(metrics: dict, source: Source, selection: Selection, quality: Path) 
         f"{metrics['test_size']}; {set_aside}; {metrics['duplicates']} duplicates dropped; "
         f"details in {quality}"
     )
+
+
+@stage_task(name="split")
+def split(source: Source, selection: Selection, params: DataParams, seed: int) -> SplitPlan:
+    kept = selection.positions
+    labels = source.labels[kept]
+    official = None if source.official_test is None else source.official_test[kept]
+    indices = stratified_split(labels, params.val_fraction, params.test_fraction, seed, official)
+    train = long_tail(indices["train"], labels, params.imbalance_ratio, seed)
+    positions = {name: kept[indices[name]] for name in SPLITS} | {"train": kept[train]}
+    return SplitPlan(positions, len(indices["train"]) - len(train))

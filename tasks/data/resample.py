@@ -154,7 +154,8 @@ def _split_output(
     return kept[~synthetic], resampled_x[synthetic], resampled_y[synthetic]
 
 
-def resample_split(
+@stage_task(name="resample")
+def resample(
     train: Split,
     num_classes: int,
     params: ResampleParams,
@@ -233,17 +234,6 @@ ADASYN_UNDEFINED = ("Not any neigbours belong to the majority", "No samples will
 def _adasyn_undefined(exc: Exception) -> bool:
     """Whether ``exc`` is imbalanced-learn's ADASYN saying its density ratios are undefined."""
     return any(message in str(exc) for message in ADASYN_UNDEFINED)
-
-
-@stage_task(name="resample")
-def resample(
-    train: Split,
-    num_classes: int,
-    params: ResampleParams,
-    seed: int,
-    stats: ChannelStats | None = None,
-) -> Resampled:
-    return resample_split(train, num_classes, params, seed, stats)
 
 
 @stage_task(name="write-resampled")

@@ -102,6 +102,7 @@ def resize_nodes(path: Path) -> list[str]:
     return [node.name for node in onnx.load(path).graph.node if node.op_type == "Resize"]
 
 
+@stage_task(name="quantize-int8")
 def quantize_onnx(
     fp32_path: Path,
     int8_path: Path,
@@ -157,14 +158,6 @@ def export_student(checkpoint: Checkpoint, path: Path) -> Path:
     return export_onnx(
         checkpoint.build(), input_shape(checkpoint), path, model_metadata(checkpoint)
     )
-
-
-@stage_task(name="quantize-int8")
-def quantize(
-    fp32_path: Path, int8_path: Path, calibration: np.ndarray, params: QuantizeParams,
-    method: str = "ptq",
-) -> Path:  # fmt: skip
-    return quantize_onnx(fp32_path, int8_path, calibration, params, method)
 
 
 @stage_task(name="quantization-aware-training")
