@@ -28,7 +28,7 @@ from tests.imagefolders import noise
 
 
 def test_parallel_decode_matches_sequential(params: Params, tmp_path: Path) -> None:
-    pixels = noise((700, 12, 12))  # three chunks of 256
+    pixels = noise((700, 12, 12), 0)  # three chunks of 256
     source = array_source(pixels, [i % 3 for i in range(700)])
     spec = image_spec(data_params(params, image_size=8, channels=3, min_size=8))
     results = {}
@@ -53,7 +53,7 @@ def _ok(digest: bytes) -> Outcome:
 
 
 def test_select_quarantines_failures_and_keeps_one_copy_of_duplicates() -> None:
-    source = array_source(noise((8, 4, 4)), [0, 0, 0, 1, 1, 1, 0, 1])
+    source = array_source(noise((8, 4, 4), 0), [0, 0, 0, 1, 1, 1, 0, 1])
     outcomes = [
         _ok(b"p"), _ok(b"q"), Outcome("truncated", "cut", b"r", "PNG"), _ok(b"s"),
         _ok(b"t"), _ok(b"p"), _ok(b"q"), _ok(b"s"),
@@ -74,7 +74,7 @@ def test_select_quarantines_failures_and_keeps_one_copy_of_duplicates() -> None:
 
 
 def test_select_keeps_the_official_test_copy_of_a_duplicate() -> None:
-    source = array_source(noise((4, 4, 4)), [0, 0, 1, 1], official=[False, True, False, False])
+    source = array_source(noise((4, 4, 4), 0), [0, 0, 1, 1], official=[False, True, False, False])
     outcomes = [_ok(b"x"), _ok(b"x"), _ok(b"y"), _ok(b"z")]
     selection = select.fn(source, Decoded.of(outcomes), min_per_class=1)
     assert selection.positions.tolist() == [1, 2, 3]
@@ -82,7 +82,7 @@ def test_select_keeps_the_official_test_copy_of_a_duplicate() -> None:
 
 
 def test_select_fails_when_a_class_is_left_below_min_per_class() -> None:
-    source = array_source(noise((6, 4, 4)), [0, 0, 0, 1, 1, 1])
+    source = array_source(noise((6, 4, 4), 0), [0, 0, 0, 1, 1, 1])
     outcomes = [_ok(b"a"), _ok(b"b"), _ok(b"c"), _ok(b"d"), Outcome("empty_file", "0 bytes")]
     outcomes.append(Outcome("not_an_image", "?"))
     with pytest.raises(ValueError, match=r"min_per_class=3 usable images: b: 1 usable") as info:
@@ -100,7 +100,7 @@ def test_select_fails_when_a_class_is_left_below_min_per_class() -> None:
 
 
 def test_channel_stats_match_numpy() -> None:
-    images = noise((50, 4, 4, 3))
+    images = noise((50, 4, 4, 3), 0)
     scaled = images / 255.0
     for chunk in (7, 4096):  # several chunks and one
         stats = ChannelStats.of(images, chunk=chunk)
@@ -109,7 +109,7 @@ def test_channel_stats_match_numpy() -> None:
 
 
 def test_constant_channel_gets_unit_std() -> None:
-    images = noise((10, 4, 4, 2))
+    images = noise((10, 4, 4, 2), 0)
     images[..., 1] = 77
     stats = ChannelStats.of(images)
     assert stats.std[1] == 1.0
@@ -121,7 +121,7 @@ def test_constant_channel_gets_unit_std() -> None:
 
 
 def test_copy_splits_writes_rows_labels_and_train_stats(tmp_path: Path) -> None:
-    pixels = noise((30, 6, 6, 3))
+    pixels = noise((30, 6, 6, 3), 0)
     staging_path = tmp_path / "staging.npy"
     np.save(staging_path, pixels)
     staging = Staging(staging_path, staging_path.stat().st_size - pixels.nbytes)

@@ -62,8 +62,8 @@ def test_auto_size_rounds_the_median_into_bounds() -> None:
 
 
 def test_array_sources_say_their_own_format(params: Params) -> None:
-    gray = array_source(noise((6, 28, 28)), [0, 1, 0, 1, 0, 1])
+    gray = array_source(noise((6, 28, 28), 0), [0, 1, 0, 1, 0, 1])
     auto = data_params(params, channels="auto", image_size="auto")
     assert (image_spec(auto, gray).channels, image_spec(auto, gray).size) == (1, 28)
-    rgb = array_source(noise((6, 10, 10, 3)), [0, 1, 0, 1, 0, 1])
+    rgb = array_source(noise((6, 10, 10, 3), 0), [0, 1, 0, 1, 0, 1])
     assert (image_spec(auto, rgb).channels, image_spec(auto, rgb).size) == (3, 16)
