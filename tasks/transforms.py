@@ -1,5 +1,11 @@
-"""Image transforms: the albumentations train-time augmentation and the normalisation
-that training, calibration and inference share (so preprocessing matches at deployment).
+"""The train-time augmentation: albumentations pipelines built from the ``augment`` params.
+
+``build_augment`` turns ``augment`` into a seeded pipeline, and a stronger one
+for minority classes when ``augment.minority_boost`` > 1; ``Augment`` applies
+them, and its generators' state is saved with a fit so a resumed run draws
+what it would have drawn. Used by the train and distill stages' batches
+(``tasks/training/``); the normalisation every model shares is
+``tasks/data/datasets.normalise``.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ class Augment:
     ``augment.minority_boost`` > 1, the classes in ``minority`` get the same
     pipeline with every probability multiplied by it (capped at 1), so rare
     classes are varied more often. Both pipelines are seeded; DataLoader
-    workers re-seed them through ``set_random_seed`` (``tasks/training/engine.py``).
+    workers re-seed them through ``set_random_seed`` (``tasks/training/loaders.py``).
     """
 
     def __init__(self, common: A.Compose, strong: A.Compose | None, minority: frozenset[int]):
