@@ -10,12 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
 from tasks.data.datasets import ChannelStats, normalise
 from tasks.data.images import ImageSpec
-from tasks.export.onnx_io import export_onnx, model_metadata
-from tasks.export.quantize import quantize_onnx
+from tasks.export.onnx_io import (
+    export_onnx,
+    model_metadata,
+)
+from tasks.export.quantize import (
+    quantize_onnx,
+)
 from tasks.models import build_model
 from tasks.params import QuantizeParams
 
@@ -81,3 +87,32 @@ def export_corner_variants(directory: Path, quantize: QuantizeParams) -> tuple[P
     calibration = normalise(corner_pixels(64, seed=2)[..., None], CORNER_STATS)
     int8 = quantize_onnx.fn(fp32, directory / "student_int8.onnx", calibration, quantize)
     return pt, fp32, int8
+
+
+RANDOM_CLASSES = ("a", "b", "c")
+
+
+def random_checkpoint() -> Checkpoint:
+    """A random cnn with realistic (not init-time) BatchNorm statistics and head scale."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, len(RANDOM_CLASSES), width=4, dropout=0.0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+            elif isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, 0.5)
+    return Checkpoint(
+        model_name="cnn",
+        width=4,
+        dropout=0.0,
+        in_channels=1,
+        image_size=8,
+        classes=RANDOM_CLASSES,
+        stats=ChannelStats(mean=(0.4,), std=(0.3,)),
+        params={"seed": 0, "distill.width": 4},
+        metrics={"val_f1_macro": 0.5},
+        state_dict=model.state_dict(),
+        mlflow_run_id="run-123",
+    )
