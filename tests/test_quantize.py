@@ -1,4 +1,4 @@
-"""ONNX export, int8 quantization (PTQ and QAT) of tiny cnns, and checkpoint round-trips."""
+"""int8 quantization of tiny cnns: PTQ and QAT, calibration, agreement with float, compact files."""
 
 from __future__ import annotations
 
