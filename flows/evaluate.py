@@ -21,6 +21,7 @@ from tasks.data.datasets import load_prepared
 from tasks.evaluation import evaluate as t
 from tasks.evaluation import plots, report
 from tasks.evaluation.results import BASELINES, ORT_INT8, RUNTIME_VERSIONS, runtime_versions
+from tasks.evaluation.robustness import corrupted_sets
 from tasks.evaluation.variants import load_variants, measure_variants_latency
 from tasks.layout import (
     CONFUSION_DIR,
@@ -53,7 +54,7 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
             )
     # Before anything else loads the CPU, and all runtimes together, so they compare fairly.
     latency = measure_variants_latency(variants, prepared.test.images, evaluate)
-    corrupted = t.corrupt_test(prepared.test.images, seed) if evaluate.robustness else None
+    corrupted = corrupted_sets(prepared.test.images, seed) if evaluate.robustness else None
     evaluations: dict[str, t.Evaluation] = {}
     for variant in variants:
         evaluation = t.evaluate_variant(

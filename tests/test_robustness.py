@@ -36,7 +36,7 @@ def test_severities_do_what_their_names_say() -> None:
 
 
 def test_corrupted_sets_cover_every_corruption_and_unknown_names_fail() -> None:
-    assert set(corrupted_sets(IMAGES[:2], seed=1)) == set(CORRUPTIONS)
+    assert set(corrupted_sets.fn(IMAGES[:2], seed=1)) == set(CORRUPTIONS)
     with pytest.raises(ValueError, match="unknown corruption 'fog'"):
         corrupt(IMAGES, "fog", seed=0)
 

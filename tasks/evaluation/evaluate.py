@@ -40,7 +40,7 @@ from tasks.evaluation.latency import (
 )
 from tasks.evaluation.plots import plot_delta
 from tasks.evaluation.results import STEPS
-from tasks.evaluation.robustness import corrupted_sets, fgsm_accuracy
+from tasks.evaluation.robustness import fgsm_accuracy
 from tasks.evaluation.scoring import adjust_logits
 from tasks.evaluation.variants import Variant
 from tasks.metrics import f1_macro_rows
@@ -63,11 +63,6 @@ def _logits(variant: Variant, images: np.ndarray, batch_size: int) -> np.ndarray
             for i in range(0, len(images), batch_size)
         ]
     )
-
-
-@stage_task(name="corrupt-test")
-def corrupt_test(images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    return corrupted_sets(images, seed)
 
 
 @stage_task(name="evaluate-variant")

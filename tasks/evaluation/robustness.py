@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tasks.data.datasets import ChannelStats, normalise
+from tasks.orchestration import stage_task
 
 # name -> transform; severities are part of the name so a table says what was done.
 CORRUPTIONS: dict[str, Callable[[], A.BasicTransform]] = {
@@ -54,6 +55,7 @@ def corrupt(images: np.ndarray, name: str, seed: int) -> np.ndarray:
     return out
 
 
+@stage_task(name="corrupt-test")
 def corrupted_sets(images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Every corruption of the test images, made once and shared by all variants."""
     return {name: corrupt(images, name, seed) for name in CORRUPTIONS}
