@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.prefect_api import stage_main
 from tasks.data import prepare as t
+from tasks.data.spec import image_spec
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, metrics_path
 from tasks.params import DataParams
 
@@ -20,7 +21,7 @@ QUALITY = DATA_QUALITY
 def prepare_flow(seed: int, data: DataParams) -> dict:
     logger = get_run_logger()
     source = t.load_source(data, seed)
-    spec = t.image_spec(data, source, seed)
+    spec = image_spec(data, source, seed)
     if t.content_versioned(data.source) is False:
         logger.warning(
             "data.source %s is outside %s/: DVC does not see its content, so adding or "
