@@ -15,16 +15,19 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from onnx import numpy_helper
-from torch import nn
 
 from tasks.artifacts import atomic_path
-from tasks.checkpoints import Checkpoint
+
+if TYPE_CHECKING:  # torch only where a model is exported or run: a served ONNX file needs none
+    from torch import nn
+
+    from tasks.checkpoints import Checkpoint
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -133,6 +136,8 @@ def export_onnx(
     model: nn.Module, input_shape: tuple[int, int, int], path: Path, metadata: dict[str, str]
 ) -> Path:
     """Export ``model`` (eval mode) to one self-contained ONNX file with a dynamic batch."""
+    import torch
+
     sample = torch.zeros(2, *input_shape)
     # The exporter warns about torchvision ops it cannot register; none are used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -173,15 +178,17 @@ def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: i
     )
 
 
-@torch.no_grad()
 def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
     model.eval()
-    return np.concatenate(
-        [
-            model(torch.from_numpy(images[i : i + batch_size])).numpy()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                model(torch.from_numpy(images[i : i + batch_size])).numpy()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
 
 
 def input_shape(checkpoint: Checkpoint) -> tuple[int, int, int]:
