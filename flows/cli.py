@@ -8,7 +8,8 @@
     visionpipe up       start (or reuse) local Prefect and MLflow servers; print their UIs
     visionpipe down     stop the local servers that `up` or the stages started
                         (--all: every visionpipe server, also those of deleted checkouts)
-    visionpipe serve    run the scheduled retrain deployment from this process (Ctrl-C stops)
+    visionpipe serve-model   serve a model over HTTP: POST image files, get labels
+    visionpipe serve-deployment  run the scheduled retrain deployment here (Ctrl-C stops)
     visionpipe deploy   put the retrain deployment on a Prefect work pool (for `prefect worker`)
 
 The pipeline itself runs with ``dvc repro`` (DVC decides what is stale).
@@ -165,11 +166,46 @@ def _prefect_api() -> Iterator[None]:
             yield
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve_deployment(args: argparse.Namespace) -> int:
     from flows.deploy import serve
 
+    if args.command == "serve":
+        print(
+            "visionpipe: `serve` is now `serve-deployment` (it runs the scheduled retrain "
+            "deployment); `serve-model` serves a model over HTTP. `serve` will go away.",
+            file=sys.stderr,
+        )
     with _prefect_api():
         serve(args.name)  # until interrupted
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    from tasks.serving.predict import ModelError
+    from tasks.serving.server import ModelServer, ModelSlot
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        slot = ModelSlot(args.model, args.threads, args.refresh_s, log)
+    except ModelError as exc:
+        print(f"visionpipe: {exc}", file=sys.stderr)
+        return 2
+    server = ModelServer(
+        (args.host, args.port), slot, top_k=args.top_k, max_bytes=args.max_mb * 2**20,
+        max_inflight=args.max_inflight, access_log=args.access_log,
+    )  # fmt: skip
+    identity = slot.identity
+    log(f"visionpipe: serving {identity.name} version {identity.version or '-'}"
+        f"{f' (alias {identity.alias})' if identity.alias else ''} on {server.url}: "
+        "GET /health, POST /predict")  # fmt: skip
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -226,9 +262,37 @@ def main(argv: list[str] | None = None) -> int:
         "--under", type=Path, metavar="DIR", help="with --all: only servers whose state is in DIR"
     )
     down.set_defaults(run=_down)
-    serve = commands.add_parser("serve", help="serve the scheduled retrain deployment")
-    serve.add_argument("--name", default="nightly", help="deployment name (nightly)")
-    serve.set_defaults(run=_serve)
+    model = commands.add_parser(
+        "serve-model",
+        help="serve a model over HTTP (POST /predict image files)",
+        description="GET /health; POST /predict with image files (multipart field 'files', or "
+        'JSON {"files": [{"name", "data": base64}]}); answers as predict --json does.',
+    )
+    model.add_argument(
+        "--model", default="student_int8",
+        help="as predict's --model; an alias URI (models:/NAME@ALIAS) follows the alias",
+    )  # fmt: skip
+    model.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    model.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free one)")
+    model.add_argument("--top-k", type=_positive, default=3, help="labels per image (3)")
+    model.add_argument("--threads", type=_positive, default=1, help="CPU threads per model (1)")
+    model.add_argument("--max-mb", type=_positive, default=16, help="largest request body (16)")
+    model.add_argument(
+        "--max-inflight", type=_positive, default=4, help="requests predicted at once (4)"
+    )
+    model.add_argument(
+        "--refresh-s", type=float, default=30.0,
+        help="how often an alias URI is checked for a new version (30)",
+    )  # fmt: skip
+    model.add_argument("--access-log", action="store_true", help="log every request")
+    model.set_defaults(run=_serve_model)
+    deployment = commands.add_parser(
+        "serve-deployment", help="run the scheduled retrain deployment here"
+    )
+    old_name = commands.add_parser("serve", help="deprecated name of serve-deployment")
+    for serve in (deployment, old_name):
+        serve.add_argument("--name", default="nightly", help="deployment name (nightly)")
+        serve.set_defaults(run=_serve_deployment)
     deploy = commands.add_parser("deploy", help="deploy retrain to a Prefect work pool")
     deploy.add_argument("--pool", required=True, help="work pool (prefect work-pool create)")
     deploy.add_argument("--name", default="nightly", help="deployment name (nightly)")

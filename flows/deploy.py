@@ -5,7 +5,7 @@ params.yaml (default nightly at 03:00 UTC) and cap the deployment at one
 concurrent run, so two retrains never race on the same repository and
 registry (a second scheduled run waits until the first finishes).
 
-- ``visionpipe serve``: ``retrain.serve(...)``. This process creates the
+- ``visionpipe serve-deployment``: ``retrain.serve(...)``. This process creates the
   deployment and runs its flow runs itself until stopped (Ctrl-C); the
   simplest way to retrain nightly on one machine.
 - ``visionpipe deploy --pool NAME``: what ``prefect deploy`` does, with the

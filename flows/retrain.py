@@ -16,7 +16,7 @@ exponential backoff; each retry is logged, and a step that still fails fails
 the flow run: nothing is skipped silently. A failing ``dvc repro`` is not
 retried: the same code on the same data fails the same way.
 
-Run it once: ``python -m flows.retrain``. On a schedule: ``visionpipe serve``
+Run it once: ``python -m flows.retrain``. On a schedule: ``visionpipe serve-deployment``
 (this machine) or ``visionpipe deploy --pool NAME`` and a Prefect worker.
 """
 

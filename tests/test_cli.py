@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -131,3 +132,19 @@ def test_light_commands_load_no_ml_or_orchestration_library(tmp_path, argv):
     heavy = {m for m in modules if m.split(".")[0] in HEAVY}
     assert heavy == set(), f"visionpipe {' '.join(argv)} imports {sorted(heavy)}"
     assert out  # it did answer
+
+
+def test_serve_is_the_deprecated_name_of_serve_deployment(monkeypatch, capsys):
+    served = []
+    monkeypatch.setattr("flows.deploy.serve", served.append)
+    monkeypatch.setattr("flows.cli._prefect_api", contextlib.nullcontext)
+    assert main(["serve", "--name", "x"]) == 0
+    assert "`serve` is now `serve-deployment`" in capsys.readouterr().err
+    assert main(["serve-deployment", "--name", "y"]) == 0
+    assert "is now" not in capsys.readouterr().err and served == ["x", "y"]
+
+
+def test_serve_model_with_an_unknown_model_exits_2_saying_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve-model", "--model", "nothing-like-this"]) == 2
+    assert "unknown model 'nothing-like-this'" in capsys.readouterr().err

@@ -229,7 +229,7 @@ def test_serve_creates_the_scheduled_deployment_and_runs_until_stopped(ops) -> N
     from prefect.exceptions import ObjectNotFound
 
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--name", "served"],
+        [sys.executable, "-m", "flows.cli", "serve-deployment", "--name", "served"],
         cwd=ops["repo"], env=ops["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
@@ -241,7 +241,7 @@ def test_serve_creates_the_scheduled_deployment_and_runs_until_stopped(ops) -> N
                 break
             except ObjectNotFound:
                 assert serve.poll() is None, serve.communicate()[0].decode(errors="replace")
-                assert time.monotonic() < deadline, "visionpipe serve made no deployment in 120 s"
+                assert time.monotonic() < deadline, "serve-deployment made no deployment in 120 s"
                 time.sleep(1)
         _assert_schedule(deployment, ops["repo"])
         assert serve.poll() is None  # serving: it waits for scheduled runs

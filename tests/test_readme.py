@@ -167,9 +167,8 @@ def mentioned_subcommands(page: Path) -> set[str]:
 
 
 def test_the_cli_has_subcommands():
-    assert {"check", "compare", "predict", "status", "up", "down", "serve", "deploy"} <= (
-        cli_subcommands()
-    )
+    expected = {"check", "compare", "predict", "status", "up", "down", "deploy"}
+    assert expected | {"serve-model", "serve-deployment", "serve"} <= cli_subcommands()
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
@@ -180,7 +179,7 @@ def test_every_visionpipe_subcommand_mentioned_exists(page: Path):
 
 def test_the_subcommands_are_found():
     mentioned = set().union(*(mentioned_subcommands(page) for page in PAGES))
-    assert {"predict", "up", "serve", "deploy", "compare"} <= mentioned
+    assert {"predict", "up", "serve-deployment", "serve-model", "deploy", "compare"} <= mentioned
 
 
 def test_the_readme_is_a_short_front_door():

@@ -266,26 +266,37 @@ def predict_paths(
     Files are decoded and run ``batch_size`` at a time, so a folder of any size
     needs the memory of one batch.
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (got {top_k})")
-    k = min(top_k, len(model.classes))
     predictions: list[Prediction] = []
     for start in range(0, len(paths), batch_size):
         items = FileItems(np.asarray([str(p) for p in paths[start : start + batch_size]], object))
-        outcomes: list[Outcome] = []
-        arrays: list[np.ndarray] = []
-        for i in range(len(items)):
-            outcome, array = _decode(items, i, model.spec)
-            outcomes.append(outcome)
-            if array is not None:
-                arrays.append(array)
-        # One forward pass per batch; rows follow the good files in order.
-        rows = iter(
-            probabilities(model.logits(normalise(np.stack(arrays), model.stats))) if arrays else []
-        )
-        for path, outcome in zip(items.paths, outcomes, strict=True):
-            if outcome.ok:
-                predictions.append(Prediction(path, top_k=_top_k(next(rows), model.classes, k)))
-            else:
-                predictions.append(Prediction(path, error=outcome.reason, detail=outcome.detail))
+        decoded = [_decode(items, i, model.spec) for i in range(len(items))]
+        predictions += predict_decoded(model, list(items.paths), decoded, top_k)
+    return predictions
+
+
+def predict_decoded(
+    model: Model,
+    names: Sequence[str],
+    decoded: Sequence[tuple[Outcome, np.ndarray | None]],
+    top_k: int = 3,
+) -> list[Prediction]:
+    """Predictions for images ``decode_item`` already decoded (one forward pass for them all).
+
+    ``names`` label the results (paths, or an upload's file names); a decoding
+    failure becomes that image's error, with prepare's quarantine reason.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (got {top_k})")
+    k = min(top_k, len(model.classes))
+    arrays = [array for outcome, array in decoded if outcome.ok]
+    # One forward pass; rows follow the good images in order.
+    rows = iter(
+        probabilities(model.logits(normalise(np.stack(arrays), model.stats))) if arrays else []
+    )
+    predictions = []
+    for name, (outcome, _) in zip(names, decoded, strict=True):
+        if outcome.ok:
+            predictions.append(Prediction(name, top_k=_top_k(next(rows), model.classes, k)))
+        else:
+            predictions.append(Prediction(name, error=outcome.reason, detail=outcome.detail))
     return predictions
