@@ -1,0 +1,222 @@
+"""The model server under load: throughput, latency percentiles, errors and memory over loopback.
+
+    python benchmarks/serve_load.py [--model student_int8] [--requests 400] [--bad-share 0.1]
+
+Starts the real ``visionpipe serve-model`` as its own process, then at
+concurrency 1, 4 and 16 sends ``--requests`` POST /predict requests, each one
+real test-split image (``data/prepared``, encoded as PNG) with a fixed share
+of bad uploads among them (not an image, truncated PNG, empty body, wrong
+content type, in turn). It records requests/s, p50/p95/p99 latency of the
+good requests, the error rate of good requests (should be 0) and that every
+bad one got a 4xx, and the server's peak RSS. In the same run it times the
+same images through ONNX Runtime directly (decode and predict in this process,
+one image per call), so the cost of the HTTP layer is a ratio measured side by
+side. Needs ``dvc repro`` first (the model and the test split). Writes
+``benchmarks/results/serve_load_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from tasks.data.datasets import load_prepared  # noqa: E402
+from tasks.layout import PREPARED_DIR  # noqa: E402
+from tasks.serving.predict import load_model, predict_decoded  # noqa: E402
+from tasks.serving.server import Upload, decode_uploads  # noqa: E402
+
+CONCURRENCY = (1, 4, 16)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def _form(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+    return (
+        head + data + f"\r\n--{boundary}--\r\n".encode(),
+        f"multipart/form-data; boundary={boundary}",
+    )
+
+
+def _bad_requests(good: bytes) -> list[tuple[bytes, str]]:
+    return [
+        _form("notes.png", b"not an image at all"),
+        _form("cut.png", good[: len(good) // 2]),
+        (b"", "application/json"),
+        (good, "image/png"),
+    ]
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _Peak(threading.Thread):
+    """Samples the server's RSS every 20 ms while the load runs."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, _rss_kb(self.pid))
+
+
+def _load(host: str, port: int, requests: list[tuple[bytes, str, bool]], workers: int) -> dict:
+    local = threading.local()
+
+    def send(request: tuple[bytes, str, bool]) -> tuple[bool, int, float]:
+        body, content_type, good = request
+        if getattr(local, "connection", None) is None:
+            local.connection = http.client.HTTPConnection(host, port, timeout=60)
+            local.connection.connect()
+            # http.client sends headers and body in two writes: without this, Nagle and
+            # the server's delayed ACK hold every body back ~40 ms.
+            local.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        try:
+            local.connection.request("POST", "/predict", body, {"Content-Type": content_type})
+            response = local.connection.getresponse()
+            response.read()
+            status = response.status
+            if response.getheader("Connection") == "close":
+                local.connection.close()
+                local.connection = None
+        except (OSError, http.client.HTTPException):
+            local.connection, status = None, 0
+        return good, status, time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(send, requests))
+    seconds = time.perf_counter() - started
+    good = [(status, t) for is_good, status, t in results if is_good]
+    bad = [status for is_good, status, _ in results if not is_good]
+    latencies = sorted(t * 1000 for status, t in good if status == 200)
+
+    def pct(q: float) -> float:
+        return float(np.percentile(latencies, q)) if latencies else float("nan")
+
+    return {
+        "concurrency": workers,
+        "requests": len(results),
+        "requests_per_second": len(results) / seconds,
+        "good_requests": len(good),
+        "good_error_rate": sum(status != 200 for status, _ in good) / max(len(good), 1),
+        "bad_requests": len(bad),
+        "bad_statuses": {str(s): bad.count(s) for s in sorted(set(bad))},
+        "bad_answered_4xx": all(400 <= s < 500 for s in bad),
+        "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+    }  # fmt: skip
+
+
+def _direct(model_ref: str, images: list[bytes], repeats: int = 3) -> dict:
+    """The same PNGs decoded and predicted in this process, one per call: no HTTP."""
+    model = load_model(model_ref)
+    times = []
+    for _ in range(repeats):
+        for i, data in enumerate(images):
+            started = time.perf_counter()
+            upload = [Upload(f"{i}.png", data)]
+            predict_decoded(model, ["x"], decode_uploads(upload, model))
+            times.append((time.perf_counter() - started) * 1000)
+    return {"p50_ms": statistics.median(times), "images_per_second": 1000 / statistics.mean(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="student_int8")
+    parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
+    parser.add_argument("--bad-share", type=float, default=0.1)
+    args = parser.parse_args()
+
+    test = load_prepared(PREPARED_DIR).test
+    images = [_png(pixels) for pixels in test.images[:200]]
+    every = max(1, round(1 / args.bad_share)) if args.bad_share > 0 else 0
+    bad = _bad_requests(images[0])
+    requests = []
+    for i in range(args.requests):
+        if every and i % every == every - 1:
+            body, content_type = bad[(i // every) % len(bad)]
+            requests.append((body, content_type, False))
+        else:
+            requests.append((*_form(f"{i}.png", images[i % len(images)]), True))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve-model", "--model", args.model, "--port", "0"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = server.stderr.readline()
+        found = re.search(r"http://([\d.]+):(\d+)", line)
+        if found is None:
+            raise SystemExit(f"serve-model did not start: {line}{server.stderr.read()}")
+        host, port = found.group(1), int(found.group(2))
+        idle_kb = _rss_kb(server.pid)
+        levels = []
+        for workers in CONCURRENCY:
+            peak = _Peak(server.pid)
+            peak.start()
+            level = _load(host, port, requests, workers)
+            peak.done.set()
+            peak.join()
+            level["server_peak_rss_mb"] = peak.peak / 1024
+            levels.append(level)
+            print(f"concurrency {workers:2d}: {level['requests_per_second']:.0f} req/s, p50 "
+                  f"{level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, good errors "
+                  f"{level['good_error_rate']:.3f}, bad {level['bad_statuses']}, "
+                  f"peak RSS {level['server_peak_rss_mb']:.0f} MB")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    direct = _direct(args.model, images)
+    single = levels[0]
+    result = {
+        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+        "machine": describe_machine(),
+        "model": args.model,
+        "requests_per_level": args.requests,
+        "bad_share": args.bad_share,
+        "server_idle_rss_mb": idle_kb / 1024,
+        "levels": levels,
+        "direct_onnxruntime": direct,
+        # one request at a time over HTTP against one image at a time in-process
+        "http_over_direct_p50": single["p50_ms"] / direct["p50_ms"],
+    }
+    print(f"direct: p50 {direct['p50_ms']:.2f} ms; HTTP at concurrency 1 costs "
+          f"{result['http_over_direct_p50']:.2f}x the direct p50")  # fmt: skip
+    print(f"wrote {write_result(f'serve_load_{args.model}.json', result)}")
+
+
+if __name__ == "__main__":
+    main()
