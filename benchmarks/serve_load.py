@@ -53,26 +53,31 @@ def _png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def _form(name: str, data: bytes) -> tuple[bytes, str]:
+def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
+    """A multipart/form-data body of ``files`` (name, bytes) under ``field``, and its type."""
     boundary = uuid.uuid4().hex
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
-    return (
-        head + data + f"\r\n--{boundary}--\r\n".encode(),
-        f"multipart/form-data; boundary={boundary}",
-    )
+    chunks = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    ]
+    body = b"".join(chunks) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def _bad_requests(good: bytes) -> list[tuple[bytes, str]]:
     return [
-        _form("notes.png", b"not an image at all"),
-        _form("cut.png", good[: len(good) // 2]),
+        multipart([("notes.png", b"not an image at all")]),
+        multipart([("cut.png", good[: len(good) // 2])]),
         (b"", "application/json"),
         (good, "image/png"),
     ]
 
 
-def _rss_kb(pid: int) -> int:
+def rss_kb(pid: int) -> int:
+    """Resident memory of process ``pid`` in kB (0 once it is gone)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
@@ -88,7 +93,7 @@ class _Peak(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.02):
-            self.peak = max(self.peak, _rss_kb(self.pid))
+            self.peak = max(self.peak, rss_kb(self.pid))
 
 
 def _load(host: str, port: int, requests: list[tuple[bytes, str, bool]], workers: int) -> dict:
@@ -169,7 +174,7 @@ def main() -> None:
             body, content_type = bad[(i // every) % len(bad)]
             requests.append((body, content_type, False))
         else:
-            requests.append((*_form(f"{i}.png", images[i % len(images)]), True))
+            requests.append((*multipart([(f"{i}.png", images[i % len(images)])]), True))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
@@ -182,7 +187,7 @@ def main() -> None:
         if found is None:
             raise SystemExit(f"serve-model did not start: {line}{server.stderr.read()}")
         host, port = found.group(1), int(found.group(2))
-        idle_kb = _rss_kb(server.pid)
+        idle_kb = rss_kb(server.pid)
         levels = []
         for workers in CONCURRENCY:
             peak = _Peak(server.pid)

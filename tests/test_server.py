@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from benchmarks.serve_load import multipart, rss_kb
 from tasks.serving.predict import load_model, predict_paths
 from tasks.serving.server import ModelServer, ModelSlot
 from tests.toymodels import corner_pixels, export_corner_variants
@@ -67,20 +67,6 @@ def _request(server: ModelServer, method: str, path: str, body: bytes = b"",
         return response.status, json.loads(response.read())
     finally:
         connection.close()
-
-
-def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    chunks = []
-    for name, data in files:
-        chunks.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode()
-            + data
-            + b"\r\n"
-        )
-    body = b"".join(chunks) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def _post_files(server: ModelServer, files: list[tuple[str, bytes]]) -> tuple[int, dict]:
@@ -176,13 +162,6 @@ def test_a_concurrent_burst_is_answered_without_errors(server, pngs) -> None:
     assert len({json.dumps(reply["predictions"]) for _, reply in results}) == 1
 
 
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.slow
 def test_the_command_serves_and_survives_thousands_of_bad_uploads(int8, pngs) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -210,11 +189,11 @@ def test_the_command_serves_and_survives_thousands_of_bad_uploads(int8, pngs) ->
             ),
         ]
         assert _post_files(Remote, good)[0] == 200
-        before = _rss_kb(process.pid)
+        before = rss_kb(process.pid)
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(lambda i: bad[i % len(bad)]()[0], range(2000)))
         assert set(statuses) <= {400, 415} and 500 not in statuses
-        after = _rss_kb(process.pid)
+        after = rss_kb(process.pid)
         assert after - before < 50_000, f"RSS grew {after - before} kB over 2000 bad uploads"
         assert _post_files(Remote, good)[0] == 200  # still up, still right
     finally:

@@ -39,6 +39,7 @@ import email.policy
 import hashlib
 import io
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -278,14 +279,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != "/predict":
-            self._drain_and_refuse(HTTPStatus.NOT_FOUND, "not_found", self.path)
+            self._refuse(HTTPStatus.NOT_FOUND, "not_found", self.path)
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)
             if length < 0:
                 raise ValueError(length)
         except ValueError:
-            self._drain_and_refuse(HTTPStatus.BAD_REQUEST, "bad_length", "Content-Length")
+            self._refuse(HTTPStatus.BAD_REQUEST, "bad_length", "Content-Length")
             return
         if length > self.server.max_bytes:
             self.close_connection = True  # the rest of the body is never read
@@ -311,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self._send(status, reply)
 
-    def _drain_and_refuse(self, status: HTTPStatus, reason: str, detail: str) -> None:
+    def _refuse(self, status: HTTPStatus, reason: str, detail: str) -> None:
         self.close_connection = True
         self._send(status, {"error": reason, "detail": detail})
 
@@ -349,8 +350,6 @@ class ModelServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-request is its own problem, not a server error.
-        import sys
-
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
 
