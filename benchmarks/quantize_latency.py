@@ -27,8 +27,9 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from tasks.evaluation.latency import BATCH, measure_runtimes  # noqa: E402
-from tasks.export.onnx_io import export_onnx, onnx_session, torch_logits  # noqa: E402
+from tasks.export.onnx_io import export_onnx, torch_logits  # noqa: E402
 from tasks.export.quantize import quantize_onnx  # noqa: E402
+from tasks.inference import onnx_session  # noqa: E402
 from tasks.models import build_model, count_params  # noqa: E402
 from tasks.params import QuantizeParams  # noqa: E402
 

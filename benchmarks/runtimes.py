@@ -27,9 +27,11 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from tasks.checkpoints import load_checkpoint  # noqa: E402
-from tasks.data.datasets import load_prepared, normalise  # noqa: E402
+from tasks.data.datasets import load_prepared  # noqa: E402
+from tasks.data.pixels import normalise  # noqa: E402
 from tasks.evaluation.latency import measure_latency  # noqa: E402
-from tasks.export.onnx_io import onnx_logits, onnx_session, torch_logits  # noqa: E402
+from tasks.export.onnx_io import torch_logits  # noqa: E402
+from tasks.inference import onnx_logits, onnx_session  # noqa: E402
 from tasks.layout import PREPARED_DIR, STUDENT, STUDENT_FP32_ONNX, STUDENT_INT8  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 

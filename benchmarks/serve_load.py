@@ -40,9 +40,9 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
+from tasks.inference import decode_blobs, predict_decoded  # noqa: E402
 from tasks.layout import PREPARED_DIR  # noqa: E402
-from tasks.serving.predict import load_model, predict_decoded  # noqa: E402
-from tasks.serving.server import Upload, decode_uploads  # noqa: E402
+from tasks.serving.predict import load_model  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
 
@@ -151,8 +151,7 @@ def _direct(model_ref: str, images: list[bytes], repeats: int = 3) -> dict:
     for _ in range(repeats):
         for i, data in enumerate(images):
             started = time.perf_counter()
-            upload = [Upload(f"{i}.png", data)]
-            predict_decoded(model, ["x"], decode_uploads(upload, model))
+            predict_decoded(model, [f"{i}.png"], decode_blobs([data], model.spec))
             times.append((time.perf_counter() - started) * 1000)
     return {"p50_ms": statistics.median(times), "images_per_second": 1000 / statistics.mean(times)}
 

@@ -45,11 +45,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from tasks.data.datasets import (  # noqa: E402
-    Split,
-    normalise,
-    take_rows,
-)
+from tasks.data.datasets import Split, take_rows  # noqa: E402
+from tasks.data.pixels import normalise  # noqa: E402
 from tasks.models import build_model  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.training.engine import fit, supervised_objective  # noqa: E402

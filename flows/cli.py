@@ -87,7 +87,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """One line (or JSON object) per image on stdout, broken ones included; exit 1 if any."""
-    from tasks.serving.predict import ModelError, collect_paths, load_model, predict_paths
+    from tasks.inference import ModelError
+    from tasks.serving.predict import collect_paths, load_model, predict_paths
 
     try:
         model = load_model(args.model, threads=args.threads)
@@ -181,7 +182,7 @@ def _serve_deployment(args: argparse.Namespace) -> int:
 
 
 def _serve_model(args: argparse.Namespace) -> int:
-    from tasks.serving.predict import ModelError
+    from tasks.inference import ModelError
     from tasks.serving.server import ModelServer, ModelSlot
 
     def log(line: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tasks.artifacts import atomic_path
-from tasks.data.datasets import ChannelStats
+from tasks.data.pixels import ChannelStats
 from tasks.models import InputView, build_model
 
 

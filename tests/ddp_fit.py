@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.data.datasets import ChannelStats, PreparedData, Split
+from tasks.data.datasets import PreparedData, Split
+from tasks.data.pixels import ChannelStats
 from tasks.models import build_model
 from tasks.params import load_params
 from tasks.training.distributed import World, init_process_group

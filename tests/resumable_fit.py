@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats
 from tasks.models import build_model
 from tasks.params import load_params
 from tasks.training.engine import fit

@@ -13,7 +13,8 @@ from tasks.data.baselines import (
     trivial_baselines,
     write_baselines,
 )
-from tasks.data.datasets import ChannelStats, PreparedData, Split
+from tasks.data.datasets import PreparedData, Split
+from tasks.data.pixels import ChannelStats
 
 
 def _prepared(rng: np.random.Generator, learnable: bool, per_class=(40, 20, 10)) -> PreparedData:

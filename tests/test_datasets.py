@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 
 from tasks.data.datasets import (
-    ChannelStats,
     NpyWriter,
     PreparedData,
     Rows,
     Split,
     load_prepared,
     load_resampled_train,
-    normalise,
     take_rows,
     write_prepared,
     write_split,
 )
+from tasks.data.pixels import ChannelStats, normalise
 from tests.imagefolders import noise
 
 

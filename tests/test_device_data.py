@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats
 from tasks.models import build_model
 from tasks.params import Params, ParamsError, parse_params
 from tasks.training.device_data import DeviceBatches, affine_theta, warp

@@ -35,6 +35,14 @@ def _module_file(name: str) -> Path | None:
     return candidate if candidate.is_file() else ROOT.joinpath(*parts, "__init__.py")
 
 
+def _absolute(node: ast.ImportFrom, path: Path) -> str:
+    """The absolute name of the module a ``from`` import names (relative ones included)."""
+    if not node.level:
+        return str(node.module)
+    package = path.relative_to(ROOT).with_suffix("").parts[: -node.level]
+    return ".".join([*package, *([node.module] if node.module else [])])
+
+
 def _project_modules_imported_by(module: str) -> set[str]:
     """Project files ``module`` imports, transitively, read from the import statements.
 
@@ -61,10 +69,11 @@ def _project_modules_imported_by(module: str) -> set[str]:
                 continue
             if isinstance(node, ast.Import):
                 pending += [_module_file(alias.name) for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                pending.append(_module_file(node.module))
+            elif isinstance(node, ast.ImportFrom) and (node.module or node.level):
+                name = _absolute(node, path)
+                pending.append(_module_file(name))
                 # `from tasks.training import train` imports the submodule tasks.training.train
-                pending += [_module_file(f"{node.module}.{alias.name}") for alias in node.names]
+                pending += [_module_file(f"{name}.{alias.name}") for alias in node.names]
     return {str(p.relative_to(ROOT)) for p in seen}
 
 

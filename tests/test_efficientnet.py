@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_sample_images
 from torch import nn
 
-from tasks.data.datasets import ChannelStats
+from tasks.data.pixels import ChannelStats
 from tasks.efficientnet import (
     DepthwiseConv2d,
     PretrainedInput,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats
 from tasks.models import build_model
 from tasks.params import Params, TrainParams
 from tasks.training.engine import (

@@ -15,7 +15,8 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.prepare import prepare_flow
 from flows.resample import resample_flow
 from tasks.artifacts import read_json
-from tasks.data.datasets import ChannelStats, Split, load_prepared, write_prepared
+from tasks.data.datasets import Split, load_prepared, write_prepared
+from tasks.data.pixels import ChannelStats
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, RESAMPLED_DIR, metrics_path
 from tasks.params import DataParams, Params, ResampleParams
 from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder, noise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.data.datasets import ChannelStats, PreparedData, Split
+from tasks.data.datasets import PreparedData, Split
+from tasks.data.pixels import ChannelStats
 from tasks.params import Params
 from tasks.training.loaders import ImageDataset, make_loader
 from tasks.transforms import build_augment

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.data.datasets import ChannelStats
+from tasks.data.pixels import ChannelStats
 from tasks.models import MODELS, InputView, build_model, count_params
 from tasks.params import Params
 

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from tasks.checkpoints import Checkpoint
-from tasks.data.datasets import normalise
-from tasks.export.onnx_io import (
-    export_onnx,
-    model_metadata,
-    onnx_logits,
-    onnx_session,
-    torch_logits,
-)
+from tasks.data.pixels import normalise
+from tasks.export.onnx_io import export_onnx, model_metadata, torch_logits
+from tasks.inference import onnx_logits, onnx_session
 from tests.toymodels import RANDOM_CLASSES, random_checkpoint
 
 # torch's own exporter still calls a deprecated pytree API; not ours to fix.

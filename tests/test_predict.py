@@ -14,15 +14,9 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.inference import ModelError, Prediction
 from tasks.params import Params
-from tasks.serving.predict import (
-    ModelError,
-    Prediction,
-    collect_paths,
-    load_model,
-    pick_artifact,
-    predict_paths,
-)
+from tasks.serving.predict import collect_paths, load_model, pick_artifact, predict_paths
 from tests.command_imports import modules_loaded_by
 from tests.toymodels import (
     CORNER_CLASSES,

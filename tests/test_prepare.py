@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.data.datasets import ChannelStats, load_prepared
+from tasks.data.datasets import load_prepared
 from tasks.data.images import ImageSpec, Outcome
+from tasks.data.pixels import ChannelStats
 from tasks.data.prepare import (
     Decoded,
     Staging,

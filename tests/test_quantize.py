@@ -14,14 +14,9 @@ from onnx import numpy_helper
 from torch import nn
 
 from tasks.checkpoints import Checkpoint
-from tasks.data.datasets import ChannelStats, Split, normalise
-from tasks.export.onnx_io import (
-    export_onnx,
-    model_metadata,
-    onnx_logits,
-    onnx_session,
-    torch_logits,
-)
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats, normalise
+from tasks.export.onnx_io import export_onnx, model_metadata, torch_logits
 from tasks.export.qat import qat_finetune
 from tasks.export.quantize import (
     ArrayCalibrationReader,
@@ -31,6 +26,7 @@ from tasks.export.quantize import (
     pick,
     quantize_onnx,
 )
+from tasks.inference import onnx_logits, onnx_session
 from tasks.models import build_model
 from tasks.params import QuantizeParams
 from tests.toymodels import RANDOM_CLASSES, corner_data, random_checkpoint, trained_corner_model

@@ -14,8 +14,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from tasks.data.datasets import Split, normalise
-from tasks.export.onnx_io import onnx_logits, onnx_session
+from tasks.data.datasets import Split
+from tasks.data.pixels import normalise
+from tasks.inference import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
 from tasks.serving import registry

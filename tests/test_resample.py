@@ -12,7 +12,8 @@ from imblearn.over_sampling import ADASYN, SMOTE, BorderlineSMOTE, RandomOverSam
 from imblearn.under_sampling import RandomUnderSampler
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats
 from tasks.data.resample import (
     NEEDS_FEATURES,
     SAMPLERS,

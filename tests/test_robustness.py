@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.data.datasets import ChannelStats
+from tasks.data.pixels import ChannelStats
 from tasks.evaluation.robustness import CORRUPTIONS, corrupt, corrupted_sets, fgsm_accuracy
 from tests.toymodels import corner_data, trained_corner_model
 

@@ -24,9 +24,9 @@ from tasks.evaluation.scoring import (
     expected_calibration_error,
     fit_temperature,
     paired_comparison,
-    probabilities,
     reliability,
 )
+from tasks.inference import probabilities
 from tasks.metrics import f1_macro, f1_macro_rows
 from tests.evaluations import LABELS, PREDICTED
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data.datasets import normalise
+from tasks.data.pixels import normalise
 from tasks.evaluation import variants
 from tasks.evaluation.results import ORT_FP32, TORCH_EAGER
 from tasks.evaluation.variants import Variant, measure_variants_latency

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from tasks.checkpoints import Checkpoint, save_checkpoint
-from tasks.data.datasets import ChannelStats, normalise
 from tasks.data.images import ImageSpec
+from tasks.data.pixels import ChannelStats, normalise
 from tasks.export.onnx_io import (
     export_onnx,
     model_metadata,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tasks.checkpoints import load_checkpoint
-from tasks.data.datasets import ChannelStats, normalise
+from tasks.data.pixels import ChannelStats, normalise
 
 
 class RandomProjectionCNN(nn.Module):

@@ -38,16 +38,9 @@ from PIL import Image
 
 from tasks.artifacts import atomic_dir, remove_leftovers, write_json
 from tasks.data.baselines import trivial_baselines, write_baselines
-from tasks.data.datasets import (
-    SPLITS,
-    ChannelStats,
-    NpyWriter,
-    StatsAccumulator,
-    create_npy,
-    load_prepared,
-    write_description,
-)
+from tasks.data.datasets import SPLITS, NpyWriter, create_npy, load_prepared, write_description
 from tasks.data.images import ArrayItems, ImageSpec, Outcome, decode_chunk
+from tasks.data.pixels import ChannelStats, StatsAccumulator
 from tasks.data.sources import Source, build_source, cap_per_class
 from tasks.data.splits import SplitPlan, long_tail, stratified_split
 from tasks.orchestration import stage_task

@@ -39,7 +39,8 @@ from imblearn.over_sampling import ADASYN, SMOTE, BorderlineSMOTE, RandomOverSam
 from imblearn.under_sampling import RandomUnderSampler
 
 from tasks.artifacts import atomic_dir, write_json, write_npy
-from tasks.data.datasets import ChannelStats, Split, write_split
+from tasks.data.datasets import Split, write_split
+from tasks.data.pixels import ChannelStats
 from tasks.orchestration import stage_task
 from tasks.params import ResampleParams
 

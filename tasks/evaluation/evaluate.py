@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import write_csv, write_json
-from tasks.data.datasets import Split, normalise
+from tasks.data.datasets import Split
+from tasks.data.pixels import normalise
 from tasks.evaluation import scoring
 from tasks.evaluation.latency import (
     Latency,
@@ -43,6 +44,7 @@ from tasks.evaluation.results import STEPS
 from tasks.evaluation.robustness import fgsm_accuracy
 from tasks.evaluation.scoring import adjust_logits
 from tasks.evaluation.variants import Variant
+from tasks.inference import probabilities
 from tasks.metrics import f1_macro_rows
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
@@ -85,12 +87,12 @@ def evaluate_variant(
     """
     tau, prior = params.logit_adjust_tau, variant.class_prior
     logits = adjust_logits(_logits(variant, test.images, params.batch_size), prior, tau)
-    raw = scoring.probabilities(logits)
+    raw = probabilities(logits)
     temperature = 1.0
     if params.temperature_scaling:
         val_logits = adjust_logits(_logits(variant, val.images, params.batch_size), prior, tau)
         temperature = scoring.fit_temperature(val_logits, val.labels)
-    probs = scoring.probabilities(logits, temperature)
+    probs = probabilities(logits, temperature)
     predicted = probs.argmax(axis=1)
     labels = np.asarray(test.labels)
     num_classes = len(variant.classes)

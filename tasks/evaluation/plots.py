@@ -20,7 +20,8 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
 from tasks.artifacts import atomic_path, write_csv
-from tasks.data.datasets import Split, normalise
+from tasks.data.datasets import Split
+from tasks.data.pixels import normalise
 from tasks.evaluation import scoring
 from tasks.evaluation.gradcam import grad_cam, pick_examples, plot_grad_cam
 from tasks.evaluation.variants import Variant

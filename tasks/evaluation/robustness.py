@@ -17,7 +17,7 @@ import albumentations as A
 import numpy as np
 import torch
 
-from tasks.data.datasets import ChannelStats, normalise
+from tasks.data.pixels import ChannelStats, normalise
 from tasks.orchestration import stage_task
 
 # name -> transform; severities are part of the name so a table says what was done.

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
@@ -37,10 +37,6 @@ from sklearn.metrics import (
 )
 
 from tasks.metrics import f1_macro, f1_macro_rows
-
-
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 def classification_report(

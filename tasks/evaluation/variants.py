@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from tasks.checkpoints import load_checkpoint
-from tasks.data.datasets import ChannelStats, normalise
+from tasks.data.pixels import ChannelStats, normalise
 from tasks.evaluation.latency import (
     BATCH,
     Latency,
@@ -34,7 +34,8 @@ from tasks.evaluation.results import (
     ORT_INT8,
     TORCH_EAGER,
 )
-from tasks.export.onnx_io import export_onnx, onnx_logits, onnx_session, torch_logits
+from tasks.export.onnx_io import export_onnx, torch_logits
+from tasks.inference import onnx_logits, onnx_session
 from tasks.models import count_params
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams

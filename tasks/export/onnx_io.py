@@ -1,10 +1,10 @@
-"""ONNX in and out: export a model to one self-describing file, open a session, run it.
+"""ONNX out: export a model to one self-describing file.
 
 ``export_onnx`` writes a model with a dynamic batch and the metadata a file
 needs to describe itself (classes, preprocessing, params: ``model_metadata``),
-stripped of the exporter's debug information (``finalise_onnx``).
-``onnx_session``/``onnx_logits`` run a file on the CPU with a fixed thread
-count, ``torch_logits`` the same images through a PyTorch model. Used by the
+stripped of the exporter's debug information (``finalise_onnx``);
+``torch_logits`` runs images through a PyTorch model the way
+``tasks/inference.py``'s ``onnx_logits`` runs them through a file. Used by the
 quantize and evaluate stages, ``visionpipe predict`` and the MLflow registry;
 nothing here trains or quantizes.
 """
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from tasks.artifacts import atomic_path
@@ -158,24 +157,6 @@ def export_onnx(
         )
         finalise_onnx(tmp, metadata)
     return path
-
-
-def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with a fixed thread count (so latencies compare across variants)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(session: ort.InferenceSession, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate(
-        [
-            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-    )
 
 
 def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:

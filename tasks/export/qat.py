@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from tasks.data.datasets import ChannelStats, Split
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats
 from tasks.training.loaders import make_loader
 
 

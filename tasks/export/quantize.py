@@ -50,18 +50,18 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from tasks.artifacts import atomic_path, write_json
 from tasks.checkpoints import Checkpoint, load_checkpoint
-from tasks.data.datasets import Split, normalise
+from tasks.data.datasets import Split
+from tasks.data.pixels import normalise
 from tasks.export.onnx_io import (
     INPUT_NAME,
     export_onnx,
     finalise_onnx,
     input_shape,
     model_metadata,
-    onnx_logits,
-    onnx_session,
     torch_logits,
 )
 from tasks.export.qat import qat_finetune
+from tasks.inference import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.orchestration import stage_task
 from tasks.params import QuantizeParams

@@ -16,115 +16,21 @@ cannot use is reported with prepare's quarantine reason, and the rest go on.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from tasks.data.datasets import ChannelStats, normalise
 from tasks.data.images import FileItems, ImageSpec, Outcome, decode_item
 from tasks.data.sources import IMAGE_SUFFIXES
-from tasks.evaluation.scoring import probabilities
-from tasks.export.onnx_io import onnx_logits, onnx_session, torch_logits
+from tasks.export.onnx_io import torch_logits
+from tasks.inference import Model, ModelError, Prediction, image_spec, load_onnx, predict_decoded
 from tasks.layout import STUDENT, STUDENT_INT8, TEACHER
 
 VARIANTS: dict[str, Path] = {"teacher": TEACHER, "student": STUDENT, "student_int8": STUDENT_INT8}
 MODEL_SUFFIXES = (".onnx", ".pt")
-
-
-class ModelError(Exception):
-    """The model cannot be found or used; the message says what to do about it."""
-
-
-@dataclass(frozen=True)
-class Model:
-    """A trained classifier with everything needed to turn an image file into class scores."""
-
-    source: str  # what was asked for: a variant, a path or an MLflow URI
-    artifact: str  # the file that was loaded (its name inside the URI's download)
-    classes: tuple[str, ...]
-    stats: ChannelStats
-    spec: ImageSpec
-    runtime: str  # onnxruntime | torch
-    logits: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
-
-    def describe(self) -> str:
-        """What answered: ``student_int8: models/student_int8.onnx (onnxruntime; 16x16x1, ...)``."""
-        where = self.source if self.artifact == self.source else f"{self.source}: {self.artifact}"
-        spec = self.spec
-        return (
-            f"{where} ({self.runtime}; {spec.size}x{spec.size}x{spec.channels}, "
-            f"resize={spec.resize}, background={spec.background})"
-        )
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One file's top-k (label, probability), best first, or why it could not be read."""
-
-    path: str
-    top_k: tuple[tuple[str, float], ...] = ()
-    error: str | None = None  # not_found | no_images | prepare's quarantine reasons
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_json(self) -> dict[str, Any]:
-        if not self.ok:
-            return {"path": self.path, "error": self.error, "detail": self.detail}
-        top = [{"label": label, "probability": p} for label, p in self.top_k]
-        return {"path": self.path, "top_k": top}
-
-    def to_text(self) -> str:
-        if not self.ok:
-            return f"{self.path}: ERROR {self.error} ({self.detail})"
-        return f"{self.path}: " + ", ".join(f"{label} {p:.3f}" for label, p in self.top_k)
-
-
-def _spec(preprocessing: dict[str, Any] | None, artifact: Path) -> ImageSpec:
-    if preprocessing is None:
-        raise ModelError(
-            f"{artifact} predates preprocessing metadata: it does not record how images "
-            "were decoded for training, so predict cannot repeat it. Re-run `dvc repro` "
-            "to rebuild the models with it."
-        )
-    try:
-        return ImageSpec.from_preprocessing(preprocessing)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(
-            f"{artifact}: unreadable preprocessing {preprocessing!r} ({exc!r})"
-        ) from exc
-
-
-def _load_onnx(path: Path, source: str, artifact: str, threads: int) -> Model:
-    try:
-        session = onnx_session(path, threads)
-    except Exception as exc:  # ORT raises its own types for each way a file can be bad
-        raise ModelError(f"{path}: not a usable ONNX model ({exc})") from exc
-    metadata = session.get_modelmeta().custom_metadata_map
-    missing = [key for key in ("classes", "mean", "std") if key not in metadata]
-    if missing:
-        raise ModelError(
-            f"{path}: no {', '.join(missing)} in its metadata: not a visionpipe export"
-        )
-    return Model(
-        source=source,
-        artifact=artifact,
-        classes=tuple(json.loads(metadata["classes"])),
-        stats=ChannelStats(
-            mean=tuple(json.loads(metadata["mean"])), std=tuple(json.loads(metadata["std"]))
-        ),
-        spec=_spec(json.loads(metadata.get("preprocessing", "null")), path),
-        runtime="onnxruntime",
-        logits=lambda images: onnx_logits(session, images, batch_size=len(images)),
-    )
 
 
 def _load_torch(path: Path, source: str, artifact: str, threads: int) -> Model:
@@ -136,7 +42,7 @@ def _load_torch(path: Path, source: str, artifact: str, threads: int) -> Model:
         checkpoint = load_checkpoint(path)
     except Exception as exc:  # unpickling, missing keys, a file that is not torch's at all
         raise ModelError(f"{path}: not a visionpipe checkpoint ({exc})") from exc
-    spec = _spec(checkpoint.preprocessing, path)
+    spec = image_spec(checkpoint.preprocessing, path)
     torch.set_num_threads(threads)
     module = checkpoint.build()
     return Model(
@@ -176,7 +82,7 @@ def _load_file(path: Path, source: str, threads: int, root: Path | None = None) 
         path = pick_artifact(path)
     artifact = str(path.resolve().relative_to(root.resolve()) if root else path)
     if path.suffix == ".onnx":
-        return _load_onnx(path, source, artifact, threads)
+        return load_onnx(path, source, artifact, threads)
     if path.suffix == ".pt":
         return _load_torch(path, source, artifact, threads)
     raise ModelError(f"{path}: a model is a .onnx or .pt file")
@@ -243,11 +149,6 @@ def collect_paths(paths: Iterable[str | Path]) -> list[Path]:
     return collected
 
 
-def _top_k(probs: np.ndarray, classes: tuple[str, ...], k: int) -> tuple[tuple[str, float], ...]:
-    best = np.argsort(-probs, kind="stable")[:k]  # ties: the lower class index first
-    return tuple((classes[i], float(probs[i])) for i in best)
-
-
 def _decode(items: FileItems, i: int, spec: ImageSpec) -> tuple[Outcome, np.ndarray | None]:
     """``decode_item``, after the two failures that only a path given by hand can have."""
     path = Path(items.paths[i])
@@ -271,32 +172,4 @@ def predict_paths(
         items = FileItems(np.asarray([str(p) for p in paths[start : start + batch_size]], object))
         decoded = [_decode(items, i, model.spec) for i in range(len(items))]
         predictions += predict_decoded(model, list(items.paths), decoded, top_k)
-    return predictions
-
-
-def predict_decoded(
-    model: Model,
-    names: Sequence[str],
-    decoded: Sequence[tuple[Outcome, np.ndarray | None]],
-    top_k: int = 3,
-) -> list[Prediction]:
-    """Predictions for images ``decode_item`` already decoded (one forward pass for them all).
-
-    ``names`` label the results (paths, or an upload's file names); a decoding
-    failure becomes that image's error, with prepare's quarantine reason.
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (got {top_k})")
-    k = min(top_k, len(model.classes))
-    arrays = [array for outcome, array in decoded if outcome.ok]
-    # One forward pass; rows follow the good images in order.
-    rows = iter(
-        probabilities(model.logits(normalise(np.stack(arrays), model.stats))) if arrays else []
-    )
-    predictions = []
-    for name, (outcome, _) in zip(names, decoded, strict=True):
-        if outcome.ok:
-            predictions.append(Prediction(name, top_k=_top_k(next(rows), model.classes, k)))
-        else:
-            predictions.append(Prediction(name, error=outcome.reason, detail=outcome.detail))
     return predictions

@@ -39,7 +39,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from tasks.checkpoints import load_checkpoint
-from tasks.data.datasets import ChannelStats, Split, normalise
+from tasks.data.datasets import Split
+from tasks.data.pixels import ChannelStats, normalise
 from tasks.export.onnx_io import INPUT_NAME, OUTPUT_NAME, export_onnx, input_shape, model_metadata
 from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER
 from tasks.metrics import f1_macro

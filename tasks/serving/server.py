@@ -37,27 +37,22 @@ import binascii
 import email.parser
 import email.policy
 import hashlib
-import io
 import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from tasks.data.images import Outcome, decode_item
-from tasks.serving.predict import VARIANTS, Model, ModelError, load_model, predict_decoded
+from tasks.inference import MAX_PIXELS, Model, ModelError, decode_blobs, predict_decoded
+from tasks.serving.predict import VARIANTS, load_model
 
 MAX_BYTES = 16 * 2**20  # one request's body
 MAX_FILES = 64  # files in one request
-MAX_PIXELS = 40_000_000  # a larger image is refused before it is decoded (decompression bomb)
 MAX_INFLIGHT = 4  # requests decoding and predicting at once; the others wait their turn
 TOO_LARGE = {"too_large", "decompression_bomb"}  # quarantine reasons answered with 413
 
@@ -130,39 +125,6 @@ def _json(body: bytes) -> list[Upload]:
             HTTPStatus.BAD_REQUEST, "bad_json",
             f'expected {{"files": [{{"name": ..., "data": "<base64>"}}]}} ({type(exc).__name__})',
         ) from None  # fmt: skip
-
-
-@dataclass(frozen=True)
-class BlobItems:
-    """Uploaded files as prepare's ``Items``, so ``decode_item`` reads them like files on disk."""
-
-    blobs: Sequence[bytes]
-    max_pixels: int = MAX_PIXELS
-
-    def __len__(self) -> int:
-        return len(self.blobs)
-
-    def read(self, i: int) -> bytes:
-        return self.blobs[i]
-
-    def open(self, raw: bytes) -> Image.Image:
-        image = Image.open(io.BytesIO(raw))  # reads the header only
-        width, height = image.size
-        if width * height > self.max_pixels:
-            image.close()
-            raise _Bomb(f"{width}x{height} pixels is above the server's {self.max_pixels:,}")
-        return image
-
-
-class _Bomb(Image.DecompressionBombError):
-    """Raised before decoding: ``decode_item`` reports it as ``too_large``."""
-
-
-def decode_uploads(
-    uploads: Sequence[Upload], model: Model, max_pixels: int = MAX_PIXELS
-) -> list[tuple[Outcome, np.ndarray | None]]:
-    items = BlobItems([u.data for u in uploads], max_pixels)
-    return [decode_item(items, i, model.spec) for i in range(len(items))]
 
 
 @dataclass(frozen=True)
@@ -249,7 +211,7 @@ def answer(
         uploads = parse_uploads(content_type, body)
     except UploadError as refused:
         return refused.status, head | {"error": refused.reason, "detail": refused.detail}
-    decoded = decode_uploads(uploads, model, max_pixels)
+    decoded = decode_blobs([u.data for u in uploads], model.spec, max_pixels)
     predictions = predict_decoded(model, [u.name for u in uploads], decoded, top_k)
     failed = {p.error for p in predictions if not p.ok}
     status = (

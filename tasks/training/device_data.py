@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from tasks.data.datasets import ChannelStats, Split, take_rows
+from tasks.data.datasets import Split, take_rows
+from tasks.data.pixels import ChannelStats
 from tasks.params import DEVICE_UNSUPPORTED, AugmentParams
 from tasks.training.distributed import ShardedSampler, World, local_batch_size
 from tasks.transforms import minority_classes, resolve_augment

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.data.datasets import ChannelStats, Split, normalise, take_rows
+from tasks.data.datasets import Split, take_rows
+from tasks.data.pixels import ChannelStats, normalise
 from tasks.training.distributed import (
     ShardedSampler,
     World,
