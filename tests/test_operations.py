@@ -27,10 +27,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from benchmarks.workspace import copy_env, fresh_copy, git
 from tasks.serving import registry
+from tasks.serving.predict import load_model, predict_paths
 from tests.tinyrepo import TINY, set_params
 from tests.ui import chromium_or_skip, mlflow_compare_page, mlflow_ui_number, prefect_flow_runs_page
 
@@ -129,7 +133,7 @@ def retrains(ops):
     return outcomes
 
 
-def test_deployment_registers_and_promotes_then_changes_nothing(ops, retrains) -> None:
+def test_deployment_registers_and_promotes_then_changes_nothing(ops, retrains, tmp_path) -> None:
     first, second = retrains
     worker_log = (ops["base"] / "worker.log").read_text(errors="replace")[-3000:]
     assert first["state"] == "Completed", worker_log
@@ -149,6 +153,13 @@ def test_deployment_registers_and_promotes_then_changes_nothing(ops, retrains) -
         "prepare,resample,train,distill,quantize,evaluate", "none"]  # fmt: skip
     champion = mlflow.pyfunc.load_model("models:/visionpipe-student_int8@champion")
     assert champion.metadata.metadata["preprocessing"]["image_size"] == TINY["data"]["image_size"]
+    # The champion takes an image file and labels it as `visionpipe predict` does.
+    pixels = np.load(ops["repo"] / "data/prepared/test/images.npy")[0]
+    png = tmp_path / "test0.png"
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(png)
+    answers = champion.predict(pd.DataFrame({"image": [png.read_bytes()], "name": [str(png)]}))
+    local = load_model(str(ops["repo"] / "models/student_int8.onnx"))
+    assert answers == [p.to_json() for p in predict_paths(local, [png])]
 
 
 def test_retrain_pushed_to_the_remote_and_a_clone_is_up_to_date(ops, retrains, tmp_path) -> None:

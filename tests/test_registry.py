@@ -7,19 +7,32 @@ through ``mlflow.pyfunc`` and scored is the real thing, only smaller.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import mlflow
+import mlflow.onnx
 import numpy as np
+import pandas as pd
 import pytest
+from mlflow.models import ModelSignature
+from PIL import Image
 
+from flows.prefect_api import free_port
 from tasks.data.datasets import Split
 from tasks.data.pixels import normalise
 from tasks.inference import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
 from tasks.serving import registry
+from tasks.serving.predict import load_model, predict_paths
 from tests.toymodels import (
     CORNER_CLASSES,
     CORNER_SPEC,
@@ -75,28 +88,164 @@ def test_registers_each_variant_once_per_file_content(store) -> None:
     tags = client.get_model_version("visionpipe-student_int8", first["student_int8"].version).tags
     assert tags["source_md5"] == registry.file_md5(files["student_int8"])
     assert (tags["git_commit"], tags["f1_macro"], tags["size_bytes"]) == ("abc", "0.9", "123")
+    assert tags["pyfunc_input"] == "image"
 
 
-def test_registered_int8_model_loads_with_signature_and_preprocessing(store) -> None:
+def test_a_version_that_takes_only_tensors_is_registered_again_once(store) -> None:
+    """What an upgrade meets: the same file registered in the old form (no pyfunc_input tag)."""
+    files, experiment = store
+    before = _register(files, experiment)["student"]
+    client = mlflow.MlflowClient()
+    client.delete_model_version_tag(before.name, before.version, "pyfunc_input")
+    again = _register(files, experiment)["student"]
+    assert again.created and int(again.version) == int(before.version) + 1
+    assert not _register(files, experiment)["student"].created
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Eight corner images as PNG files: what a user sends."""
+    folder = tmp_path_factory.mktemp("pngs")
+    paths = [folder / f"image{i}.png" for i in range(8)]
+    for path, pixels in zip(paths, corner_pixels(8, seed=4), strict=True):
+        path.write_bytes(_png(pixels))
+    return paths
+
+
+def _rows(paths: list[Path]) -> pd.DataFrame:
+    return pd.DataFrame({"image": [p.read_bytes() for p in paths], "name": [str(p) for p in paths]})
+
+
+def test_registered_model_takes_image_files_and_answers_as_predict_does(store, pngs) -> None:
     files, experiment = store
     version = _register(files, experiment)["student_int8"]
     model = mlflow.pyfunc.load_model(version.uri)
     meta = model.metadata.metadata
     assert meta["preprocessing"] == CORNER_SPEC.preprocessing()
     assert (meta["classes"], meta["variant"]) == (list(CORNER_CLASSES), "student_int8")
-    (images,) = model.metadata.get_input_schema().inputs
+    schema = model.metadata.get_input_schema()
+    assert [(c.name, c.type.name, c.required) for c in schema.inputs] == [
+        ("image", "binary", True), ("name", "string", False)]  # fmt: skip
+    expected = [p.to_json() for p in predict_paths(load_model(str(files["student_int8"])), pngs, 2)]
+    assert model.predict(_rows(pngs), params={"top_k": 2}) == expected
+    assert {answer["top_k"][0]["label"] for answer in expected} == set(CORNER_CLASSES)
+    # Without names, each answer is labelled by its row; top_k defaults to 3 (capped at 2 classes).
+    unnamed = model.predict(pd.DataFrame({"image": [pngs[0].read_bytes()]}))
+    assert unnamed == [{"path": "0", "top_k": expected[0]["top_k"]}]
+
+
+def test_a_row_that_is_not_a_usable_image_gets_prepares_reason(store, pngs) -> None:
+    files, experiment = store
+    model = mlflow.pyfunc.load_model(_register(files, experiment)["student_int8"].uri)
+    good = pngs[0].read_bytes()
+    rows = pd.DataFrame({"image": [b"not an image", good[: len(good) // 2], b"", good]})
+    answers = model.predict(rows)
+    assert [a.get("error") for a in answers] == ["not_an_image", "truncated", "empty_file", None]
+    assert answers[3]["top_k"][0]["probability"] > 0.5
+
+
+def test_the_tensor_graph_stays_available_as_the_onnx_flavour(store) -> None:
+    files, experiment = store
+    version = _register(files, experiment)["student_int8"]
+    info = mlflow.models.get_model_info(version.uri)
+    assert info.flavors.keys() == {"onnx", "python_function"}
+    tensors = ModelSignature.from_dict(info.metadata["tensor_signature"])
+    (images,) = tensors.inputs.inputs
     assert (images.name, images.shape) == ("images", (-1, 1, 16, 16))
+    graph = mlflow.onnx.load_model(version.uri)
     inputs = normalise(corner_pixels(8, seed=4)[..., None], CORNER_STATS)
+    served = onnx_logits(onnx_session(graph.SerializeToString(), 1), inputs, batch_size=8)
     expected = onnx_logits(onnx_session(files["student_int8"], 1), inputs, batch_size=8)
-    np.testing.assert_allclose(model.predict(inputs)["logits"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(served, expected)
 
 
-def test_teacher_checkpoint_is_registered_as_onnx(store) -> None:
+def test_the_model_runs_where_this_repository_cannot_be_imported(store, pngs) -> None:
+    """The pyfunc's code travels inside the model: a process without ``tasks`` serves it."""
+    files, experiment = store
+    version = _register(files, experiment)["student_int8"]
+    local = Path(mlflow.artifacts.download_artifacts(version.uri))
+    shipped = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
+    assert shipped == sorted(
+        [f"visionpipe_model/{f}" for f in registry.SHIPPED]
+        + ["visionpipe_model/__init__.py", "visionpipe_model/data/__init__.py",
+           "visionpipe_model/serving/__init__.py"])  # fmt: skip
+    script = (
+        "import json, sys\n"
+        "sys.modules['tasks'] = None  # any `import tasks...` now raises ImportError\n"
+        "import mlflow.pyfunc, pandas\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "rows = pandas.DataFrame({'image': [open(p, 'rb').read() for p in sys.argv[2:]]})\n"
+        "print(json.dumps(model.predict(rows)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(local), *map(str, pngs)],
+        capture_output=True, text=True, timeout=120, cwd=local,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    in_process = mlflow.pyfunc.load_model(version.uri).predict(_rows(pngs))
+    labels = [a["top_k"][0]["label"] for a in json.loads(done.stdout.splitlines()[-1])]
+    assert labels == [a["top_k"][0]["label"] for a in in_process]
+
+
+def test_mlflow_models_serve_answers_images_from_the_champion(store, pngs) -> None:
+    """The documented command: ``mlflow models serve`` on the alias, with base64 PNGs."""
+    files, experiment = store
+    version = _register(files, experiment)["student_int8"]
+    registry.set_champion(version.version)
+    port = free_port()
+    command = ["mlflow", "models", "serve", "-m", "models:/visionpipe-student_int8@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as served:  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while not _pings(url):
+                assert served.poll() is None and time.monotonic() < deadline, served.stdout.read()
+                time.sleep(0.5)
+            data = [[base64.b64encode(p.read_bytes()).decode(), str(p)] for p in pngs]
+            body = {"dataframe_split": {"columns": ["image", "name"], "data": data},
+                    "params": {"top_k": 1}}  # fmt: skip
+            answer = httpx.post(f"{url}/invocations", json=body, timeout=30)
+            assert answer.status_code == 200, answer.text
+            expected = predict_paths(load_model(str(files["student_int8"])), pngs, top_k=1)
+            assert answer.json() == {"predictions": [p.to_json() for p in expected]}
+            cut = pngs[0].read_bytes()[:100]
+            bad = {"dataframe_records": [{"image": base64.b64encode(cut).decode(), "name": "cut"}]}
+            answer = httpx.post(f"{url}/invocations", json=bad, timeout=30)
+            assert answer.status_code == 200, answer.text
+            (row,) = answer.json()["predictions"]
+            assert (row["path"], row["error"]) == ("cut", "truncated")
+        finally:
+            served.terminate()
+            served.wait(timeout=30)
+            # The store is shared: later tests start before the first promotion.
+            mlflow.MlflowClient().delete_registered_model_alias(
+                "visionpipe-student_int8", registry.CHAMPION
+            )
+
+
+def _pings(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ping", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_teacher_checkpoint_is_registered_as_onnx_that_takes_images(store, pngs) -> None:
     files, experiment = store
     version = _register(files, experiment)["teacher"]
     model = mlflow.pyfunc.load_model(version.uri)
     assert model.metadata.flavors.keys() >= {"onnx", "python_function"}
-    assert model.predict(np.zeros((3, 1, 16, 16), np.float32))["logits"].shape == (3, 2)
+    answers = model.predict(_rows(pngs[:3]))
+    assert [len(a["top_k"]) for a in answers] == [2, 2, 2]
+    assert mlflow.onnx.load_model(version.uri).graph.input[0].name == "images"
 
 
 def test_score_is_the_macro_f1_of_the_registered_model(store) -> None:
@@ -108,6 +257,11 @@ def test_score_is_the_macro_f1_of_the_registered_model(store) -> None:
                          normalise(test.images, CORNER_STATS), batch_size=64)  # fmt: skip
     assert f1 == pytest.approx(f1_macro(test.labels, logits.argmax(1), 2))
     assert f1 > 0.9 and how == "scored on the test split"
+    # The image pyfunc, given the same images as PNG files, labels them the same way.
+    model = mlflow.pyfunc.load_model(version.uri)
+    answers = model.predict(pd.DataFrame({"image": [_png(image[..., 0]) for image in test.images]}))
+    predicted = [CORNER_CLASSES.index(a["top_k"][0]["label"]) for a in answers]
+    assert predicted == logits.argmax(1).tolist()
     assert registry.score(version.uri, test, ("a", "b")) == (None, pytest.approx(
         "its classes ['blank', 'corner'] are not this test split's ['a', 'b']"))  # fmt: skip
     small = Split(images=test.images[:, :8, :8], labels=test.labels)

@@ -1,16 +1,25 @@
-"""The MLflow model registry: the three variants as ONNX models, and the champion rule.
+"""The MLflow model registry: the three variants as image-taking models, and the champion rule.
 
-Every variant is registered as ``visionpipe-<variant>`` in the
-ONNX flavour: the int8 and fp32 students are the files ``quantize`` wrote, the
-teacher is exported from its checkpoint the way ``evaluate`` times it. ONNX
-rather than the PyTorch flavour because a served model should need neither
-this repository's code nor torch: ``mlflow.pyfunc.load_model(
-"models:/visionpipe-student_int8@champion")`` runs it with ONNX Runtime alone.
-Each model carries an input/output signature (``images`` float32 N x C x H x W,
-already normalised; ``logits`` N x classes) and, in its MLmodel metadata, the
-classes, the normalisation statistics and the preprocessing (``ImageSpec``)
-that turns an image file into that input: the same facts ``visionpipe predict``
-reads from the ONNX file itself.
+Every variant is registered as ``visionpipe-<variant>``: the int8 and fp32
+students are the files ``quantize`` wrote, the teacher is exported from its
+checkpoint the way ``evaluate`` times it. Each model version has two flavours:
+
+- ``python_function`` takes images: a table with a binary column ``image``
+  (PNG, JPEG, ... bytes) and an optional ``name``, and returns ``visionpipe
+  predict --json``'s entries (top-k labels with probabilities, or prepare's
+  quarantine reason). Its code (``tasks/serving/pyfunc.py``,
+  ``tasks/inference.py`` and the decoding they import) is copied into the
+  model, so ``mlflow models serve -m models:/visionpipe-student_int8@champion``
+  serves images with ONNX Runtime, Pillow and numpy, without this repository
+  or torch; it decodes with the preprocessing stored in the model.
+- ``onnx`` is the bare graph, for callers who preprocess themselves
+  (``mlflow.onnx.load_model(uri)``): ``images`` float32 N x C x H x W,
+  normalised with the model's ``mean``/``std`` -> ``logits`` N x classes. That
+  tensor signature is in the metadata as ``tensor_signature``.
+
+The metadata also holds the classes, the normalisation statistics and the
+preprocessing (``ImageSpec``): the facts ``visionpipe predict`` reads from the
+ONNX file itself.
 
 A version is only created for a file whose content is new: each version is
 tagged with the md5 of the file DVC tracks (``source_md5``), so re-running the
@@ -23,28 +32,38 @@ flow, its tests and the logged decision agree on what "better" means.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
 import tempfile
+import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.onnx
 import numpy as np
 import onnx
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import Array, Object, Property
+from PIL import Image
 
 from tasks.checkpoints import load_checkpoint
 from tasks.data.datasets import Split
 from tasks.data.pixels import ChannelStats, normalise
 from tasks.export.onnx_io import INPUT_NAME, OUTPUT_NAME, export_onnx, input_shape, model_metadata
+from tasks.inference import onnx_logits, onnx_session
 from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER
 from tasks.metrics import f1_macro
 from tasks.params import PromoteParams
+from tasks.serving.pyfunc import DEFAULT_TOP_K, IMAGE, NAME
 
 MODEL_PREFIX = "visionpipe-"
 CHAMPION = "champion"
@@ -57,6 +76,17 @@ VARIANT_FILES: dict[str, Path] = {
 }
 # Copied from metrics/evaluate.json onto each version, so the registry UI shows them.
 VERSION_METRICS = ("f1_macro", "accuracy", "size_bytes", "latency_ms_b1", "latency_ms_b64")
+
+# The code a model version carries, under tasks/: the pyfunc and everything it imports
+# (tests/test_registry.py loads a model where `tasks` cannot be imported, to prove it).
+TASKS_DIR = Path(__file__).resolve().parents[1]
+SHIPPED = ("inference.py", "data/images.py", "data/pixels.py", "serving/pyfunc.py")
+PACKAGE = "visionpipe_model"  # their package inside the model: never shadows `tasks`
+LOADER = f"{PACKAGE}.serving.pyfunc"
+# The version tag that says its python_function takes image files.
+INPUT_TAG, IMAGE_INPUT = "pyfunc_input", "image"
+# What the pyfunc imports at serving time (mlflow itself is added by MLflow).
+SERVING_REQUIREMENTS = ("numpy", "pillow", "onnxruntime", "pandas")
 
 
 def model_name(variant: str) -> str:
@@ -76,18 +106,17 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def onnx_model(variant: str, path: Path, scratch: Path) -> onnx.ModelProto:
-    """The ONNX graph registered for ``variant``: the teacher is exported from its checkpoint."""
+def onnx_file(variant: str, path: Path, scratch: Path) -> Path:
+    """The ONNX file registered for ``variant``: the teacher is exported from its checkpoint."""
     if path.suffix == ".onnx":
-        return onnx.load(str(path))
+        return path
     checkpoint = load_checkpoint(path)
-    exported = export_onnx(
+    return export_onnx(
         checkpoint.build(),
         input_shape(checkpoint),
         scratch / f"{variant}.onnx",
         model_metadata(checkpoint, variant=variant),
     )
-    return onnx.load(str(exported))
 
 
 def describe(model: onnx.ModelProto) -> dict[str, Any]:
@@ -104,8 +133,27 @@ def describe(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
-def signature(description: Mapping[str, Any]) -> ModelSignature:
-    """``images`` (N, C, H, W) float32, normalised -> ``logits`` (N, classes) float32."""
+def image_signature() -> ModelSignature:
+    """``image`` bytes (and an optional ``name``) -> one ``predict --json`` entry per row."""
+    label = Object([Property("label", DataType.string), Property("probability", DataType.double)])
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec(DataType.binary, IMAGE), ColSpec(DataType.string, NAME, required=False)]
+        ),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "path"),
+                ColSpec(Array(label), "top_k", required=False),
+                ColSpec(DataType.string, "error", required=False),
+                ColSpec(DataType.string, "detail", required=False),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)]),
+    )
+
+
+def tensor_signature(description: Mapping[str, Any]) -> ModelSignature:
+    """The ``onnx`` flavour's: ``images`` (N, C, H, W) float32, normalised -> ``logits``."""
     spec = description["preprocessing"]
     size, channels = int(spec["image_size"]), int(spec["channels"])
     images = TensorSpec(np.dtype(np.float32), (-1, channels, size, size), INPUT_NAME)
@@ -113,13 +161,93 @@ def signature(description: Mapping[str, Any]) -> ModelSignature:
     return ModelSignature(inputs=Schema([images]), outputs=Schema([logits]))
 
 
+def input_example(description: Mapping[str, Any]) -> pd.DataFrame:
+    """One blank image of the model's size, as a PNG: the request the MLflow UI shows."""
+    spec = description["preprocessing"]
+    size, mode = int(spec["image_size"]), "L" if int(spec["channels"]) == 1 else "RGB"
+    fill = int(spec["background"]) if mode == "L" else (int(spec["background"]),) * 3
+    png = io.BytesIO()
+    Image.new(mode, (size, size), fill).save(png, format="PNG")
+    return pd.DataFrame({IMAGE: [png.getvalue()], NAME: ["example.png"]})
+
+
+def ship_code(scratch: Path) -> Path:
+    """``SHIPPED`` copied into ``scratch/visionpipe_model``, each folder made a package."""
+    root = scratch / PACKAGE
+    for relative in SHIPPED:
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(TASKS_DIR / relative, target)
+    for package in {root, *((root / relative).parent for relative in SHIPPED)}:
+        (package / "__init__.py").write_text(
+            '"""visionpipe\'s image decoding and inference, shipped inside an MLflow model."""\n'
+        )
+    return root
+
+
+def _save_image_model(
+    path: str, mlflow_model: mlflow.models.Model, onnx_path: Path, code: Path, **pyfunc: Any
+) -> None:
+    """Save a model directory with both flavours: the image pyfunc and the bare ONNX graph."""
+    mlflow_model.add_flavor(
+        "onnx",
+        onnx_version=onnx.__version__,
+        data=f"data/{onnx_path.name}",  # where pyfunc.save_model copies data_path
+        providers=["CPUExecutionProvider"],  # int8 QDQ is a CPU model
+    )
+    mlflow.pyfunc.save_model(
+        path,
+        mlflow_model=mlflow_model,
+        loader_module=LOADER,
+        data_path=str(onnx_path),
+        code_paths=[str(code)],
+        **pyfunc,
+    )
+
+
+# What mlflow.models.Model.log calls to write the model: a "flavour" with save_model.
+IMAGE_MODEL_FLAVOUR = types.SimpleNamespace(
+    __name__="python_function", save_model=_save_image_model
+)
+
+
+def log_image_model(
+    variant: str, onnx_path: Path, code: Path, metadata: Mapping[str, Any], registered_name: str
+) -> mlflow.models.model.ModelInfo:
+    """Log ``onnx_path`` as an image-taking model of the active run and register it."""
+    description = describe(onnx.load(str(onnx_path)))
+    return mlflow.models.Model.log(
+        None,  # artifact_path: deprecated in favour of name
+        name=variant,
+        flavor=IMAGE_MODEL_FLAVOUR,
+        registered_model_name=registered_name,
+        metadata={
+            **metadata,
+            **description,
+            "tensor_signature": tensor_signature(description).to_dict(),
+        },
+        onnx_path=onnx_path,
+        code=code,
+        signature=image_signature(),
+        input_example=input_example(description),
+        pip_requirements=[f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS],
+    )
+
+
 def find_version(client: mlflow.MlflowClient, name: str, md5: str) -> ModelVersion | None:
-    """The version of ``name`` registered from a file with this md5, if any."""
+    """The image-taking version of ``name`` registered from a file with this md5, if any.
+
+    A version registered before the models took images (no ``pyfunc_input``
+    tag) does not count: the same file is registered again, once, as one that does.
+    """
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    matches = [v for v in versions if v.tags.get("source_md5") == md5]
+    matches = [
+        v for v in versions
+        if v.tags.get("source_md5") == md5 and v.tags.get(INPUT_TAG) == IMAGE_INPUT
+    ]  # fmt: skip
     return max(matches, key=lambda v: int(v.version)) if matches else None
 
 
@@ -142,7 +270,7 @@ def register_variants(
     metrics: Mapping[str, Mapping[str, Any]],
     tags: Mapping[str, str],
 ) -> dict[str, Registered]:
-    """Register each variant's file as an ONNX model version, unless its content already is.
+    """Register each variant's file as a model version, unless its content already is.
 
     Must run inside an active MLflow run (the models are logged to it). ``tags``
     (git commit, data hash) and the variant's test metrics go on each new version.
@@ -150,28 +278,23 @@ def register_variants(
     client = mlflow.MlflowClient()
     registered: dict[str, Registered] = {}
     with tempfile.TemporaryDirectory(prefix="visionpipe-register-") as scratch:
+        code = ship_code(Path(scratch))
         for variant, path in files.items():
             name, md5 = model_name(variant), file_md5(path)
             if (existing := find_version(client, name, md5)) is not None:
                 version = str(existing.version)
                 registered[variant] = Registered(variant, name, version, created=False)
                 continue
-            model = onnx_model(variant, path, Path(scratch))
-            description = describe(model)
-            info = mlflow.onnx.log_model(
-                model,
-                name=variant,
-                signature=signature(description),
-                metadata={"variant": variant, "source_md5": md5, **description},
-                registered_model_name=name,
-                save_as_external_data=False,  # one self-contained .onnx, as predict expects
-                onnx_execution_providers=["CPUExecutionProvider"],  # int8 QDQ is a CPU model
+            exported = onnx_file(variant, path, Path(scratch))
+            info = log_image_model(
+                variant, exported, code, {"variant": variant, "source_md5": md5}, name
             )
             version = str(info.registered_model_version)
             values = metrics.get(variant, {})
             version_tags = {
                 "source_md5": md5,
                 "variant": variant,
+                INPUT_TAG: IMAGE_INPUT,
                 **tags,
                 **{key: str(values[key]) for key in VERSION_METRICS if key in values},
             }
@@ -197,13 +320,16 @@ def set_champion(version: str, variant: str = CHALLENGER) -> None:
 
 
 def score(model_uri: str, test: Split, classes: tuple[str, ...]) -> tuple[float | None, str]:
-    """Test macro-F1 of a registered model through ``mlflow.pyfunc``; None and why if it can't.
+    """Test macro-F1 of a registered model, run on its ONNX graph; None and why if it can't.
 
-    The images are normalised with the model's OWN statistics; a model trained
-    on other classes or another input size cannot be scored on this split.
+    Through the ``onnx`` flavour, which every version has (those registered
+    before the image pyfunc too), so champion and challenger are scored by the
+    same code. The images are normalised with the model's OWN statistics; a
+    model trained on other classes or another input size cannot be scored on
+    this split. (The pyfunc decodes a PNG of a split image to the same array,
+    so it would give the same labels: ``tests/test_registry.py`` checks.)
     """
-    model = mlflow.pyfunc.load_model(model_uri)
-    meta = model.metadata.metadata or {}
+    meta = mlflow.models.get_model_info(model_uri).metadata or {}
     if list(meta.get("classes", [])) != list(classes):
         return None, f"its classes {meta.get('classes')} are not this test split's {list(classes)}"
     spec = meta["preprocessing"]
@@ -213,8 +339,9 @@ def score(model_uri: str, test: Split, classes: tuple[str, ...]) -> tuple[float 
             f"it takes {spec['image_size']}x{spec['image_size']}x{spec['channels']} images, "
             f"this test split holds {height}x{width}x{channels}"
         )
-    inputs = normalise(test.images, ChannelStats(mean=tuple(meta["mean"]), std=tuple(meta["std"])))
-    logits = model.predict(inputs)[OUTPUT_NAME]
+    session = onnx_session(mlflow.onnx.load_model(model_uri).SerializeToString(), threads=1)
+    stats = ChannelStats(mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    logits = onnx_logits(session, normalise(test.images, stats), batch_size=256)
     f1 = f1_macro(test.labels, np.argmax(logits, axis=1), len(classes))
     return f1, "scored on the test split"
 
