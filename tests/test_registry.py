@@ -138,6 +138,14 @@ def test_registered_model_takes_image_files_and_answers_as_predict_does(store, p
     # Without names, each answer is labelled by its row; top_k defaults to 3 (capped at 2 classes).
     unnamed = model.predict(pd.DataFrame({"image": [pngs[0].read_bytes()]}))
     assert unnamed == [{"path": "0", "top_k": expected[0]["top_k"]}]
+    # Other formats prepare reads are decoded the same way: a JPEG and a 16-bit TIFF.
+    others = [pngs[0].with_suffix(".jpg"), pngs[1].with_suffix(".tif")]
+    Image.open(pngs[0]).save(others[0], quality=90)
+    wide = np.asarray(Image.open(pngs[1]), np.uint16) * 257
+    Image.fromarray(wide).save(others[1])
+    expected = [p.to_json() for p in predict_paths(load_model(str(files["student_int8"])), others)]
+    assert model.predict(_rows(others)) == expected
+    assert all("top_k" in answer for answer in expected)
 
 
 def test_a_row_that_is_not_a_usable_image_gets_prepares_reason(store, pngs) -> None:
