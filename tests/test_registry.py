@@ -32,7 +32,7 @@ from tasks.inference import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
 from tasks.serving import registry
-from tasks.serving.predict import load_model, predict_paths
+from tasks.serving.predict import file_md5, load_model, predict_paths
 from tests.toymodels import (
     CORNER_CLASSES,
     CORNER_SPEC,
@@ -86,7 +86,7 @@ def test_registers_each_variant_once_per_file_content(store) -> None:
     client = mlflow.MlflowClient()
     assert len(client.search_model_versions("name = 'visionpipe-student_int8'")) == 1
     tags = client.get_model_version("visionpipe-student_int8", first["student_int8"].version).tags
-    assert tags["source_md5"] == registry.file_md5(files["student_int8"])
+    assert tags["source_md5"] == file_md5(files["student_int8"])
     assert (tags["git_commit"], tags["f1_macro"], tags["size_bytes"]) == ("abc", "0.9", "123")
     assert tags["pyfunc_input"] == "image"
 
@@ -284,7 +284,7 @@ def test_champion_alias_moves_and_loads(store) -> None:
     registry.set_champion(version.version)
     assert registry.champion_version() == version.version
     model = mlflow.pyfunc.load_model("models:/visionpipe-student_int8@champion")
-    assert model.metadata.metadata["source_md5"] == registry.file_md5(files["student_int8"])
+    assert model.metadata.metadata["source_md5"] == file_md5(files["student_int8"])
 
 
 def _candidate(version: str, f1: float | None, drop: float = 0.0, ratio: float = 0.5):

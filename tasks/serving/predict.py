@@ -16,6 +16,7 @@ cannot use is reported with prepare's quarantine reason, and the rest go on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,19 @@ def _load_torch(path: Path, source: str, artifact: str, threads: int) -> Model:
         runtime="torch",
         logits=lambda images: torch_logits(module, images, batch_size=len(images)),
     )
+
+
+def file_md5(path: Path) -> str:
+    """The md5 of a file's bytes, read in blocks: what ``dvc.lock`` records for it.
+
+    The registry tags each model version with it (``source_md5``); ``serve-model``
+    names a served file's version by it.
+    """
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def pick_artifact(directory: Path) -> Path:

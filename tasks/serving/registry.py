@@ -31,7 +31,6 @@ flow, its tests and the logged decision agree on what "better" means.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -63,6 +62,7 @@ from tasks.inference import onnx_logits, onnx_session
 from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER
 from tasks.metrics import f1_macro
 from tasks.params import PromoteParams
+from tasks.serving.predict import file_md5
 from tasks.serving.pyfunc import DEFAULT_TOP_K, IMAGE, NAME
 
 MODEL_PREFIX = "visionpipe-"
@@ -95,15 +95,6 @@ def model_name(variant: str) -> str:
 
 def champion_uri(variant: str = CHALLENGER) -> str:
     return f"models:/{model_name(variant)}@{CHAMPION}"
-
-
-def file_md5(path: Path) -> str:
-    """The md5 of a file's bytes: the hash DVC records for it in ``dvc.lock``."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnx_file(variant: str, path: Path, scratch: Path) -> Path:

@@ -36,7 +36,6 @@ import base64
 import binascii
 import email.parser
 import email.policy
-import hashlib
 import json
 import sys
 import threading
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.inference import MAX_PIXELS, Model, ModelError, decode_blobs, predict_decoded
-from tasks.serving.predict import VARIANTS, load_model
+from tasks.serving.predict import VARIANTS, file_md5, load_model
 
 MAX_BYTES = 16 * 2**20  # one request's body
 MAX_FILES = 64  # files in one request
@@ -159,7 +158,7 @@ def resolve(ref: str) -> tuple[str, Identity]:
         return ref, Identity(name, version, None, ref)
     path = VARIANTS.get(ref, Path(ref))
     if path.is_file():  # a file's version is its content
-        digest = hashlib.md5(path.read_bytes()).hexdigest()[:12]
+        digest = file_md5(path)[:12]
         return ref, Identity(path.name, digest, None, ref)
     return ref, Identity(ref, "", None, ref)
 
