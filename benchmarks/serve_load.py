@@ -1,8 +1,11 @@
 """The model server under load: throughput, latency percentiles, errors and memory over loopback.
 
     python benchmarks/serve_load.py [--model student_int8] [--requests 400] [--bad-share 0.1]
+                                    [--server serve-model|mlflow]
 
-Starts the real ``visionpipe serve-model`` as its own process, then at
+Starts the real ``visionpipe serve-model`` as its own process (or, with
+``--server mlflow``, ``mlflow models serve`` on the same model saved as the
+registry logs it, requests as JSON ``dataframe_split`` with base64), then at
 concurrency 1, 4 and 16 sends ``--requests`` POST /predict requests, each one
 real test-split image (``data/prepared``, encoded as PNG) with a fixed share
 of bad uploads among them (not an image, truncated PNG, empty body, wrong
@@ -12,20 +15,25 @@ bad one got a 4xx, and the server's peak RSS. In the same run it times the
 same images through ONNX Runtime directly (decode and predict in this process,
 one image per call), so the cost of the HTTP layer is a ratio measured side by
 side. Needs ``dvc repro`` first (the model and the test split). Writes
-``benchmarks/results/serve_load_<model>.json``.
+``benchmarks/results/serve_load_<model>.json`` (``serve_load_mlflow_<model>.json``).
+MLflow's server answers a row that is not an image with 200 and the row's
+error, so its bad requests are counted by status, not expected to be 4xx.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import io
+import json
 import os
 import re
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -36,13 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from flows.prefect_api import free_port  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
 from tasks.inference import decode_blobs, predict_decoded  # noqa: E402
 from tasks.layout import PREPARED_DIR  # noqa: E402
-from tasks.serving.predict import load_model  # noqa: E402
+from tasks.serving.predict import VARIANTS, load_model  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
 
@@ -76,12 +86,37 @@ def _bad_requests(good: bytes) -> list[tuple[bytes, str]]:
     ]
 
 
+def dataframe(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """An ``mlflow models serve`` body: the files as ``dataframe_split`` rows, base64."""
+    rows = [[base64.b64encode(data).decode(), name] for name, data in files]
+    body = {"dataframe_split": {"columns": ["image", "name"], "data": rows}}
+    return json.dumps(body).encode(), "application/json"
+
+
+def _bad_mlflow_requests(good: bytes) -> list[tuple[bytes, str]]:
+    return [
+        dataframe([("notes.png", b"not an image at all")]),
+        dataframe([("cut.png", good[: len(good) // 2])]),
+        (b"", "application/json"),
+        (good, "image/png"),
+    ]
+
+
 def rss_kb(pid: int) -> int:
     """Resident memory of process ``pid`` in kB (0 once it is gone)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` and its children (``mlflow models serve`` runs uvicorn)."""
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) // 1024
+    except psutil.Error:
+        return 0
 
 
 class _Peak(threading.Thread):
@@ -93,10 +128,12 @@ class _Peak(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.02):
-            self.peak = max(self.peak, rss_kb(self.pid))
+            self.peak = max(self.peak, tree_rss_kb(self.pid))
 
 
-def _load(host: str, port: int, requests: list[tuple[bytes, str, bool]], workers: int) -> dict:
+def _load(
+    host: str, port: int, path: str, requests: list[tuple[bytes, str, bool]], workers: int
+) -> dict:
     local = threading.local()
 
     def send(request: tuple[bytes, str, bool]) -> tuple[bool, int, float]:
@@ -109,7 +146,7 @@ def _load(host: str, port: int, requests: list[tuple[bytes, str, bool]], workers
             local.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.perf_counter()
         try:
-            local.connection.request("POST", "/predict", body, {"Content-Type": content_type})
+            local.connection.request("POST", path, body, {"Content-Type": content_type})
             response = local.connection.getresponse()
             response.read()
             status = response.status
@@ -156,58 +193,99 @@ def _direct(model_ref: str, images: list[bytes], repeats: int = 3) -> dict:
     return {"p50_ms": statistics.median(times), "images_per_second": 1000 / statistics.mean(times)}
 
 
+def _serve_model(model: str, scratch: Path) -> tuple[subprocess.Popen, str, int, str]:
+    """``visionpipe serve-model`` on an OS-chosen port; the process, host, port, path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve-model", "--model", model, "--port", "0"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = server.stderr.readline()
+    found = re.search(r"http://([\d.]+):(\d+)", line)
+    if found is None:
+        server.kill()
+        raise SystemExit(f"serve-model did not start: {line}{server.stderr.read()}")
+    return server, found.group(1), int(found.group(2)), "/predict"
+
+
+def _serve_mlflow(model: str, scratch: Path) -> tuple[subprocess.Popen, str, int, str]:
+    """``mlflow models serve`` on the model folder the registry would log for ``model``."""
+    from tasks.serving.registry import save_image_model
+
+    onnx_path = VARIANTS.get(model, Path(model))
+    if onnx_path.suffix != ".onnx":
+        raise SystemExit(f"--server mlflow needs an ONNX model, not {onnx_path}")
+    folder = save_image_model(scratch / "model", onnx_path)
+    port = free_port()
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/ping")
+            if connection.getresponse().status == 200:
+                return server, "127.0.0.1", port, "/invocations"
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit(f"mlflow models serve did not start: {server.stderr.read()[-2000:]}")
+
+
+SERVERS = {"serve-model": (_serve_model, multipart, _bad_requests),
+           "mlflow": (_serve_mlflow, dataframe, _bad_mlflow_requests)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="student_int8")
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--bad-share", type=float, default=0.1)
+    parser.add_argument("--server", choices=sorted(SERVERS), default="serve-model")
     args = parser.parse_args()
+    start, encode, bad_requests = SERVERS[args.server]
 
     test = load_prepared(PREPARED_DIR).test
     images = [_png(pixels) for pixels in test.images[:200]]
     every = max(1, round(1 / args.bad_share)) if args.bad_share > 0 else 0
-    bad = _bad_requests(images[0])
+    bad = bad_requests(images[0])
     requests = []
     for i in range(args.requests):
         if every and i % every == every - 1:
             body, content_type = bad[(i // every) % len(bad)]
             requests.append((body, content_type, False))
         else:
-            requests.append((*multipart([(f"{i}.png", images[i % len(images)])]), True))
+            requests.append((*encode([(f"{i}.png", images[i % len(images)])]), True))
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve-model", "--model", args.model, "--port", "0"],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = server.stderr.readline()
-        found = re.search(r"http://([\d.]+):(\d+)", line)
-        if found is None:
-            raise SystemExit(f"serve-model did not start: {line}{server.stderr.read()}")
-        host, port = found.group(1), int(found.group(2))
-        idle_kb = rss_kb(server.pid)
-        levels = []
-        for workers in CONCURRENCY:
-            peak = _Peak(server.pid)
-            peak.start()
-            level = _load(host, port, requests, workers)
-            peak.done.set()
-            peak.join()
-            level["server_peak_rss_mb"] = peak.peak / 1024
-            levels.append(level)
-            print(f"concurrency {workers:2d}: {level['requests_per_second']:.0f} req/s, p50 "
-                  f"{level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, good errors "
-                  f"{level['good_error_rate']:.3f}, bad {level['bad_statuses']}, "
-                  f"peak RSS {level['server_peak_rss_mb']:.0f} MB")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
+        server, host, port, path = start(args.model, Path(scratch))
+        try:
+            idle_kb = tree_rss_kb(server.pid)
+            levels = []
+            for workers in CONCURRENCY:
+                peak = _Peak(server.pid)
+                peak.start()
+                level = _load(host, port, path, requests, workers)
+                peak.done.set()
+                peak.join()
+                level["server_peak_rss_mb"] = peak.peak / 1024
+                levels.append(level)
+                print(f"concurrency {workers:2d}: {level['requests_per_second']:.0f} req/s, p50 "
+                      f"{level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, good errors "
+                      f"{level['good_error_rate']:.3f}, bad {level['bad_statuses']}, "
+                      f"peak RSS {level['server_peak_rss_mb']:.0f} MB")  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     direct = _direct(args.model, images)
     single = levels[0]
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "machine": describe_machine(),
+        "server": args.server,
         "model": args.model,
         "requests_per_level": args.requests,
         "bad_share": args.bad_share,
@@ -219,7 +297,8 @@ def main() -> None:
     }
     print(f"direct: p50 {direct['p50_ms']:.2f} ms; HTTP at concurrency 1 costs "
           f"{result['http_over_direct_p50']:.2f}x the direct p50")  # fmt: skip
-    print(f"wrote {write_result(f'serve_load_{args.model}.json', result)}")
+    prefix = "serve_load" if args.server == "serve-model" else "serve_load_mlflow"
+    print(f"wrote {write_result(f'{prefix}_{args.model}.json', result)}")
 
 
 if __name__ == "__main__":

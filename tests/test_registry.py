@@ -158,6 +158,17 @@ def test_a_row_that_is_not_a_usable_image_gets_prepares_reason(store, pngs) -> N
     assert answers[3]["top_k"][0]["probability"] > 0.5
 
 
+def test_a_saved_model_folder_is_the_logged_model(store, pngs, tmp_path) -> None:
+    """``save_image_model`` (what benchmarks/serve_load.py --server mlflow serves) logs nothing."""
+    files, experiment = store
+    logged = mlflow.pyfunc.load_model(_register(files, experiment)["student_int8"].uri)
+    folder = registry.save_image_model(tmp_path / "model", files["student_int8"])
+    saved = mlflow.pyfunc.load_model(str(folder))
+    assert saved.predict(_rows(pngs)) == logged.predict(_rows(pngs))
+    assert saved.metadata.flavors.keys() == logged.metadata.flavors.keys()
+    assert saved.metadata.metadata["source_md5"] == logged.metadata.metadata["source_md5"]
+
+
 def test_the_tensor_graph_stays_available_as_the_onnx_flavour(store) -> None:
     files, experiment = store
     version = _register(files, experiment)["student_int8"]

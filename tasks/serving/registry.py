@@ -202,27 +202,43 @@ IMAGE_MODEL_FLAVOUR = types.SimpleNamespace(
 )
 
 
+def _image_model(onnx_path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata and the pyfunc's signature, example and requirements for ``onnx_path``."""
+    description = describe(onnx.load(str(onnx_path)))
+    return {
+        "metadata": {
+            **metadata,
+            **description,
+            "tensor_signature": tensor_signature(description).to_dict(),
+        },
+        "signature": image_signature(),
+        "input_example": input_example(description),
+        "pip_requirements": [f"{n}=={installed_version(n)}" for n in SERVING_REQUIREMENTS],
+    }
+
+
 def log_image_model(
     variant: str, onnx_path: Path, code: Path, metadata: Mapping[str, Any], registered_name: str
 ) -> mlflow.models.model.ModelInfo:
     """Log ``onnx_path`` as an image-taking model of the active run and register it."""
-    description = describe(onnx.load(str(onnx_path)))
     return mlflow.models.Model.log(
         None,  # artifact_path: deprecated in favour of name
         name=variant,
         flavor=IMAGE_MODEL_FLAVOUR,
         registered_model_name=registered_name,
-        metadata={
-            **metadata,
-            **description,
-            "tensor_signature": tensor_signature(description).to_dict(),
-        },
         onnx_path=onnx_path,
         code=code,
-        signature=image_signature(),
-        input_example=input_example(description),
-        pip_requirements=[f"{name}=={installed_version(name)}" for name in SERVING_REQUIREMENTS],
+        **_image_model(onnx_path, metadata),
     )
+
+
+def save_image_model(path: Path, onnx_path: Path) -> Path:
+    """The model ``log_image_model`` logs, as a local folder (``mlflow models serve -m PATH``)."""
+    with tempfile.TemporaryDirectory(prefix="visionpipe-model-") as scratch:
+        kwargs = _image_model(onnx_path, {"source_md5": file_md5(onnx_path)})
+        model = mlflow.models.Model(metadata=kwargs.pop("metadata"))
+        _save_image_model(str(path), model, onnx_path, ship_code(Path(scratch)), **kwargs)
+    return path
 
 
 def find_version(client: mlflow.MlflowClient, name: str, md5: str) -> ModelVersion | None:
