@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +56,8 @@ from tasks.layout import PREPARED_DIR  # noqa: E402
 from tasks.serving.predict import VARIANTS, load_model  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
+# (file name, bytes) pairs -> a request body and its content type
+Encoder = Callable[[list[tuple[str, bytes]]], tuple[bytes, str]]
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -77,10 +80,11 @@ def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[byt
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def _bad_requests(good: bytes) -> list[tuple[bytes, str]]:
+def _bad_requests(good: bytes, encode: Encoder) -> list[tuple[bytes, str]]:
+    """Not an image, a truncated PNG (both in the server's own format), no body, a raw PNG."""
     return [
-        multipart([("notes.png", b"not an image at all")]),
-        multipart([("cut.png", good[: len(good) // 2])]),
+        encode([("notes.png", b"not an image at all")]),
+        encode([("cut.png", good[: len(good) // 2])]),
         (b"", "application/json"),
         (good, "image/png"),
     ]
@@ -91,15 +95,6 @@ def dataframe(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     rows = [[base64.b64encode(data).decode(), name] for name, data in files]
     body = {"dataframe_split": {"columns": ["image", "name"], "data": rows}}
     return json.dumps(body).encode(), "application/json"
-
-
-def _bad_mlflow_requests(good: bytes) -> list[tuple[bytes, str]]:
-    return [
-        dataframe([("notes.png", b"not an image at all")]),
-        dataframe([("cut.png", good[: len(good) // 2])]),
-        (b"", "application/json"),
-        (good, "image/png"),
-    ]
 
 
 def rss_kb(pid: int) -> int:
@@ -235,8 +230,7 @@ def _serve_mlflow(model: str, scratch: Path) -> tuple[subprocess.Popen, str, int
     raise SystemExit(f"mlflow models serve did not start: {server.stderr.read()[-2000:]}")
 
 
-SERVERS = {"serve-model": (_serve_model, multipart, _bad_requests),
-           "mlflow": (_serve_mlflow, dataframe, _bad_mlflow_requests)}  # fmt: skip
+SERVERS = {"serve-model": (_serve_model, multipart), "mlflow": (_serve_mlflow, dataframe)}
 
 
 def main() -> None:
@@ -246,12 +240,12 @@ def main() -> None:
     parser.add_argument("--bad-share", type=float, default=0.1)
     parser.add_argument("--server", choices=sorted(SERVERS), default="serve-model")
     args = parser.parse_args()
-    start, encode, bad_requests = SERVERS[args.server]
+    start, encode = SERVERS[args.server]
 
     test = load_prepared(PREPARED_DIR).test
     images = [_png(pixels) for pixels in test.images[:200]]
     every = max(1, round(1 / args.bad_share)) if args.bad_share > 0 else 0
-    bad = bad_requests(images[0])
+    bad = _bad_requests(images[0], encode)
     requests = []
     for i in range(args.requests):
         if every and i % every == every - 1:
