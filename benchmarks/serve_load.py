@@ -49,7 +49,7 @@ import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from flows.prefect_api import free_port  # noqa: E402
+from flows.prefect_api import free_port, healthy  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
 from tasks.inference import decode_blobs, predict_decoded  # noqa: E402
 from tasks.layout import PREPARED_DIR  # noqa: E402
@@ -219,13 +219,9 @@ def _serve_mlflow(model: str, scratch: Path) -> tuple[subprocess.Popen, str, int
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and server.poll() is None:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/ping")
-            if connection.getresponse().status == 200:
-                return server, "127.0.0.1", port, "/invocations"
-        except OSError:
-            time.sleep(0.5)
+        if healthy(f"http://127.0.0.1:{port}"):
+            return server, "127.0.0.1", port, "/invocations"
+        time.sleep(0.5)
     server.kill()
     raise SystemExit(f"mlflow models serve did not start: {server.stderr.read()[-2000:]}")
 

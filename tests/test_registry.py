@@ -25,7 +25,7 @@ import pytest
 from mlflow.models import ModelSignature
 from PIL import Image
 
-from flows.prefect_api import free_port
+from flows.prefect_api import free_port, healthy
 from tasks.data.datasets import Split
 from tasks.data.pixels import normalise
 from tasks.inference import onnx_logits, onnx_session
@@ -225,7 +225,7 @@ def test_mlflow_models_serve_answers_images_from_the_champion(store, pngs) -> No
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 90
-            while not _pings(url):
+            while not healthy(url):
                 assert served.poll() is None and time.monotonic() < deadline, served.stdout.read()
                 time.sleep(0.5)
             data = [[base64.b64encode(p.read_bytes()).decode(), str(p)] for p in pngs]
@@ -248,13 +248,6 @@ def test_mlflow_models_serve_answers_images_from_the_champion(store, pngs) -> No
             mlflow.MlflowClient().delete_registered_model_alias(
                 "visionpipe-student_int8", registry.CHAMPION
             )
-
-
-def _pings(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ping", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_teacher_checkpoint_is_registered_as_onnx_that_takes_images(store, pngs) -> None:

@@ -56,6 +56,7 @@ from PIL import Image
 
 from tasks.checkpoints import load_checkpoint
 from tasks.data.datasets import Split
+from tasks.data.images import ImageSpec
 from tasks.data.pixels import ChannelStats, normalise
 from tasks.export.onnx_io import INPUT_NAME, OUTPUT_NAME, export_onnx, input_shape, model_metadata
 from tasks.inference import onnx_logits, onnx_session
@@ -154,11 +155,10 @@ def tensor_signature(description: Mapping[str, Any]) -> ModelSignature:
 
 def input_example(description: Mapping[str, Any]) -> pd.DataFrame:
     """One blank image of the model's size, as a PNG: the request the MLflow UI shows."""
-    spec = description["preprocessing"]
-    size, mode = int(spec["image_size"]), "L" if int(spec["channels"]) == 1 else "RGB"
-    fill = int(spec["background"]) if mode == "L" else (int(spec["background"]),) * 3
+    spec = ImageSpec.from_preprocessing(description["preprocessing"])
+    fill = spec.background if spec.channels == 1 else (spec.background,) * 3
     png = io.BytesIO()
-    Image.new(mode, (size, size), fill).save(png, format="PNG")
+    Image.new(spec.mode, (spec.size, spec.size), fill).save(png, format="PNG")
     return pd.DataFrame({IMAGE: [png.getvalue()], NAME: ["example.png"]})
 
 
