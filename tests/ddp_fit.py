@@ -1,7 +1,7 @@
 """One tiny fit, in one process or under torchrun: ``python -m tests.ddp_fit OUT.json``.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.ddp_fit out.json
-    python -m torch.distributed.run ... -m tests.ddp_fit out.json STATE.pt KILL_AT
+    python -m torch.distributed.run ... -m tests.ddp_fit out.json STATE.pt KILL_AT [self|agent]
 
 A width-4 cnn on seeded 8x8 images (a bright corner marks class 1), global
 batch 16, three epochs, no augmentation or dropout, through ``tasks.training.train``'s
@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from tasks.training.resume import Resume
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(out: str, state: str = "-", kill_at: int = 0) -> None:
+def main(out: str, state: str = "-", kill_at: int = 0, kill: str = "self") -> None:
     torch.set_num_threads(1)
     params = load_params(ROOT / "params.yaml")
     resume = None if state == "-" else Resume(Path(state), "tiny-ddp-run")
@@ -61,6 +62,7 @@ def main(out: str, state: str = "-", kill_at: int = 0) -> None:
     data = TrainingData(prepared, train, np.ones(len(train)))
     world = World.from_env()
     device = init_process_group(world, torch.device("cpu"))
+    Path(f"{out}.pid{world.rank}").write_text(str(os.getpid()))
     seed_everything(0, deterministic=True)
     model = build_model("cnn", 1, 2, 4, dropout)
     train_loader, val_loader = build_loaders(data, fit_params, augment, 0, device)
@@ -69,7 +71,10 @@ def main(out: str, state: str = "-", kill_at: int = 0) -> None:
 
     def on_epoch(record) -> None:
         if record.epoch == kill_at and world.is_main:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if kill == "self":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(5)  # the kernel's SIGKILL lands here; an orphan would go on to save
 
     result = fit(
         model, objective, train_loader, val_loader, fit_params, device, on_epoch,
@@ -91,4 +96,4 @@ def main(out: str, state: str = "-", kill_at: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *sys.argv[2:3], *map(int, sys.argv[3:4]))
+    main(sys.argv[1], *sys.argv[2:3], *map(int, sys.argv[3:4]), *sys.argv[4:5])

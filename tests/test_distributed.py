@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -75,6 +78,36 @@ def test_two_killed_gloo_processes_resume_to_the_uninterrupted_weights(tmp_path:
         ending = (tmp_path / f"resumed.json.rank{rank}").read_text()
         assert ending == (tmp_path / f"whole.json.rank{rank}").read_text()
         assert ending == (tmp_path / "whole.json.rank0").read_text()
+
+
+def test_workers_die_with_their_killed_agent_and_the_rerun_resumes(tmp_path: Path) -> None:
+    # An out-of-memory kill of torchrun itself: its workers (each in a session of its
+    # own) must not train on as orphans writing the resume state a re-run resumes from.
+    state = tmp_path / "resume" / "train.pt"
+    started = time.monotonic()
+    killed = _launch(tmp_path / "killed.json", 2, str(state), "3", "agent")
+    assert killed.returncode == -signal.SIGKILL
+    pids = [int((tmp_path / f"killed.json.pid{rank}").read_text()) for rank in (0, 1)]
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _alive(pid)], "a worker outlived its agent"
+    # rank 0 sleeps 5 s after the kill where an orphan would go on: it died first
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "killed.json").exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 2  # epoch 3 was never saved
+
+    resumed = _fit(tmp_path / "resumed.json", 2, str(state), "0")
+    assert resumed["epochs"] == [1, 2, 3, 4]
+    whole = _fit(tmp_path / "whole.json", 2, str(tmp_path / "whole.pt"), "0")
+    assert resumed["weights"] == whole["weights"]  # bit for bit
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("weighted", [False, True])

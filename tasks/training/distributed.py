@@ -10,6 +10,13 @@ batch, split evenly), DistributedDataParallel averages the gradients, and
 only rank 0 runs the Prefect flow, writes checkpoints, metrics and MLflow
 runs; the other ranks run the same fit as plain functions (``flows/train.py``).
 
+torchrun starts each worker in a session of its own, so a SIGKILL of the
+torchrun agent (an out-of-memory kill, say) does not reach them: left alone
+they would train on as orphans and keep writing the resume state that a
+re-run resumes from. ``init_process_group`` therefore asks the kernel to
+SIGKILL the worker the moment its agent dies (Linux ``PR_SET_PDEATHSIG``),
+and exits at once if the agent is already gone.
+
 ``ShardedSampler`` is the one sampler for every case: a permutation (or, with
 ``balanced_sampler`` weights, a weighted draw with replacement) seeded by
 ``seed + epoch``, cut into ``world`` interleaved shards. Rank r's k-th batch
@@ -19,11 +26,15 @@ processes see the same global batches as one would.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
@@ -56,12 +67,45 @@ def init_process_group(world: World, device: torch.device) -> torch.device:
     """Join the process group (once) and return this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
     if not world.distributed:
         return device
+    die_with_agent()
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+AGENT_MARKS = ("torchrun", "torch.distributed.run", "torch/distributed/run.py")
+
+
+def die_with_agent() -> None:
+    """Have the kernel SIGKILL this worker when its parent, the torchrun agent, dies.
+
+    The signal is armed for the parent this process has now; if that parent is
+    no longer a torchrun agent (it died before the call, and this process was
+    re-parented), the worker exits at once instead. A no-op off Linux or
+    outside torchrun (no ``TORCHELASTIC_RUN_ID``).
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    parent = psutil.Process().parent()
+    try:
+        command = " ".join(parent.cmdline()) if parent is not None else ""
+    except psutil.Error:
+        command = ""
+    if not any(mark in command for mark in AGENT_MARKS):
+        print(
+            f"visionpipe: rank {os.environ.get('RANK', '?')}: its torchrun agent is gone; "
+            "stopping before writing anything",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 def local_batch_size(batch_size: int, world: World) -> int:
