@@ -1,6 +1,6 @@
 """Faults and hostile input, tried for real: what the pipeline did, how long it took, what was lost.
 
-    python benchmarks/faults.py
+    python benchmarks/faults.py [--cases hostile-folder ...] [--out NAME] [--smoke]
 
 Each case runs in its own fresh copy of the repository (``benchmarks/workspace.py``)
 with its own server state folder, through the same commands a user types:
@@ -21,10 +21,13 @@ with its own server state folder, through the same commands a user types:
   stopped by ``visionpipe down --all``.
 
 Writes ``benchmarks/results/faults.json`` and prints the README's table.
+``--smoke`` runs the two quickest cases (``hostile-folder``, ``orphaned-server``)
+into ``faults_smoke.json``: does the script still run?
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -224,16 +227,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SMOKE = ("hostile-folder", "orphaned-server")
+
+
 def main() -> None:
+    names = {case.__name__.replace("_", "-"): case for case in CASES}
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", nargs="+", choices=list(names), default=list(names),
+                        help="which faults to try (default: all)")  # fmt: skip
+    parser.add_argument("--out", default=None, help="result file name (faults.json)")
+    parser.add_argument("--smoke", action="store_true", help=f"only {' and '.join(SMOKE)}")
+    args = parser.parse_args()
+    if args.smoke:
+        args.cases, args.out = list(SMOKE), args.out or "faults_smoke.json"
     rows = []
-    for case in CASES:
+    for case in (names[name] for name in args.cases):
         with tempfile.TemporaryDirectory(prefix="visionpipe-fault-") as tmp:
             print(f"{case.__name__}...", flush=True)
             rows.append(case(Path(tmp)))
             print(f"  -> exit {rows[-1]['exit']} in {rows[-1]['seconds']} s", flush=True)
+    command = " ".join(["python benchmarks/faults.py", *sys.argv[1:]])
     path = write_result(
-        "faults.json",
-        {"command": "python benchmarks/faults.py", "machine": describe_machine(), "cases": rows},
+        args.out or "faults.json",
+        {"command": command, "machine": describe_machine(), "cases": rows},
     )
     print(table(rows))
     print(f"wrote {path}")

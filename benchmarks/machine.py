@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Smoke runs (tests/test_benchmarks.py) write their result files elsewhere, never over these.
+RESULTS_ENV = "VISIONPIPE_BENCHMARK_RESULTS"
 
 
 def _cpu_model() -> str:
@@ -48,8 +50,14 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
+def results_dir() -> Path:
+    """``benchmarks/results``, or ``$VISIONPIPE_BENCHMARK_RESULTS`` when that is set."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS)
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    directory = results_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,15 +25,60 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu`` tests need CUDA: without it they are skipped, saying so (CI has no GPU)."""
+    """``slow`` and ``browser`` tests are ``integration`` tests too (outside the fast tier);
+    ``gpu`` tests need CUDA: without it they are skipped, saying so (CI has no GPU)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
     for item in items:
-        if "gpu" in item.keywords:
+        if ("slow" in item.keywords or "browser" in item.keywords) and (
+            "integration" not in item.keywords
+        ):
+            item.add_marker(pytest.mark.integration)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+
+
+class StartedSomething(RuntimeError):
+    """A test outside the ``integration`` tier started a process or a server."""
+
+
+def _refuse(item: pytest.Item, what: str):
+    def refused(*args, **kwargs):
+        raise StartedSomething(
+            f'{item.nodeid} {what}, but the fast tier (`pytest -m "not integration"`) '
+            "starts no server, subprocess or browser: mark the test (or its module) "
+            "`@pytest.mark.integration`, or test the same property without one"
+        )
+
+    return refused
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _guard(item):
+        return (yield)
+
+
+def _guard(item: pytest.Item) -> ExitStack:
+    """Outside ``integration``, starting a subprocess, a child process or a listening
+    socket fails the test: the fast tier's promise is checked on every run, not assumed."""
+    stack = ExitStack()
+    if "integration" in item.keywords:
+        return stack
+    for target, name, what in (
+        (subprocess.Popen, "_execute_child", "started a subprocess"),
+        (multiprocessing.process.BaseProcess, "start", "started a child process"),
+        (socket.socket, "listen", "opened a listening socket (a server)"),
+    ):
+        stack.enter_context(mock.patch.object(target, name, _refuse(item, what)))
+    return stack
 
 
 # --- unit-test fixtures ---

@@ -124,6 +124,7 @@ def test_a_stage_leases_the_local_server_also_when_pointed_at_it_by_url(tmp_path
     assert not uses_local_server()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv", [("--help",), ("compare",), ("status",), ("check",)])
 def test_light_commands_load_no_ml_or_orchestration_library(tmp_path, argv):
     # what makes a command answer in well under a second: importing torch,

@@ -40,6 +40,7 @@ def _fit(out: Path, processes: int, *resume: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.integration
 def test_two_gloo_processes_match_single_process_training(tmp_path: Path) -> None:
     single = _fit(tmp_path / "single.json", 1)
     ddp = _fit(tmp_path / "ddp.json", 2)
@@ -56,6 +57,7 @@ def test_two_gloo_processes_match_single_process_training(tmp_path: Path) -> Non
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.2
 
 
+@pytest.mark.integration
 def test_two_killed_gloo_processes_resume_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     # dropout and per-rank augmentation on: each rank's own random streams must come back too
     state = tmp_path / "resume" / "train.pt"
@@ -80,6 +82,7 @@ def test_two_killed_gloo_processes_resume_to_the_uninterrupted_weights(tmp_path:
         assert ending == (tmp_path / "whole.json.rank0").read_text()
 
 
+@pytest.mark.integration
 def test_workers_die_with_their_killed_agent_and_the_rerun_resumes(tmp_path: Path) -> None:
     # An out-of-memory kill of torchrun itself: its workers (each in a session of its
     # own) must not train on as orphans writing the resume state a re-run resumes from.

@@ -21,6 +21,8 @@ from tasks.layout import DATA_QUALITY, PREPARED_DIR, RESAMPLED_DIR, metrics_path
 from tasks.params import DataParams, Params, ResampleParams
 from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder, noise
 
+pytestmark = pytest.mark.integration  # real Prefect/MLflow servers
+
 CLASSES = ("a", "b", "c")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tasks.data.datasets import PreparedData, Split
@@ -12,6 +13,7 @@ from tasks.training.loaders import ImageDataset, make_loader
 from tasks.transforms import build_augment
 
 
+@pytest.mark.integration
 def test_loader_with_workers_repeats_for_a_seed(
     params: Params, tiny_prepared: PreparedData
 ) -> None:

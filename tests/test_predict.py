@@ -227,6 +227,7 @@ def test_an_mlflow_runs_uri(
     assert prediction.top_k[0][0] == "corner"
 
 
+@pytest.mark.integration
 def test_predict_loads_inference_code_only(artifacts: Artifacts, folder: Path, tmp_path: Path):
     modules, out = modules_loaded_by(
         tmp_path, "predict", "--model", str(artifacts.int8), str(folder)

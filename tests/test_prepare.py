@@ -28,6 +28,7 @@ from tests.imagefolders import noise
 # ---------------------------------------------------------------- decode
 
 
+@pytest.mark.integration
 def test_parallel_decode_matches_sequential(params: Params, tmp_path: Path) -> None:
     pixels = noise((700, 12, 12), 0)  # three chunks of 256
     source = array_source(pixels, [i % 3 for i in range(700)])

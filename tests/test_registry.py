@@ -184,6 +184,7 @@ def test_the_tensor_graph_stays_available_as_the_onnx_flavour(store) -> None:
     np.testing.assert_array_equal(served, expected)
 
 
+@pytest.mark.integration
 def test_the_model_runs_where_this_repository_cannot_be_imported(store, pngs) -> None:
     """The pyfunc's code travels inside the model: a process without ``tasks`` serves it."""
     files, experiment = store
@@ -212,6 +213,7 @@ def test_the_model_runs_where_this_repository_cannot_be_imported(store, pngs) ->
     assert labels == [a["top_k"][0]["label"] for a in in_process]
 
 
+@pytest.mark.integration
 def test_mlflow_models_serve_answers_images_from_the_champion(store, pngs) -> None:
     """The documented command: ``mlflow models serve`` on the alias, with base64 PNGs."""
     files, experiment = store

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tasks.params import load_params
@@ -35,6 +36,7 @@ def _run(state: str, kill_at: int) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_killed_fit_resumes_and_finishes_as_if_never_interrupted(tmp_path: Path) -> None:
     state = tmp_path / "resume" / "train.pt"
     killed = _run(str(state), kill_at=3)

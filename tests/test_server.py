@@ -26,7 +26,10 @@ from tests.toymodels import corner_pixels, export_corner_variants
 ROOT = Path(__file__).resolve().parents[1]
 JSON = "application/json"
 # torch's own exporter still calls a deprecated pytree API; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+    pytest.mark.integration,  # a real server on loopback
+]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from flows.services import (
 from tasks.tracking import log_results, start_run
 from tasks.tracking_store import tracking_uri
 
+pytestmark = pytest.mark.integration  # real Prefect/MLflow servers
+
 
 def _dead_pid() -> int:
     process = subprocess.Popen(["true"])

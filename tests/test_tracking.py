@@ -22,6 +22,7 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.integration
 def test_a_run_whose_process_died_is_marked_failed_by_the_next_run(store) -> None:
     experiment = store.create_experiment("abandoned", artifact_location="mlruns/abandoned")
     dead = subprocess.Popen(["sleep", "30"])

@@ -1,0 +1,80 @@
+"""Every benchmark script runs: ``--help`` answers without side effects, and smoke modes end
+to end, each checked for the shape of the result file it writes.
+
+A committed measurement script that crashes is a broken promise: these run the scripts
+as a user does (``python benchmarks/NAME.py``), in a subprocess, so they are in the
+``integration`` tier. Smoke runs write into ``$VISIONPIPE_BENCHMARK_RESULTS`` (a temporary
+folder), never over ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.machine import RESULTS, RESULTS_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(
+    path.stem
+    for path in (ROOT / "benchmarks").glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _run(script: str, *args: str, results: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _listing() -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in RESULTS.iterdir()}
+
+
+def test_every_script_is_found() -> None:
+    assert {"faults", "train_throughput", "pipeline", "suite", "serve_load"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_the_options_and_does_nothing_else(script: str, tmp_path: Path) -> None:
+    before = _listing()
+    done = _run(script, "--help", results=tmp_path / "results", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:"), done.stdout[:500]
+    assert "--" in done.stdout.split("\n", 1)[1]  # options are listed, not only the usage line
+    assert not (tmp_path / "results").exists()
+    assert _listing() == before
+
+
+def test_train_throughput_smoke_times_the_committed_teacher_and_student(tmp_path: Path) -> None:
+    done = _run("train_throughput", "--smoke", results=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "train_throughput_smoke.json").read_text())
+    assert result["train_images"] == 64
+    models = result["models"]
+    assert set(models) == {"teacher", "student", "resnet", "cnn"}
+    # the committed defaults, as the stages build them: pretrained, not the scratch nets
+    assert models["teacher"]["pretrained"] and models["student"]["pretrained"]
+    assert not models["resnet"]["pretrained"] and not models["cnn"]["pretrained"]
+    assert models["teacher"]["params"] > models["student"]["params"] > 0
+    assert models["teacher"]["input_size"] > 8 and models["resnet"]["input_size"] is None
+    assert set(result["results"]) == {
+        f"{model}/{path}" for model in models for path in ("num_workers=0", "data_on_device")
+    }
+    for row in result["results"].values():
+        assert len(row["ratio_per_round"]) == 1
+        assert row["pipeline_images_per_second"][0] > 0 and row["bare_images_per_second"][0] > 0
+        assert row["median_ratio"] == pytest.approx(
+            row["pipeline_images_per_second"][0] / row["bare_images_per_second"][0]
+        )
+    assert result["machine"]["cpu_count"] >= 1
