@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Prefect servers started by tests would try to send telemetry; there is no network here.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# joblib (imbalanced-learn's neighbours) would otherwise run `lscpu` to count physical cores.
+os.environ.setdefault("LOKY_MAX_CPU_COUNT", str(os.cpu_count() or 1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores, not torch's default of all
+    of them: two workers of two threads each on two cores would thrash."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
