@@ -139,12 +139,16 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flows.services import down, down_all
+    from flows.services import ServerInUse, down, down_all
 
     if args.under and not args.all:
         print("visionpipe: --under goes with --all", file=sys.stderr)
         return 2
-    stopped = down_all(args.under) if args.all else down()
+    try:
+        stopped = down_all(args.under, args.force) if args.all else down(args.force)
+    except ServerInUse as exc:
+        print(f"visionpipe: {exc}", file=sys.stderr)
+        return 1
     for line in stopped:
         print(f"stopped the {line}")
     if not stopped:
@@ -154,14 +158,14 @@ def _down(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _prefect_api() -> Iterator[None]:
+def _prefect_api(command: str) -> Iterator[None]:
     """Prefect settings pointing at the API the stages use (started if need be), with a
     lease on the local server for as long as the command runs (``serve`` runs for days)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.prefect_api import lease, resolve_api_url, uses_local_server
 
-    with lease() if uses_local_server() else contextlib.nullcontext():
+    with lease(stage=command) if uses_local_server() else contextlib.nullcontext():
         api_url = resolve_api_url()
         with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
             yield
@@ -176,7 +180,7 @@ def _serve_deployment(args: argparse.Namespace) -> int:
             "deployment); `serve-model` serves a model over HTTP. `serve` will go away.",
             file=sys.stderr,
         )
-    with _prefect_api():
+    with _prefect_api("visionpipe serve-deployment"):
         serve(args.name)  # until interrupted
     return 0
 
@@ -214,7 +218,7 @@ def _deploy(args: argparse.Namespace) -> int:
     from flows.deploy import deploy
 
     config = load_params().retrain
-    with _prefect_api():
+    with _prefect_api("visionpipe deploy"):
         name = deploy(args.pool, args.name)
     print(f"deployment {name} on work pool {args.pool!r}: cron {config.cron!r} "
           f"({config.timezone}), at most 1 run at a time")  # fmt: skip
@@ -262,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument(
         "--under", type=Path, metavar="DIR", help="with --all: only servers whose state is in DIR"
     )
+    down.add_argument(
+        "--force", action="store_true",
+        help="stop the Prefect server even while a running stage (of any checkout) uses it",
+    )  # fmt: skip
     down.set_defaults(run=_down)
     model = commands.add_parser(
         "serve-model",

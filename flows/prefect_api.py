@@ -38,7 +38,6 @@ module, so whatever it imports becomes a code dependency of every stage in
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
 import json
 import os
@@ -52,6 +51,9 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+import psutil
+from filelock import FileLock
 
 from tasks.params import ParamsError, load_params
 
@@ -186,16 +188,10 @@ def read_state(directory: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and "pid" in state else None
 
 
-@contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> FileLock:
     """Serialise start/stop across processes (two stages must not start two servers)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(directory / "lock")
 
 
 def spawn_server(
@@ -242,7 +238,7 @@ def spawn_server(
                 f"the local {what} on {url} {why} ({hint}). Last lines of {log_path}:\n{tail}"
             )
         time.sleep(0.25)
-    state = {"pid": process.pid, "pid_start": start_ticks(process.pid), **record}
+    state = {"pid": process.pid, "pid_start": started_at(process.pid), **record}
     state["started"] = time.time()
     # Readers (every stage) never lock: replace the file whole so they never see half of it.
     scratch = directory / "server.json.tmp"
@@ -277,17 +273,18 @@ def is_running(state: Mapping[str, Any]) -> bool:
         return False
     # A group with this id exists. If its leader's start time differs from the recorded one,
     # the pid was reused by a new session leader; records without one predate the check.
-    recorded, current = state.get("pid_start"), start_ticks(pid)
+    recorded, current = state.get("pid_start"), started_at(pid)
     return recorded is None or current is None or recorded == current
 
 
-def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot (Linux /proc; None elsewhere or if gone)."""
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started (psutil's create time, epoch seconds); None if it is gone.
+
+    With the pid it names one process for good: a pid reused later has a later start."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return round(psutil.Process(pid).create_time(), 2)
+    except psutil.Error:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
 
 
 def kill_group(pid: int, grace: float = 10.0) -> None:
@@ -325,37 +322,48 @@ def uses_local_server() -> bool:
 
 
 @contextlib.contextmanager
-def lease(directory: Path | None = None) -> Iterator[None]:
+def lease(directory: Path | None = None, stage: str = "a visionpipe command") -> Iterator[None]:
     """Mark this process as a user of the local server until the block ends.
 
-    A file ``leases/<pid>`` holding the process's start time; the server's idle
-    watch (``flows/idle_server.py``) does not stop it while a live process holds
-    one, and removes those of processes that died without letting go.
+    A file ``leases/<pid>`` saying who holds it (pid, start time, checkout,
+    stage); the server's idle watch (``flows/idle_server.py``) does not stop it
+    while a live process holds one, ``visionpipe down`` names them and stops
+    it only with ``--force``, and both drop those of processes that died
+    without letting go.
     """
     leases = (directory or state_dir()) / "leases"
     leases.mkdir(parents=True, exist_ok=True)
     path = leases / str(os.getpid())
-    path.write_text(str(start_ticks(os.getpid()) or ""))
+    record = {"pid": os.getpid(), "started": started_at(os.getpid()),
+              "checkout": str(Path.cwd()), "stage": stage}  # fmt: skip
+    scratch = path.with_suffix(".tmp")  # never read half-written
+    scratch.write_text(json.dumps(record))
+    scratch.replace(path)
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
 
 
-def live_leases(directory: Path) -> list[int]:
-    """The pids holding a lease on ``directory``'s server; stale leases are removed."""
+def live_leases(directory: Path) -> list[dict[str, Any]]:
+    """Who holds a lease on ``directory``'s server (pid, checkout, stage), oldest pid first;
+    the leases of processes that have ended are removed."""
     alive = []
     for path in (directory / "leases").glob("*"):
-        try:
-            pid, recorded = int(path.name), path.read_text().strip()
-        except (ValueError, OSError):
+        if not path.name.isdigit():
             continue
-        current = start_ticks(pid)
-        if current is not None and (not recorded or int(recorded) == current):
-            alive.append(pid)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now, or not ours
+        if not isinstance(record, dict) or "pid" not in record:
+            continue
+        current = started_at(int(record["pid"]))
+        if current is not None and record.get("started") in (None, current):
+            alive.append(record)
         else:
             path.unlink(missing_ok=True)
-    return sorted(alive)
+    return sorted(alive, key=lambda record: record["pid"])
 
 
 # A stage's Prefect client gives up on an unreachable API after this many retries of
@@ -389,13 +397,23 @@ def api_lost(exc: BaseException) -> bool:
 
 
 def mlflow_lost(exc: BaseException) -> str | None:
-    """The tracking URI, when ``exc`` (or what caused it) is its server not answering."""
-    from mlflow.exceptions import MlflowException
+    """The tracking URI, when ``exc`` (or what caused it) is its server not answering.
 
+    MLflow's REST client raises an ``MlflowException`` once its retries of a
+    request are spent, raised while handling the transport's own error: a
+    ``requests`` connection error or timeout is what tells a dead server apart.
+    """
+    import requests
+
+    # refused or reset, timed out, or still failing (5xx) after the client's retries
+    failures = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+    )
     seen: BaseException | None = exc
     while seen is not None:
-        # MLflow's REST client raises this once its retries of a request are spent
-        if isinstance(seen, MlflowException) and "API request to" in str(seen):
+        if isinstance(seen, failures):
             import mlflow
 
             return mlflow.get_tracking_uri()
@@ -460,7 +478,7 @@ def run_stage(flow: Callable[..., T], **parameters: Any) -> T:
         temporary_settings,
     )
 
-    with lease() if uses_local_server() else contextlib.nullcontext():
+    with lease(stage=flow.name) if uses_local_server() else contextlib.nullcontext():
         api_url = resolve_api_url()
         if api_url:
             ui = api_url.removesuffix("/api")

@@ -45,18 +45,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from flows.prefect_api import (
     SERVER_MARK_ENV,
     free_port,
     healthy,
     home,
     kill_group,
+    live_leases,
     local_server_url,
     locked,
     read_state,
     spawn_server,
     start_local_server,
-    start_ticks,
     state_dir,
     stop_server,
 )
@@ -166,11 +168,33 @@ def up(root: Path | None = None, timeout: float | None = None) -> dict[str, str]
     }
 
 
-def down() -> list[str]:
+class ServerInUse(RuntimeError):
+    """``down`` was asked to stop the Prefect server while a running stage uses it."""
+
+
+def users() -> list[str]:
+    """The running stages (and ``serve-deployment``/``deploy`` commands) using the local
+    Prefect server, one line each: pid, stage and checkout."""
+    return [_describe_lease(record) for record in live_leases(state_dir())]
+
+
+def _describe_lease(record: dict) -> str:
+    return f"'{record.get('stage', '?')}' of {record.get('checkout', '?')} (pid {record['pid']})"
+
+
+def down(force: bool = False) -> list[str]:
     """Stop both recorded servers; one line per server that was running, for the CLI.
 
-    Both at once: each takes 2-3 s to shut down gracefully.
+    The Prefect server is shared by every checkout of this user: while a stage
+    of any of them holds a lease on it, ``ServerInUse`` names those stages and
+    nothing is stopped, unless ``force``. Both stop at once: each takes 2-3 s
+    to shut down gracefully.
     """
+    if not force and local_server_url() is not None and (using := users()):
+        raise ServerInUse(
+            "the local Prefect server is in use by " + "; ".join(using) + ". Stopping it "
+            "now leaves their flow runs unreported: wait for them, or `visionpipe down --force`"
+        )
     servers = (
         ("Prefect server", state_dir(), "api_url"),
         ("MLflow server", mlflow_state_dir(), "url"),
@@ -208,37 +232,25 @@ class RunningServer:
 
 
 def servers_on_machine() -> list[RunningServer]:
-    """Every visionpipe server this user runs, found in /proc by the mark ``spawn_server``
-    puts in their environment (also those whose checkout or state folder is gone)."""
+    """Every visionpipe server this user runs, found (with psutil) by the mark
+    ``spawn_server`` puts in their environment, also those whose checkout or state
+    folder is gone."""
     found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        pid = int(entry.name)
+    for process in psutil.process_iter(["pid", "environ", "cwd", "create_time", "cmdline"]):
+        info, pid = process.info, process.info["pid"]
         try:
-            if os.getpgid(pid) != pid:  # a server's children carry the mark too
+            if info["environ"] is None or os.getpgid(pid) != pid:  # children carry the mark too
                 continue
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            cwd = os.readlink(entry / "cwd")
-            started = _start_time(pid)
-        except (OSError, ProcessLookupError):
-            continue  # gone meanwhile, or another user's
-        variables = dict(v.decode(errors="replace").partition("=")[::2] for v in environ if v)
-        info = _marked(variables) or _unmarked(variables, entry)
-        if info is not None:
-            found.append(RunningServer(pid, info["what"], info["url"], info["state"], cwd, started))
+        except OSError:
+            continue  # gone meanwhile
+        variables = info["environ"]
+        found_info = _marked(variables) or _unmarked(variables, info["cmdline"] or [])
+        if found_info is not None:
+            found.append(RunningServer(
+                pid, found_info["what"], found_info["url"], found_info["state"],
+                info["cwd"] or "", info["create_time"],
+            ))  # fmt: skip
     return sorted(found, key=lambda server: server.started)
-
-
-def _start_time(pid: int) -> float:
-    """When ``pid`` started, in epoch seconds (boot time plus its start in clock ticks)."""
-    ticks = start_ticks(pid)
-    if ticks is None:
-        raise ProcessLookupError(pid)
-    boot = next(
-        float(line.split()[1])
-        for line in Path("/proc/stat").read_text().splitlines()
-        if line.startswith("btime ")
-    )
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _marked(variables: dict[str, str]) -> dict[str, str] | None:
@@ -248,29 +260,40 @@ def _marked(variables: dict[str, str]) -> dict[str, str] | None:
         return None
 
 
-def _unmarked(variables: dict[str, str], entry: Path) -> dict[str, str] | None:
+def _unmarked(variables: dict[str, str], command: list[str]) -> dict[str, str] | None:
     """A Prefect server a stage started before servers carried the mark (in a checkout's
     ``.visionpipe/prefect/``): what ``dvc exp run --temp`` copies used to leave behind."""
     prefect_home = variables.get("PREFECT_HOME", "")
     if not prefect_home.endswith(os.path.join(".visionpipe", "prefect", "home")):
         return None
-    try:
-        command = (entry / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if b"server" not in command or b"start" not in command:
+    if "server" not in command or "start" not in command:
         return None
     url = variables.get("PREFECT_API_URL", "?")
     return {"what": "Prefect server", "url": url, "state": str(Path(prefect_home).parent)}
 
 
-def down_all(under: Path | None = None) -> list[str]:
+def down_all(under: Path | None = None, force: bool = False) -> list[str]:
     """Stop every visionpipe server this user runs (whose state folder is below ``under``,
-    if given); one line per server stopped."""
+    if given); one line per server stopped. As ``down``: none while a running stage uses a
+    Prefect server among them (``ServerInUse`` names it), unless ``force``."""
+    servers = [
+        server
+        for server in servers_on_machine()
+        if under is None or Path(server.state).is_relative_to(under.resolve())
+    ]
+    using = [
+        _describe_lease(record)
+        for server in servers
+        if server.what == "Prefect server" and Path(server.state).is_dir()
+        for record in live_leases(Path(server.state))
+    ]
+    if using and not force:
+        raise ServerInUse(
+            "a visionpipe Prefect server is in use by " + "; ".join(using) + ": wait for "
+            "them, or `visionpipe down --all --force`"
+        )
     lines = []
-    for server in servers_on_machine():
-        if under is not None and not Path(server.state).is_relative_to(under.resolve()):
-            continue
+    for server in servers:
         kill_group(server.pid)
         state = Path(server.state)
         record = read_state(state) if state.is_dir() else None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import psutil
 import yaml
 from mlflow.entities import Metric
 
@@ -93,33 +94,32 @@ def data_hash(lock_path: Path = Path("dvc.lock"), out: str = "data/prepared") ->
     return "unknown"
 
 
-OWNER_TAG = "visionpipe.owner"  # "<host>:<pid>:<start in clock ticks>" of the run's process
+OWNER_TAG = "visionpipe.owner"  # "<host>:<pid>:<start, epoch seconds>" of the run's process
 ABANDONED_TAG = "visionpipe.abandoned"
 
 
-def _start_ticks(pid: int) -> str:
-    """When ``pid`` started, in clock ticks since boot ("" where /proc cannot say)."""
+def _started(pid: int) -> str:
+    """When ``pid`` started (psutil's create time, epoch seconds), "" if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
 
 
 def process_owner(pid: int | None = None) -> str:
     """This process (or ``pid``) as a run's owner: host, pid and start time."""
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+    return f"{socket.gethostname()}:{pid}:{_started(pid)}"
 
 
 def _owner_gone(owner: str) -> bool:
     """Whether the process ``owner`` names has ended (only knowable on its own host)."""
     host, _, rest = owner.partition(":")
-    pid, _, ticks = rest.partition(":")
+    pid, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    current = _start_ticks(int(pid))
-    return current == "" or (ticks != "" and current != ticks)
+    current = _started(int(pid))
+    return current == "" or (started != "" and current != started)
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:

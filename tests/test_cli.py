@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,44 @@ def test_serve_model_with_an_unknown_model_exits_2_saying_why(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert main(["serve-model", "--model", "nothing-like-this"]) == 2
     assert "unknown model 'nothing-like-this'" in capsys.readouterr().err
+
+
+def test_a_lease_names_its_stage_and_checkout_and_a_dead_holder_is_dropped(tmp_path, monkeypatch):
+    from flows.prefect_api import lease, live_leases
+
+    monkeypatch.chdir(tmp_path)
+    with lease(tmp_path / "state", stage="distill"):
+        (held,) = live_leases(tmp_path / "state")
+        assert (held["pid"], held["stage"], held["checkout"]) == (
+            os.getpid(),
+            "distill",
+            str(tmp_path),
+        )
+        # a process that died holding a lease: same pid file, another start time
+        stale = {**held, "pid": os.getpid(), "started": held["started"] - 100}
+        (tmp_path / "state" / "leases" / "1").write_text(json.dumps({**stale, "pid": 1}))
+        assert [r["pid"] for r in live_leases(tmp_path / "state")] == [os.getpid()]
+        assert not (tmp_path / "state" / "leases" / "1").exists()
+    assert live_leases(tmp_path / "state") == []
+
+
+def test_a_dead_mlflow_server_is_told_by_the_exception_type_not_its_text():
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from flows.prefect_api import mlflow_lost
+
+    def raised(transport: BaseException) -> BaseException:
+        try:
+            try:
+                raise transport
+            except Exception as e:  # as MLflow's REST client wraps it, message and all
+                raise MlflowException(f"API request to http://x failed: {e}")  # noqa: B904
+        except MlflowException as wrapped:
+            return wrapped
+
+    assert mlflow_lost(raised(requests.exceptions.ConnectionError("refused"))) is not None
+    assert mlflow_lost(raised(requests.exceptions.ReadTimeout("slow"))) is not None
+    # the same words without a transport failure underneath are some other error
+    assert mlflow_lost(MlflowException("API request to http://x failed: bad params")) is None
+    assert mlflow_lost(raised(ValueError("not the network"))) is None

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 
 from flows.cli import main
-from flows.prefect_api import free_port, healthy, home, read_state, state_dir
+from flows.prefect_api import free_port, healthy, home, lease, read_state, state_dir
 from flows.services import (
     down,
     mlflow_server_url,
@@ -155,6 +155,24 @@ def test_a_server_for_another_store_is_neither_used_nor_reused(servers, tmp_path
     assert tracking_uri() == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     with pytest.raises(RuntimeError, match="visionpipe down"):
         start_mlflow_server(root=tmp_path)
+
+
+def test_down_refuses_while_a_stage_of_another_checkout_uses_the_server(
+    servers, tmp_path, capsys, monkeypatch
+):
+    urls, _ = servers
+    elsewhere = tmp_path / "other-checkout"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with lease(stage="train"):  # this test process stands in for a running train stage
+        assert main(["down"]) == 1
+        err = capsys.readouterr().err
+        assert f"'train' of {elsewhere} (pid {os.getpid()})" in err
+        assert "--force" in err
+        assert main(["down", "--all", "--under", str(state_dir().parent)]) == 1
+        assert f"'train' of {elsewhere}" in capsys.readouterr().err
+        assert healthy(urls["prefect_api"]) and healthy(urls["mlflow"])  # nothing stopped
+    assert not (state_dir() / "leases" / str(os.getpid())).exists()
 
 
 def test_down_stops_exactly_the_recorded_processes(servers, capsys):
