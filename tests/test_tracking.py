@@ -6,7 +6,10 @@ import subprocess
 
 import mlflow
 import pytest
+import requests
+from mlflow.exceptions import MlflowException
 
+from flows.prefect_api import mlflow_lost
 from tasks.evaluation.results import ORT_INT8
 from tasks.tracking import ABANDONED_TAG, OWNER_TAG, process_owner, scalar_metrics, start_run
 from tests.evaluations import evaluate_results
@@ -85,3 +88,20 @@ def test_new_latency_numbers_become_mlflow_metrics() -> None:
     assert flat["targets.size_ratio.value"] == pytest.approx(0.35)
     assert flat["targets.size_ratio.met"] == 0.0
     assert flat["targets.latency_ratio_b64.met"] == 1.0
+
+
+def test_a_dead_mlflow_server_is_told_by_the_exception_type_not_its_text():
+    def raised(transport: BaseException) -> BaseException:
+        try:
+            try:
+                raise transport
+            except Exception as e:  # as MLflow's REST client wraps it, message and all
+                raise MlflowException(f"API request to http://x failed: {e}")  # noqa: B904
+        except MlflowException as wrapped:
+            return wrapped
+
+    assert mlflow_lost(raised(requests.exceptions.ConnectionError("refused"))) is not None
+    assert mlflow_lost(raised(requests.exceptions.ReadTimeout("slow"))) is not None
+    # the same words without a transport failure underneath are some other error
+    assert mlflow_lost(MlflowException("API request to http://x failed: bad params")) is None
+    assert mlflow_lost(raised(ValueError("not the network"))) is None
