@@ -49,7 +49,7 @@ import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from flows.prefect_api import free_port, healthy  # noqa: E402
+from flows.servers import free_port, healthy  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
 from tasks.inference import decode_blobs, predict_decoded  # noqa: E402
 from tasks.layout import PREPARED_DIR  # noqa: E402
@@ -99,10 +99,10 @@ def dataframe(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 
 def rss_kb(pid: int) -> int:
     """Resident memory of process ``pid`` in kB (0 once it is gone)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    try:
+        return psutil.Process(pid).memory_info().rss // 1024
+    except psutil.Error:
+        return 0
 
 
 def tree_rss_kb(pid: int) -> int:

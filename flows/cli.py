@@ -41,8 +41,14 @@ def _check(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import os
 
-    from flows.prefect_api import MODE_ENV, local_server_url, state_dir
-    from flows.services import mlflow_server_url, mlflow_state_dir, servers_on_machine
+    from flows.prefect_api import MODE_ENV
+    from flows.servers import (
+        local_server_url,
+        mlflow_server_url,
+        mlflow_state_dir,
+        servers_on_machine,
+        state_dir,
+    )
     from tasks.tracking_store import tracking_uri
 
     url = os.environ.get("PREFECT_API_URL")
@@ -114,8 +120,7 @@ def _positive(text: str) -> int:
 def _up(args: argparse.Namespace) -> int:
     import os
 
-    from flows.prefect_api import state_dir
-    from flows.services import mlflow_state_dir, up
+    from flows.servers import mlflow_state_dir, state_dir, up
 
     print("visionpipe: starting the local Prefect and MLflow servers...", file=sys.stderr)
     try:
@@ -131,7 +136,7 @@ def _up(args: argparse.Namespace) -> int:
     print(f"MLflow UI:   {urls['mlflow']}")
     print(f"logs and PIDs: server.log, server.json in {state_dir()} and {mlflow_state_dir()}")
     print("stop both with `visionpipe down`")
-    # Set in this shell, these win over the local servers (prefect_api.py, tasks/tracking.py).
+    # Set in this shell, these win over the local servers (prefect_api.py, tasks/tracking_store.py).
     for variable in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         if value := os.environ.get(variable):
             print(f"note: {variable}={value} is set, so stages report there, not here")
@@ -139,7 +144,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flows.services import ServerInUse, down, down_all
+    from flows.servers import ServerInUse, down, down_all
 
     if args.under and not args.all:
         print("visionpipe: --under goes with --all", file=sys.stderr)
@@ -163,7 +168,8 @@ def _prefect_api(command: str) -> Iterator[None]:
     lease on the local server for as long as the command runs (``serve`` runs for days)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.prefect_api import lease, resolve_api_url, uses_local_server
+    from flows.prefect_api import resolve_api_url, uses_local_server
+    from flows.servers import lease
 
     with lease(stage=command) if uses_local_server() else contextlib.nullcontext():
         api_url = resolve_api_url()

@@ -31,7 +31,7 @@ def tracking_uri(root: Path | None = None) -> str:
 def local_server_url(store: str) -> str | None:
     """The URL of the MLflow server ``visionpipe up`` runs in front of ``store``, if it answers.
 
-    flows/services.py starts it and records it in
+    flows/servers.py starts it and records it in
     ``$VISIONPIPE_HOME/mlflow/server.json``; it is read here directly, not
     through that module, so that tasks/ never imports flows/ (nor Prefect). A
     server in front of any other store is ignored: a test's or another

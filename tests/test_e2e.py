@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from benchmarks.workspace import copy_env, fresh_copy, git
-from flows.prefect_api import local_server_url, start_local_server, stop_local_server
+from flows.servers import local_server_url, start_local_server, stop_local_server
 from tasks.evaluation.robustness import CORRUPTIONS
 from tests.imagefolders import noise
 from tests.tinyrepo import TINY, set_params

@@ -25,7 +25,7 @@ import pytest
 from mlflow.models import ModelSignature
 from PIL import Image
 
-from flows.prefect_api import free_port, healthy
+from flows.servers import free_port, healthy
 from tasks.data.datasets import Split
 from tasks.data.pixels import normalise
 from tasks.inference import onnx_logits, onnx_session

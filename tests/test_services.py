@@ -16,16 +16,22 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from flows.cli import main
-from flows.prefect_api import free_port, healthy, home, lease, read_state, state_dir
-from flows.services import (
+from flows.servers import (
     down,
+    free_port,
+    healthy,
+    home,
+    lease,
     mlflow_server_url,
     mlflow_state_dir,
     mlflow_store,
+    read_state,
     start_mlflow_server,
+    state_dir,
     stop_mlflow_server,
     up,
 )
@@ -43,10 +49,9 @@ def _dead_pid() -> int:
 
 def _gone(pid: int) -> bool:
     try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
-    return False
 
 
 def _write_stale_records(directory: Path) -> None:
@@ -229,16 +234,9 @@ def test_a_server_that_does_not_come_up_is_killed_and_its_log_shown(tmp_path):
         start_mlflow_server(tmp_path / "state", root=tmp_path, timeout=0.5)
     assert str(tmp_path / "state/server.log") in str(error.value)
     assert read_state(tmp_path / "state") is None
-    if Path("/proc").is_dir():  # nothing of it is left running
-        assert not [
-            cmdline
-            for cmdline in Path("/proc").glob("[0-9]*/cmdline")
-            if str(tmp_path) in _read(cmdline)
-        ]
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    # nothing of it is left running
+    assert not [
+        process.info["cmdline"]
+        for process in psutil.process_iter(["cmdline"])
+        if str(tmp_path) in " ".join(process.info["cmdline"] or [])
+    ]
