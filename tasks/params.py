@@ -129,7 +129,7 @@ class ResampleParams(Section):
 
 
 class AugmentParams(Section):
-    # auto: 0.5 on RGB data, 0 on grayscale (tasks.transforms.resolve_augment)
+    # auto: 0.5 on RGB data, 0 on grayscale (tasks.training.transforms.resolve_augment)
     hflip_p: Probability | Literal["auto"]
     vflip_p: Probability
     affine_p: Probability

@@ -28,7 +28,7 @@ from tasks.training.engine import fit
 from tasks.training.hardware import seed_everything
 from tasks.training.loaders import make_loader
 from tasks.training.resume import Resume
-from tasks.transforms import build_augment
+from tasks.training.transforms import build_augment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from tasks.data.datasets import PreparedData, Split
 from tasks.data.pixels import ChannelStats
 from tasks.params import Params
 from tasks.training.loaders import ImageDataset, make_loader
-from tasks.transforms import build_augment
+from tasks.training.transforms import build_augment
 
 
 @pytest.mark.integration

@@ -23,7 +23,7 @@ from tasks.training.resume import (
     restore_rng,
     save_state,
 )
-from tasks.transforms import build_augment
+from tasks.training.transforms import build_augment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,16 +18,14 @@ from sklearn.metrics import (
 )
 
 from tasks.evaluation.scoring import (
-    bootstrap_ci,
     classification_report,
     delta_confusion,
     expected_calibration_error,
     fit_temperature,
-    paired_comparison,
     reliability,
 )
 from tasks.inference import probabilities
-from tasks.metrics import f1_macro, f1_macro_rows
+from tasks.metrics import bootstrap_ci, f1_macro, f1_macro_rows, paired_comparison
 from tests.evaluations import LABELS, PREDICTED
 
 CLASSES = ("a", "b", "c", "d")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tasks.params import AugmentParams, Params
-from tasks.transforms import build_augment
+from tasks.training.transforms import build_augment
 
 SWITCHES = (
     "hflip_p", "vflip_p", "crop_p", "affine_p", "elastic_p", "brightness_contrast_p", "gamma_p",

@@ -45,7 +45,7 @@ from tasks.evaluation.robustness import fgsm_accuracy
 from tasks.evaluation.scoring import adjust_logits
 from tasks.evaluation.variants import Variant
 from tasks.inference import probabilities
-from tasks.metrics import f1_macro_rows
+from tasks.metrics import bootstrap_ci, f1_macro_rows, paired_comparison
 from tasks.orchestration import stage_task
 from tasks.params import EvaluateParams
 
@@ -100,14 +100,12 @@ def evaluate_variant(
     metrics = {
         **scoring.classification_report(labels, probs, variant.classes, params.top_k),
         "f1_macro_ci": list(
-            scoring.bootstrap_ci(
+            bootstrap_ci(
                 labels, predicted, lambda y, p: f1_macro_rows(y, p, num_classes), samples, seed
             )
         ),
         "accuracy_ci": list(
-            scoring.bootstrap_ci(
-                labels, predicted, lambda y, p: np.mean(y == p, axis=-1), samples, seed
-            )
+            bootstrap_ci(labels, predicted, lambda y, p: np.mean(y == p, axis=-1), samples, seed)
         ),
         "ece": scoring.expected_calibration_error(raw, labels, params.calibration_bins),
         "temperature": temperature,
@@ -152,7 +150,7 @@ def compare_steps(
     steps = {}
     for reference, candidate in STEPS:
         ref, cand = evaluations[reference].predicted, evaluations[candidate].predicted
-        comparison = scoring.paired_comparison(labels, ref, cand, len(classes), samples, seed)
+        comparison = paired_comparison(labels, ref, cand, len(classes), samples, seed)
         matrix = scoring.delta_confusion(labels, ref, cand, len(classes))
         name = f"delta_{candidate}_vs_{reference}"
         csv_path = write_csv(

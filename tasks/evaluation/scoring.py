@@ -9,22 +9,20 @@ F1 or AUC). ``tasks/evaluation/evaluate.py`` runs the models and writes the resu
   ROC-AUC and PR-AUC.
 - ``expected_calibration_error`` and ``fit_temperature`` (Guo et al., "On
   Calibration of Modern Neural Networks", ICML 2017).
-- ``bootstrap_ci``: a percentile bootstrap over test images, so a reader can
-  tell a real drop from noise; ``paired_comparison``: the same for a difference
-  between two models on the same images, with McNemar's exact test.
+- ``bootstrap_ci`` and ``paired_comparison`` (intervals, McNemar's test) live
+  in ``tasks/metrics.py``: distill uses them too, and training sits below
+  evaluation.
 - ``delta_confusion``: which (actual, predicted) cells a compression step
   moved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
-from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -36,7 +34,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from tasks.metrics import f1_macro, f1_macro_rows
+from tasks.metrics import f1_macro
 
 
 def classification_report(
@@ -119,66 +117,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return float(-log_softmax(logits / np.exp(log_t), axis=1)[rows, labels].mean())
 
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
-
-
-def bootstrap_ci(
-    labels: np.ndarray,
-    predicted: np.ndarray,
-    score: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    samples: int,
-    seed: int,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``score`` over resampled test images.
-
-    ``score`` scores every resample at once: (S, n) labels and predictions in,
-    S scores out (``f1_macro_rows``; ``np.mean(y == p, axis=-1)`` for accuracy).
-    """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    idx = rng.integers(0, n, (samples, n))
-    draws = score(labels[idx], predicted[idx])
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(draws, [tail, 100.0 - tail])
-    return float(low), float(high)
-
-
-def paired_comparison(
-    labels: np.ndarray,
-    reference: np.ndarray,
-    candidate: np.ndarray,
-    num_classes: int,
-    samples: int,
-    seed: int,
-) -> dict[str, Any]:
-    """``candidate`` minus ``reference`` on the same test images, and whether it is noise.
-
-    - ``f1_macro_delta`` with a paired bootstrap interval (both models scored on
-      each resample, so their shared luck cancels);
-    - McNemar's exact test on the images exactly one of the two gets right: a
-      small ``mcnemar_p`` says the two disagree more one way than chance allows.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    idx = rng.integers(0, n, (samples, n))
-    deltas = f1_macro_rows(labels[idx], candidate[idx], num_classes) - f1_macro_rows(
-        labels[idx], reference[idx], num_classes
-    )
-    reference_right = reference == labels
-    candidate_right = candidate == labels
-    only_candidate = int((candidate_right & ~reference_right).sum())
-    only_reference = int((reference_right & ~candidate_right).sum())
-    discordant = only_candidate + only_reference
-    p_value = binomtest(only_candidate, discordant, 0.5).pvalue if discordant else 1.0
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return {
-        "f1_macro_delta": f1_macro(labels, candidate, num_classes)
-        - f1_macro(labels, reference, num_classes),
-        "f1_macro_delta_ci": [float(low), float(high)],
-        "only_candidate_right": only_candidate,
-        "only_reference_right": only_reference,
-        "mcnemar_p": float(p_value),
-    }
 
 
 def delta_confusion(

@@ -34,7 +34,7 @@ from tasks.data.datasets import Split, take_rows
 from tasks.data.pixels import ChannelStats
 from tasks.params import DEVICE_UNSUPPORTED, AugmentParams
 from tasks.training.distributed import ShardedSampler, World, local_batch_size
-from tasks.transforms import minority_classes, resolve_augment
+from tasks.training.transforms import minority_classes, resolve_augment
 
 
 def check_supported(params: AugmentParams) -> None:

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader
 
 from tasks.checkpoints import Checkpoint, load_checkpoint
 from tasks.data.datasets import Split
-from tasks.evaluation.scoring import paired_comparison
-from tasks.metrics import f1_macro
+from tasks.metrics import f1_macro, paired_comparison
 from tasks.models import Classifier
 from tasks.orchestration import stage_task
 from tasks.params import AugmentParams, DistillParams

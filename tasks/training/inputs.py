@@ -45,7 +45,7 @@ from tasks.training.device_data import DeviceBatches
 from tasks.training.distributed import World
 from tasks.training.loaders import make_loader
 from tasks.training.losses import build_loss
-from tasks.transforms import Augment, build_augment
+from tasks.training.transforms import Augment, build_augment
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tasks.training.distributed import (
     World,
     local_batch_size,
 )
-from tasks.transforms import Augment
+from tasks.training.transforms import Augment
 
 
 class ImageDataset(Dataset):
