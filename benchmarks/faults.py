@@ -47,7 +47,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
-from flows.servers import servers_on_machine, start_local_server  # noqa: E402
+from tasks.servers import servers_on_machine, start_local_server  # noqa: E402
 
 IDLE_S = 10
 

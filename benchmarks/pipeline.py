@@ -39,8 +39,8 @@ import yaml  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
-from flows.servers import stop_local_server  # noqa: E402
 from tasks.params import load_params  # noqa: E402
+from tasks.servers import stop_local_server  # noqa: E402
 
 STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe_machine, write_result
-from flows.servers import start_local_server, stop_local_server
+from tasks.servers import start_local_server, stop_local_server
 
 PROGRAM = """
 import sys

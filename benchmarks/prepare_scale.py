@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from benchmarks.workspace import copy_env, fresh_copy  # noqa: E402
-from flows.servers import start_local_server, stop_local_server  # noqa: E402
+from tasks.servers import start_local_server, stop_local_server  # noqa: E402
 
 CLASSES = 10
 SIZE = 64

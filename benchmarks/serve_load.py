@@ -49,10 +49,10 @@ import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
-from flows.servers import free_port, healthy  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
 from tasks.inference import decode_blobs, predict_decoded  # noqa: E402
 from tasks.layout import PREPARED_DIR  # noqa: E402
+from tasks.servers import free_port, healthy  # noqa: E402
 from tasks.serving.predict import VARIANTS, load_model  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)

@@ -42,7 +42,7 @@ def _status(args: argparse.Namespace) -> int:
     import os
 
     from flows.prefect_api import MODE_ENV
-    from flows.servers import (
+    from tasks.servers import (
         local_server_url,
         mlflow_server_url,
         mlflow_state_dir,
@@ -120,7 +120,7 @@ def _positive(text: str) -> int:
 def _up(args: argparse.Namespace) -> int:
     import os
 
-    from flows.servers import mlflow_state_dir, state_dir, up
+    from tasks.servers import mlflow_state_dir, state_dir, up
 
     print("visionpipe: starting the local Prefect and MLflow servers...", file=sys.stderr)
     try:
@@ -144,7 +144,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from flows.servers import ServerInUse, down, down_all
+    from tasks.servers import ServerInUse, down, down_all
 
     if args.under and not args.all:
         print("visionpipe: --under goes with --all", file=sys.stderr)
@@ -169,7 +169,7 @@ def _prefect_api(command: str) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.prefect_api import resolve_api_url, uses_local_server
-    from flows.servers import lease
+    from tasks.servers import lease
 
     with lease(stage=command) if uses_local_server() else contextlib.nullcontext():
         api_url = resolve_api_url()

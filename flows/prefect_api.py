@@ -4,7 +4,7 @@ Prefect needs an API to record flow and task runs. In order of preference:
 
 1. ``PREFECT_API_URL`` is set: use it as is (a team's server, Prefect Cloud, or
    your own ``prefect server start``).
-2. Otherwise the local server of ``flows/servers.py``: Prefect's own
+2. Otherwise the local server of ``tasks/servers.py``: Prefect's own
    ``prefect server start --background``, one per user, started by the first
    stage that needs it (or ``visionpipe up``) and reused by every later one;
    a stage holds a lease on it while it runs.
@@ -18,7 +18,7 @@ per stage (``benchmarks/prefect_overhead.py`` measures both).
 
 Every stage imports this module, so whatever it imports becomes a code
 dependency of every stage in ``dvc.yaml`` (``tests/test_dvc_yaml.py``): how a
-stage reaches Prefect changes no output, so this module and ``flows/servers.py``
+stage reaches Prefect changes no output, so this module and ``tasks/servers.py``
 are deliberately not deps.
 """
 
@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flows.servers import lease, read_state, start_local_server, state_dir
 from tasks.params import ParamsError, load_params
+from tasks.servers import lease, read_state, start_local_server, state_dir
 
 T = TypeVar("T")
 MODE_ENV = "VISIONPIPE_PREFECT"

@@ -10,10 +10,10 @@ must answer in well under a second and so cannot pay for importing MLflow.
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.request
 from pathlib import Path
+
+from tasks.servers import healthy, mlflow_state_dir, read_state
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -31,19 +31,12 @@ def tracking_uri(root: Path | None = None) -> str:
 def local_server_url(store: str) -> str | None:
     """The URL of the MLflow server ``visionpipe up`` runs in front of ``store``, if it answers.
 
-    flows/servers.py starts it and records it in
-    ``$VISIONPIPE_HOME/mlflow/server.json``; it is read here directly, not
-    through that module, so that tasks/ never imports flows/ (nor Prefect). A
-    server in front of any other store is ignored: a test's or another
+    ``tasks/servers.py`` starts it and records it in ``$VISIONPIPE_HOME/mlflow/server.json``.
+    A server in front of any other store is ignored: a test's or another
     checkout's runs must not land in it. Cost: no request when none is
     recorded, else one loopback request, at most 1 s.
     """
-    home = Path(os.environ.get("VISIONPIPE_HOME", ".visionpipe")).resolve()
-    try:
-        state = json.loads((home / "mlflow" / "server.json").read_text())
-        if state["backend_store_uri"] != store:
-            return None
-        with urllib.request.urlopen(f"{state['url']}/health", timeout=1.0) as response:
-            return state["url"] if response.status == 200 else None
-    except (OSError, ValueError, KeyError, TypeError):  # URLError is an OSError
+    state = read_state(mlflow_state_dir())
+    if state is None or state.get("backend_store_uri") != store or "url" not in state:
         return None
+    return state["url"] if healthy(state["url"], timeout=1.0) else None

@@ -18,9 +18,9 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.prefect_api import run_stage
-from flows.servers import stop_local_server
 from tasks.artifacts import write_json
 from tasks.layout import metrics_path
+from tasks.servers import stop_local_server
 
 
 @task
@@ -48,7 +48,7 @@ def tracked_stage(state: str) -> dict:
     """A stage whose MLflow tracking server dies while its run is open."""
     import mlflow
 
-    from flows.servers import stop_mlflow_server
+    from tasks.servers import stop_mlflow_server
     from tasks.tracking import start_run
 
     with start_run("api-loss", "train", stage="train", variant="teacher", params={}) as run:

@@ -86,7 +86,7 @@ def test_down_all_under_an_empty_folder_stops_nothing_and_under_needs_all(tmp_pa
 
 
 def test_the_idle_period_is_validated_naming_the_variable(monkeypatch):
-    from flows.servers import idle_seconds
+    from tasks.servers import idle_seconds
 
     monkeypatch.setenv("VISIONPIPE_PREFECT_IDLE_S", "soon")
     with pytest.raises(ValueError, match=r"VISIONPIPE_PREFECT_IDLE_S='soon' is not a number"):
@@ -102,7 +102,7 @@ def test_up_exits_1_with_the_reason_when_a_server_fails(monkeypatch, capsys):
     def fail() -> dict[str, str]:
         raise RuntimeError("the local MLflow server on http://127.0.0.1:1 exited with status 1")
 
-    monkeypatch.setattr("flows.servers.up", fail)
+    monkeypatch.setattr("tasks.servers.up", fail)
     assert main(["up"]) == 1
     assert "visionpipe: the local MLflow server on http://127.0.0.1:1 exited" in (
         capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_serve_model_with_an_unknown_model_exits_2_saying_why(tmp_path, monkeypa
 
 
 def test_a_lease_names_its_stage_and_checkout_and_a_dead_holder_is_dropped(tmp_path, monkeypatch):
-    from flows.servers import lease, live_leases
+    from tasks.servers import lease, live_leases
 
     monkeypatch.chdir(tmp_path)
     with lease(tmp_path / "state", stage="distill"):

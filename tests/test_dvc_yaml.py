@@ -19,7 +19,7 @@ STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
 # How a stage reaches Prefect cannot change an output, so these are deliberately not deps.
 NOT_DEPS = {
     "flows/prefect_api.py",
-    "flows/servers.py",
+    "tasks/servers.py",
     "tasks/orchestration.py",
 }  # nor is a package's __init__.py: a docstring
 # Params that change how fast a stage runs, never what it writes: left out of dvc.yaml

@@ -21,8 +21,8 @@ import yaml
 from PIL import Image
 
 from benchmarks.workspace import copy_env, fresh_copy, git
-from flows.servers import local_server_url, start_local_server, stop_local_server
 from tasks.evaluation.robustness import CORRUPTIONS
+from tasks.servers import local_server_url, start_local_server, stop_local_server
 from tests.imagefolders import noise
 from tests.tinyrepo import TINY, set_params
 

@@ -25,12 +25,12 @@ import pytest
 from mlflow.models import ModelSignature
 from PIL import Image
 
-from flows.servers import free_port, healthy
 from tasks.data.datasets import Split
 from tasks.data.pixels import normalise
 from tasks.inference import onnx_logits, onnx_session
 from tasks.metrics import f1_macro
 from tasks.params import Params, PromoteParams
+from tasks.servers import free_port, healthy
 from tasks.serving import registry
 from tasks.serving.predict import file_md5, load_model, predict_paths
 from tests.toymodels import (

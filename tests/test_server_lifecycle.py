@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from benchmarks.workspace import copy_env, fresh_copy, git
-from flows.servers import down_all, read_state, servers_on_machine, start_local_server
+from tasks.servers import down_all, read_state, servers_on_machine, start_local_server
 from tests.tinyrepo import TINY, set_params
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_a_stage_whose_mlflow_server_dies_fails_fast_and_its_run_is_closed_later
 ) -> None:
     import mlflow
 
-    from flows.servers import start_mlflow_server
+    from tasks.servers import start_mlflow_server
     from tasks.tracking import ABANDONED_TAG, close_abandoned_runs
 
     root = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from flows.cli import main
-from flows.servers import (
+from tasks.servers import (
     down,
     free_port,
     healthy,

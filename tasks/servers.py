@@ -15,7 +15,7 @@ will not stop a server a live lease holds (it names the stage and checkout;
 ``--force`` overrides), and a server a stage started stops once no stage has
 used it for ``$VISIONPIPE_PREFECT_IDLE_S`` seconds (default 300; 0: never):
 each stage, as it lets go of its lease, leaves behind a small detached
-``python -m flows.servers stop-when-idle`` that waits out the idle period and
+``python -m tasks.servers stop-when-idle`` that waits out the idle period and
 then, if nothing took a lease meanwhile, runs ``prefect server stop``.
 
 **MLflow.** ``visionpipe up`` also starts an MLflow tracking server in front
@@ -343,7 +343,7 @@ def lease(directory: Path | None = None, stage: str = "a visionpipe command") ->
         idle = idle_seconds()
         if idle > 0 and not (directory / "keep").exists() and read_state(directory):
             subprocess.Popen(
-                [sys.executable, "-m", "flows.servers", "stop-when-idle", str(directory),
+                [sys.executable, "-m", "tasks.servers", "stop-when-idle", str(directory),
                  str(idle)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 cwd=directory, start_new_session=True,
@@ -352,7 +352,7 @@ def lease(directory: Path | None = None, stage: str = "a visionpipe command") ->
 
 
 def _package_path() -> str:
-    """This checkout on PYTHONPATH, so ``-m flows.servers`` runs from any folder."""
+    """This checkout on PYTHONPATH, so ``-m tasks.servers`` runs from any folder."""
     checkout = str(Path(__file__).resolve().parents[1])
     return os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
 
@@ -384,7 +384,7 @@ def describe_lease(record: Mapping[str, Any]) -> str:
 
 def stop_when_idle(directory: Path, idle: float) -> bool:
     """Wait ``idle`` seconds, then stop the server if no stage has used it since; whether
-    it stopped it. What ``lease`` leaves behind (``python -m flows.servers stop-when-idle``)."""
+    it stopped it. What ``lease`` leaves behind (``python -m tasks.servers stop-when-idle``)."""
     time.sleep(idle)
     with locked(directory):
         last = directory / "last_used"
@@ -640,10 +640,10 @@ def down_all(under: Path | None = None, force: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.servers stop-when-idle DIR SECONDS`` (what ``lease`` leaves behind)."""
+    """``python -m tasks.servers stop-when-idle DIR SECONDS`` (what ``lease`` leaves behind)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3 or args[0] != "stop-when-idle":
-        print("usage: python -m flows.servers stop-when-idle STATE_DIR SECONDS", file=sys.stderr)
+        print("usage: python -m tasks.servers stop-when-idle STATE_DIR SECONDS", file=sys.stderr)
         return 2
     stop_when_idle(Path(args[1]), float(args[2]))
     return 0
