@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing.process
 import os
+import platform
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # joblib (imbalanced-learn's neighbours) would otherwise run `lscpu` to count physical cores.
 os.environ.setdefault("LOKY_MAX_CPU_COUNT", str(os.cpu_count() or 1))
+# Asked once here, outside any test: Python answers it from a `uname -p` subprocess (and
+# caches it), and importing MLflow asks it (its telemetry), so the first test to import
+# MLflow would seem to start a subprocess.
+platform.processor()
 
 
 def pytest_configure(config: pytest.Config) -> None:
