@@ -29,6 +29,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from tasks.data.datasets import Split
 from tasks.data.pixels import ChannelStats
+from tasks.training.engine import TrainStep, train_epoch
+from tasks.training.hardware import Precision
 from tasks.training.loaders import make_loader
 
 
@@ -149,17 +151,20 @@ def qat_finetune(
     loader = make_loader(train, stats, batch_size, seed=seed, train=True)
     optimizer = torch.optim.AdamW(qat.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    cpu = torch.device("cpu")
+    precision = Precision.of("fp32", cpu)
+    # The fits' own step: fp32, the batches as they come, no clipping.
+    step = TrainStep(
+        qat, optimizer, scheduler, precision.scaler(), precision, cpu, torch.preserve_format,
+        grad_clip=0.0, hint="lower quantize.qat_lr",
+    )  # fmt: skip
     qat.train()
     for epoch in range(1, epochs + 1):
-        for step, (images, labels) in enumerate(loader, start=1):
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(qat(images), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"QAT loss became {loss.item()} at epoch {epoch}, step {step}: "
-                    "lower quantize.qat_lr"
-                )
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        train_epoch(step, qat, cross_entropy, loader, epoch, epochs)
     return strip_qat(qat)
+
+
+def cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """QAT's objective: the labels' cross-entropy on the fake-quantized model's logits."""
+    logits = model(images)
+    return F.cross_entropy(logits, labels), logits

@@ -1,4 +1,5 @@
-"""The training loop the train and distill stages share: ``fit``.
+"""The training loop the train and distill stages share: ``fit``; its step and epoch
+(``TrainStep``, ``train_epoch``) are QAT's too (``tasks/export/qat.py``).
 
 AdamW, a one-cycle or cosine schedule stepped per batch (``Budget``: enough
 epochs for ``min_steps``), early stopping on validation macro-F1 with
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,6 +158,117 @@ def _validate(
     return loss, accuracy, f1_macro(labels, predicted, num_classes=logits.shape[1])
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimizer step, the same for every fit (teacher, student, QAT): move the batch,
+    forward under autocast, refuse a non-finite loss, backward through the scaler,
+    clip, step the optimizer and the per-batch schedule."""
+
+    model: nn.Module  # the module whose parameters are clipped (``forward`` may wrap it)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    device: torch.device
+    memory_format: torch.memory_format
+    grad_clip: float
+    hint: str = "lower the learning rate or turn on grad_clip"  # what to do about a NaN
+
+    def __call__(self, forward: nn.Module, objective: Objective, images: torch.Tensor,
+                 labels: torch.Tensor, where: str) -> torch.Tensor:  # fmt: skip
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            loss, _ = objective(forward, images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at {where}: {self.hint}")
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss
+
+
+def train_epoch(
+    step: TrainStep, forward: nn.Module, objective: Objective, loader: DataLoader,
+    epoch: int, epochs: int, show: bool = False,
+) -> tuple[float, int]:  # fmt: skip
+    """One pass over ``loader``: (summed loss, images seen); a progress bar when ``show``."""
+    start, seen, loss_sum = time.perf_counter(), 0, 0.0
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{epochs}", unit="step",
+               disable=not show, leave=False)  # fmt: skip
+    for index, (images, labels) in enumerate(loader, start=1):
+        loss = step(forward, objective, images, labels, f"epoch {epoch}, step {index}")
+        seen += len(labels)
+        loss_sum += loss.item() * len(labels)
+        if not bar.disable:  # a terminal: no formatting per step otherwise
+            bar.update()
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / elapsed:.0f}")
+    bar.close()
+    return loss_sum, seen
+
+
+def _place(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """Put ``model`` on ``device`` in the memory format its batches will have."""
+    if device.type == "cpu":
+        # Flush denormal floats (below ~1e-38) to zero. Augmented batches drive many
+        # activation gradients into that range, where x86 arithmetic takes a slow
+        # path: the same loop ran 1.5x slower on augmented than on clean batches.
+        # Values that small change no result; a CPU-only, process-wide setting.
+        torch.set_flush_denormal(True)
+    channels_last = device.type in ("cuda", "cpu")
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model.to(device, memory_format=memory_format)
+    return memory_format
+
+
+def _restore(state: TrainState, resume: Resume | None, epochs: int, log) -> None:
+    """Load ``resume``'s saved state into ``state`` where there is a valid one."""
+    if resume is None:
+        return
+    payload, why_not = load_state(resume)  # on every rank: rank 0 reads, all get it
+    if payload is not None:
+        state.restore(payload)
+        log(f"resuming from {resume.path}: epoch {state.epoch} of {epochs} was "
+            f"finished, continuing at epoch {state.epoch + 1}")  # fmt: skip
+    elif why_not != "no saved state":
+        log(f"not resuming from {resume.path}: {why_not}; starting over")
+
+
+def _forward(model: nn.Module, params: FitParams, device: torch.device, world: World,
+             finetune: Finetune) -> nn.Module:  # fmt: skip
+    """What the training step calls: the model, in DDP across ranks, compiled if asked."""
+    forward: nn.Module = model
+    if world.distributed:  # after the restore: DDP starts every rank from rank 0's weights
+        forward = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # a frozen backbone produces no gradients for DDP to wait for
+            find_unused_parameters=finetune.freeze_epochs > 0,
+        )
+    return torch.compile(forward) if params.compile else forward
+
+
+def _begin_epoch(model: nn.Module, epoch: int, finetune: Finetune, sampler: Any) -> bool:
+    """Train mode, the backbone frozen (weights and BN statistics) while ``finetune`` says;
+    whether it is."""
+    model.train()
+    backbone = getattr(model, "features", None)
+    frozen = backbone is not None and epoch <= finetune.freeze_epochs
+    if backbone is not None:
+        backbone.requires_grad_(not frozen)
+        if frozen:
+            backbone.eval()
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return frozen
+
+
 def fit(
     model: nn.Module,
     objective: Objective,
@@ -178,121 +291,50 @@ def fit(
     Batches and weights are channels_last on CUDA (what tensor-core
     convolutions want) and on the CPU (oneDNN's NHWC kernels trained 1.4x
     faster here than NCHW: ``benchmarks/train_throughput.py``); copies are
-    non-blocking from pinned memory;
-    ``params.precision`` turns on autocast (and loss scaling for fp16) on any
-    device; ``params.compile`` runs the training forward through
-    ``torch.compile``. With ``resume``, the whole training state is saved
-    atomically after every epoch and a re-run continues from it (``tasks/training/resume.py``).
+    non-blocking from pinned memory; ``params.precision`` turns on autocast (and
+    loss scaling for fp16) on any device; ``params.compile`` runs the training
+    forward through ``torch.compile``. With ``resume``, the whole training state
+    is saved atomically after every epoch and a re-run continues from it
+    (``tasks/training/resume.py``).
     """
-    finetune = finetune or Finetune()
-    world = World.from_env()
-    if device.type == "cpu":
-        # Flush denormal floats (below ~1e-38) to zero. Augmented batches drive many
-        # activation gradients into that range, where x86 arithmetic takes a slow
-        # path: the same loop ran 1.5x slower on augmented than on clean batches.
-        # Values that small change no result; a CPU-only, process-wide setting.
-        torch.set_flush_denormal(True)
-    precision = Precision.of(params.precision, device)
-    channels_last = device.type in ("cuda", "cpu")
+    finetune, world = finetune or Finetune(), World.from_env()
     if world.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    backbone = getattr(model, "features", None)
+    memory_format = _place(model, device)
+    precision = Precision.of(params.precision, device)
     optimizer = _optimizer(model, params, finetune)
     budget = Budget.of(params, len(train_loader))
     if budget.epochs > params.epochs:
-        log(
-            f"{len(train_loader)} steps per epoch: {budget.epochs} epochs instead of "
-            f"{params.epochs}, for the {params.min_steps} optimizer steps of min_steps"
-        )
+        log(f"{len(train_loader)} steps per epoch: {budget.epochs} epochs instead of "
+            f"{params.epochs}, for the {params.min_steps} optimizer steps of "
+            "min_steps")  # fmt: skip
     scheduler = _scheduler(optimizer, params, budget.total_steps)
-    scaler = precision.scaler()
-    sampler = getattr(train_loader, "sampler", None)
+    step = TrainStep(model, optimizer, scheduler, precision.scaler(), precision, device,
+                     memory_format, params.grad_clip)  # fmt: skip
     augment = getattr(getattr(train_loader, "dataset", None), "augment", None)
-    state = TrainState(model, optimizer, scheduler, scaler, train_loader.generator, augment)
-    if resume is not None:
-        payload, why_not = load_state(resume)  # on every rank: rank 0 reads, all get it
-        if payload is not None:
-            state.restore(payload)
-            log(
-                f"resuming from {resume.path}: epoch {state.epoch} of {budget.epochs} was "
-                f"finished, continuing at epoch {state.epoch + 1}"
-            )
-        elif why_not != "no saved state":
-            log(f"not resuming from {resume.path}: {why_not}; starting over")
-    forward: nn.Module = model
-    if world.distributed:  # after the restore: DDP starts every rank from rank 0's weights
-        forward = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # a frozen backbone produces no gradients for DDP to wait for
-            find_unused_parameters=finetune.freeze_epochs > 0,
-        )
-    if params.compile:
-        forward = torch.compile(forward)
+    state = TrainState(model, optimizer, scheduler, step.scaler, train_loader.generator, augment)
+    _restore(state, resume, budget.epochs, log)
+    forward = _forward(model, params, device, world, finetune)
+    show = sys.stderr.isatty() and world.is_main
     started = time.perf_counter() - state.seconds
     for epoch in range(state.epoch + 1, budget.epochs + 1):
         if state.stopped:
             break
-        model.train()
-        frozen = backbone is not None and epoch <= finetune.freeze_epochs
-        if backbone is not None:
-            backbone.requires_grad_(not frozen)
-            if frozen:
-                backbone.eval()
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(
-            total=len(train_loader), desc=f"epoch {epoch}/{budget.epochs}", unit="step",
-            disable=not (sys.stderr.isatty() and world.is_main), leave=False,
-        )  # fmt: skip
-        for step, (images, labels) in enumerate(train_loader, start=1):
-            images = images.to(
-                device,
-                non_blocking=True,
-                memory_format=torch.channels_last if channels_last else torch.preserve_format,
-            )
-            labels = labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with precision.autocast():
-                loss, _ = objective(forward, images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at epoch {epoch}, step {step}: "
-                    "lower the learning rate or turn on grad_clip"
-                )
-            scaler.scale(loss).backward()
-            if params.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            if not bar.disable:  # a terminal: no formatting per step otherwise
-                bar.update()
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.4f}",
-                    img_s=f"{seen / max(time.perf_counter() - epoch_start, 1e-9):.0f}",
-                )
-        bar.close()
+        frozen = _begin_epoch(model, epoch, finetune, getattr(train_loader, "sampler", None))
+        epoch_start = time.perf_counter()
+        loss_sum, seen = train_epoch(step, forward, objective, train_loader, epoch,
+                                     budget.epochs, show)  # fmt: skip
         loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over every rank's shard
         train_seconds = time.perf_counter() - epoch_start
         broadcast_buffers(model)  # every rank validates rank 0's model: same early stop
         with precision.autocast():
             val_loss, val_accuracy, val_f1 = _validate(model, val_loader, device)
         record = EpochRecord(
-            epoch=epoch,
-            train_loss=loss_sum / max(seen, 1),
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            val_f1_macro=val_f1,
-            lr=optimizer.param_groups[0]["lr"],
+            epoch=epoch, train_loss=loss_sum / max(seen, 1), val_loss=val_loss,
+            val_accuracy=val_accuracy, val_f1_macro=val_f1, lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - epoch_start,
             images_per_second=seen / train_seconds if train_seconds > 0 else 0.0,
-        )
+        )  # fmt: skip
         if on_epoch is not None:
             on_epoch(record)
         state.finish_epoch(record, not frozen, params.patience, budget.may_stop_after(epoch))
@@ -300,15 +342,10 @@ def fit(
         if resume is not None:
             save_state(resume, state)  # every rank: rank 0 gathers their generators and writes
     model.load_state_dict(state.best_weights)
-    result = FitResult(
-        model=model,
-        best_epoch=state.best_epoch,
-        best_val_f1_macro=state.best_key[0],
-        best_val_loss=state.best_loss,
-        history=tuple(state.history),
-        stopped_early=len(state.history) < budget.epochs,
-        epochs_planned=budget.epochs,
-        seconds=time.perf_counter() - started,
-    )
     discard(resume)  # rank 0's file
-    return result
+    return FitResult(
+        model=model, best_epoch=state.best_epoch, best_val_f1_macro=state.best_key[0],
+        best_val_loss=state.best_loss, history=tuple(state.history),
+        stopped_early=len(state.history) < budget.epochs, epochs_planned=budget.epochs,
+        seconds=time.perf_counter() - started,
+    )  # fmt: skip
