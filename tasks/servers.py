@@ -295,6 +295,7 @@ def _stop_prefect(directory: Path) -> dict[str, Any] | None:
     """
     state = read_state(directory)
     running = state is not None and is_running(state)
+    (directory / "server.json").unlink(missing_ok=True)  # first: no one is sent to a dying server
     pid = _prefect_pid(directory)
     if pid is not None and (running or state is None) and psutil.pid_exists(pid):
         subprocess.run(
@@ -306,7 +307,6 @@ def _stop_prefect(directory: Path) -> dict[str, Any] | None:
         from prefect.cli._server_utils import SERVER_PID_FILE_NAME
 
         (directory / "home" / SERVER_PID_FILE_NAME).unlink(missing_ok=True)
-    (directory / "server.json").unlink(missing_ok=True)
     return state if running else None
 
 
@@ -393,12 +393,13 @@ def stop_when_idle(directory: Path, idle: float) -> bool:
             return False
         if time.time() - used < idle - 0.5:  # used since: that stage's own watcher decides
             return False
-        if _stop_prefect(directory) is None:
+        state = read_state(directory)
+        if state is None or not is_running(state):
             return False
-    with open(directory / "server.log", "a") as log:
-        log.write(f"visionpipe: no stage has used this server for {idle:g} s ({IDLE_ENV}): "
-                  "stopped it\n")  # fmt: skip
-    return True
+        with open(directory / "server.log", "a") as log:
+            log.write(f"visionpipe: no stage has used this server for {idle:g} s ({IDLE_ENV}): "
+                      "stopping it\n")  # fmt: skip
+        return _stop_prefect(directory) is not None
 
 
 # --- The MLflow server ---
