@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -96,6 +97,22 @@ def _guard(item: pytest.Item) -> ExitStack:
     ):
         stack.enter_context(mock.patch.object(target, name, _refuse(item, what)))
     return stack
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_left_as_found() -> Iterator[None]:
+    """Each test leaves MLflow's tracking URI as it found it: ``mlflow.set_tracking_uri``
+    keeps a process-wide URI and exports ``MLFLOW_TRACKING_URI``, and under pytest-xdist
+    one worker runs many files, so one test's store must not become the next file's."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)  # MLflow falls back to the variable, restored below
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 # --- unit-test fixtures ---
