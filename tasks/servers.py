@@ -290,14 +290,15 @@ def _stop_prefect(directory: Path) -> dict[str, Any] | None:
     """``prefect server stop`` for ``directory``, then wait for the process to be gone.
 
     Call it holding ``locked(directory)``. Returns the server's record if one was
-    running. A stale record (its process gone, or its pid now another process's)
-    is removed, and Prefect's PID file with it, without signalling anyone.
+    running. Prefect's PID file is trusted only for a process that is this
+    folder's server (its environment carries this folder's mark): a stale file
+    whose PID now belongs to another process is removed, and nobody is signalled.
     """
     state = read_state(directory)
     running = state is not None and is_running(state)
     (directory / "server.json").unlink(missing_ok=True)  # first: no one is sent to a dying server
     pid = _prefect_pid(directory)
-    if pid is not None and (running or state is None) and psutil.pid_exists(pid):
+    if pid is not None and _serves(pid, directory):
         subprocess.run(
             [sys.executable, "-m", "prefect", "server", "stop"],
             env=_prefect_env(directory), cwd=directory, capture_output=True, timeout=120,
@@ -308,6 +309,15 @@ def _stop_prefect(directory: Path) -> dict[str, Any] | None:
 
         (directory / "home" / SERVER_PID_FILE_NAME).unlink(missing_ok=True)
     return state if running else None
+
+
+def _serves(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` is the Prefect server of state folder ``directory``."""
+    try:
+        mark = json.loads(psutil.Process(pid).environ().get(SERVER_MARK_ENV, "{}"))
+    except (psutil.Error, ValueError):
+        return False
+    return mark.get("what") == "Prefect server" and mark.get("state") == str(directory)
 
 
 def stop_local_server(directory: Path | None = None) -> bool:

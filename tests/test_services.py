@@ -32,6 +32,7 @@ from tasks.servers import (
     read_state,
     start_mlflow_server,
     state_dir,
+    stop_local_server,
     stop_mlflow_server,
     up,
 )
@@ -224,6 +225,22 @@ def test_a_reused_pid_is_not_killed(tmp_path, monkeypatch):
         (tmp_path / "mlflow/server.json").write_text(json.dumps(record))
         assert not stop_mlflow_server()
         assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_stale_prefect_pid_file_never_signals_the_pids_new_owner(tmp_path):
+    # Prefect's own PID file outlives a server that was killed, not stopped; the PID may
+    # since belong to anything (another checkout's server, say): it must not be signalled.
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        home = tmp_path / "prefect" / "home"
+        home.mkdir(parents=True)
+        (home / "server.pid").write_text(str(stranger.pid))
+        assert not stop_local_server(tmp_path / "prefect")
+        assert stranger.poll() is None
+        assert not (home / "server.pid").exists()  # and Prefect's next start is not refused
     finally:
         stranger.kill()
         stranger.wait()
