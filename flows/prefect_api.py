@@ -4,8 +4,8 @@ Prefect needs an API to record flow and task runs. In order of preference:
 
 1. ``PREFECT_API_URL`` is set: use it as is (a team's server, Prefect Cloud, or
    your own ``prefect server start``).
-2. Otherwise the local server of ``tasks/servers.py``: Prefect's own
-   ``prefect server start --background``, one per user, started by the first
+2. Otherwise the local server of ``tasks/servers.py``: a real
+   ``prefect server start``, one per user, started by the first
    stage that needs it (or ``visionpipe up``) and reused by every later one;
    a stage holds a lease on it while it runs.
 3. ``VISIONPIPE_PREFECT=ephemeral`` falls back to Prefect's own per-process

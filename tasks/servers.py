@@ -1,13 +1,15 @@
 """Local Prefect and MLflow servers: started once, shared, and stopped on their own lifecycle.
 
-**Prefect.** Prefect starts and stops its own server in the background:
-``prefect server start --background`` (the server's PID in ``PREFECT_HOME``)
-and ``prefect server stop``. visionpipe runs exactly those, with
-``PREFECT_HOME`` in a per-user state folder (``~/.local/state/visionpipe/prefect/``,
-or ``$VISIONPIPE_HOME/prefect/``): one server per user, not per checkout, so the
-temporary copies of ``dvc exp run --temp`` and of the experiment queue share
-it. A stage needing an API starts it on first use; ``visionpipe up`` starts it
-to stay up (a ``keep`` file) until ``visionpipe down``.
+**Prefect.** A real ``prefect server start`` on 127.0.0.1, in a session of
+its own with its output in ``server.log``, ``PREFECT_HOME`` in a per-user state
+folder (``~/.local/state/visionpipe/prefect/``, or ``$VISIONPIPE_HOME/prefect/``):
+one server per user, not per checkout, so the temporary copies of ``dvc exp run
+--temp`` and of the experiment queue share it. A stage needing an API starts it
+on first use; ``visionpipe up`` starts it to stay up (a ``keep`` file) until
+``visionpipe down``. Not ``prefect server start --background``: that mode gives
+the server a pipe for its output which nobody reads once the command has
+returned, and in Prefect 3.8.8 the server then died as soon as it logged
+(creating a scheduled deployment killed it, seen with ``visionpipe deploy``).
 
 **Who uses it.** A running stage holds a *lease*: a file ``leases/<pid>``
 naming its pid, start time (psutil), checkout and stage. ``visionpipe down``
@@ -16,7 +18,7 @@ will not stop a server a live lease holds (it names the stage and checkout;
 used it for ``$VISIONPIPE_PREFECT_IDLE_S`` seconds (default 300; 0: never):
 each stage, as it lets go of its lease, leaves behind a small detached
 ``python -m tasks.servers stop-when-idle`` that waits out the idle period and
-then, if nothing took a lease meanwhile, runs ``prefect server stop``.
+then, if nothing took a lease meanwhile, stops it.
 
 **MLflow.** ``visionpipe up`` also starts an MLflow tracking server in front
 of the very store the stages write to without one (``mlflow.db`` and
@@ -224,8 +226,8 @@ def start_local_server(
 ) -> str:
     """Start (or reuse) the local Prefect server; its API URL once it answers /health.
 
-    ``prefect server start --background`` on a free loopback port, with its
-    ``PREFECT_HOME`` in ``directory``. With ``stop_when_idle`` (a stage) the
+    ``prefect server start`` on a free loopback port, with its ``PREFECT_HOME``
+    in ``directory``. With ``stop_when_idle`` (a stage) the
     server may stop after ``idle_seconds()`` unused; without it (``visionpipe
     up``, a script or test that points ``PREFECT_API_URL`` at it) it stays up
     until stopped, a running one included: a ``keep`` file says so.
@@ -239,35 +241,25 @@ def start_local_server(
             return url
         if stop_when_idle:  # the keep file of an earlier server that was killed, not stopped
             (directory / "keep").unlink(missing_ok=True)
-        _stop_prefect(directory)  # a dead server's PID file would refuse the start
         port = free_port()
         api_url = f"http://127.0.0.1:{port}/api"
         env = _prefect_env(directory, api_url)
         log = directory / "server.log"
         with open(log, "ab") as out:
             # A session of its own: the server must not get the terminal's Ctrl-C for dvc.
-            started = subprocess.run(
-                [sys.executable, "-m", "prefect", "server", "start", "--background",
+            process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start",
                  "--host", "127.0.0.1", "--port", str(port)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=directory, start_new_session=True, timeout=timeout,
+                cwd=directory, start_new_session=True,
             )  # fmt: skip
-        pid = _prefect_pid(directory)
+        pid = process.pid
         hint = f"raise {STARTUP_TIMEOUT_ENV} on a slow machine, or set PREFECT_API_URL"
         try:
-            if started.returncode != 0 or pid is None:
-                raise RuntimeError(
-                    f"`prefect server start --background` exited with status "
-                    f"{started.returncode} ({hint}). Last lines of {log}:\n"
-                    + log.read_text(errors="replace")[-2000:]
-                )
-
-            def running() -> int | None:
-                return None if psutil.pid_exists(pid) else 1
-
-            _wait_healthy(api_url, timeout, running, "Prefect server", hint, log)
+            _wait_healthy(api_url, timeout, process.poll, "Prefect server", hint, log)
         except BaseException:
-            _stop_prefect(directory)
+            stop_process(pid)
+            process.wait()
             raise
         _write_json(directory / "server.json", {
             "pid": pid, "pid_start": started_at(pid), "port": port, "api_url": api_url,
@@ -276,48 +268,19 @@ def start_local_server(
         return api_url
 
 
-def _prefect_pid(directory: Path) -> int | None:
-    """The server PID that ``prefect server start --background`` wrote in ``PREFECT_HOME``."""
-    from prefect.cli._server_utils import SERVER_PID_FILE_NAME
-
-    try:
-        return int((directory / "home" / SERVER_PID_FILE_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _stop_prefect(directory: Path) -> dict[str, Any] | None:
-    """``prefect server stop`` for ``directory``, then wait for the process to be gone.
+    """Stop the Prefect server ``directory`` records; its record if it was running.
 
-    Call it holding ``locked(directory)``. Returns the server's record if one was
-    running. Prefect's PID file is trusted only for a process that is this
-    folder's server (its environment carries this folder's mark): a stale file
-    whose PID now belongs to another process is removed, and nobody is signalled.
+    Call it holding ``locked(directory)``. The record goes first, so no stage is
+    sent to a dying server; a stale one (the process gone, or its PID now
+    another process's: the start time tells) is removed and nobody is signalled.
     """
     state = read_state(directory)
     running = state is not None and is_running(state)
-    (directory / "server.json").unlink(missing_ok=True)  # first: no one is sent to a dying server
-    pid = _prefect_pid(directory)
-    if pid is not None and _serves(pid, directory):
-        subprocess.run(
-            [sys.executable, "-m", "prefect", "server", "stop"],
-            env=_prefect_env(directory), cwd=directory, capture_output=True, timeout=120,
-        )  # fmt: skip
-        stop_process(pid)  # it was sent SIGTERM: wait for it to be gone
-    elif pid is not None:  # Prefect's own stale file: its start would refuse
-        from prefect.cli._server_utils import SERVER_PID_FILE_NAME
-
-        (directory / "home" / SERVER_PID_FILE_NAME).unlink(missing_ok=True)
+    (directory / "server.json").unlink(missing_ok=True)
+    if running:
+        stop_process(int(state["pid"]))
     return state if running else None
-
-
-def _serves(pid: int, directory: Path) -> bool:
-    """Whether process ``pid`` is the Prefect server of state folder ``directory``."""
-    try:
-        mark = json.loads(psutil.Process(pid).environ().get(SERVER_MARK_ENV, "{}"))
-    except (psutil.Error, ValueError):
-        return False
-    return mark.get("what") == "Prefect server" and mark.get("state") == str(directory)
 
 
 def stop_local_server(directory: Path | None = None) -> bool:
@@ -592,8 +555,6 @@ def servers_on_machine() -> list[RunningServer]:
             mark = json.loads(variables[SERVER_MARK_ENV])
         except (KeyError, ValueError):
             continue
-        if mark.get("what") == "Prefect server" and not _is_prefect_server(process):
-            continue  # the `prefect server start --background` command itself, on its way out
         marked[process.info["pid"]] = (mark, process)
     found = [
         RunningServer(
@@ -608,13 +569,6 @@ def servers_on_machine() -> list[RunningServer]:
         if process.info["ppid"] not in marked
     ]
     return sorted(found, key=lambda server: server.started)
-
-
-def _is_prefect_server(process: psutil.Process) -> bool:
-    try:
-        return "uvicorn" in process.cmdline()
-    except psutil.Error:
-        return False
 
 
 def down_all(under: Path | None = None, force: bool = False) -> list[str]:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,6 @@ def test_a_temporary_experiment_shares_one_server_that_then_stops_by_itself(tmp_
     assert read_state(state / "prefect") is None  # its record went with it
     log = (state / "prefect" / "server.log").read_text()
     assert "no stage has used this server for 8 s" in log
-    assert "The Prefect server is running in the background" in log  # Prefect's own start
 
 
 def test_status_lists_a_server_whose_checkout_is_gone_and_down_all_stops_it(
@@ -97,6 +97,7 @@ def test_status_lists_a_server_whose_checkout_is_gone_and_down_all_stops_it(
                 str(tmp_path))  # fmt: skip
     assert f"stopped the Prefect server {server.url} (pid {server.pid}" in down
     assert _wait_until(lambda: not _mine(tmp_path), timeout=30)
+    os.waitpid(server.pid, 0)  # this process started it: reap it, or it lingers as a zombie
     assert not psutil.pid_exists(server.pid)
 
 

@@ -230,17 +230,17 @@ def test_a_reused_pid_is_not_killed(tmp_path, monkeypatch):
         stranger.wait()
 
 
-def test_a_stale_prefect_pid_file_never_signals_the_pids_new_owner(tmp_path):
-    # Prefect's own PID file outlives a server that was killed, not stopped; the PID may
-    # since belong to anything (another checkout's server, say): it must not be signalled.
+def test_a_prefect_record_whose_pid_was_reused_never_signals_the_new_owner(tmp_path):
+    # A server killed rather than stopped leaves its record; its PID may since belong to
+    # anything (another checkout's server, say): the start time tells, and it is spared.
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        home = tmp_path / "prefect" / "home"
-        home.mkdir(parents=True)
-        (home / "server.pid").write_text(str(stranger.pid))
+        (tmp_path / "prefect").mkdir()
+        record = {"pid": stranger.pid, "pid_start": 1.0, "api_url": "http://127.0.0.1:1/api"}
+        (tmp_path / "prefect" / "server.json").write_text(json.dumps(record))
         assert not stop_local_server(tmp_path / "prefect")
         assert stranger.poll() is None
-        assert not (home / "server.pid").exists()  # and Prefect's next start is not refused
+        assert read_state(tmp_path / "prefect") is None
     finally:
         stranger.kill()
         stranger.wait()
