@@ -213,12 +213,17 @@ def _prefect_env(directory: Path, api_url: str | None = None) -> dict[str, str]:
     return env
 
 
+def recorded_url(directory: Path, key: str) -> str | None:
+    """The URL under ``key`` in ``directory``'s server record, if that server answers."""
+    state = read_state(directory)
+    if state and healthy(state.get(key, "")):
+        return state[key]
+    return None
+
+
 def local_server_url(directory: Path | None = None) -> str | None:
     """The API URL of the local Prefect server, if it is up."""
-    state = read_state(directory or state_dir())
-    if state and healthy(state.get("api_url", "")):
-        return state["api_url"]
-    return None
+    return recorded_url(directory or state_dir(), "api_url")
 
 
 def start_local_server(
@@ -386,10 +391,7 @@ def mlflow_store(root: Path | None = None) -> tuple[str, str]:
 
 def mlflow_server_url(directory: Path | None = None) -> str | None:
     """The URL of the MLflow server ``up`` recorded, if it answers /health."""
-    state = read_state(directory or mlflow_state_dir())
-    if state and healthy(state.get("url", "")):
-        return state["url"]
-    return None
+    return recorded_url(directory or mlflow_state_dir(), "url")
 
 
 def start_mlflow_server(
