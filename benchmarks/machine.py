@@ -55,6 +55,11 @@ def results_dir() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or RESULTS)
 
 
+def result_name(name: str, smoke: bool) -> str:
+    """A smoke run's result is ``smoke_<name>``: it never replaces a measurement."""
+    return f"smoke_{name}" if smoke else name
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     directory = results_dir()
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """The pipeline from a fresh clone: wall time per stage, the no-op rerun, the results.
 
     python benchmarks/pipeline.py [--params OVERRIDES.yaml] [--set SECTION.KEY=VALUE ...] [--keep]
+                                  [--smoke]
     python benchmarks/pipeline.py --params benchmarks/fashion_mnist.yaml   # the real benchmark
+    python benchmarks/pipeline.py --params benchmarks/fashion_mnist.yaml --smoke  # minutes
 
 Copies the repository (tracked and new files, as a clone would have them) to
 a temporary directory, starts nothing by hand, and runs every stage with
@@ -14,6 +16,11 @@ metrics/*.json. Writes benchmarks/results/pipeline_<source>_<device>.json.
 (sections merged key by key, ``--set`` last) and are checked by the same
 validation as every stage, so a wrong key fails at once, by name; the result
 records the overrides and the whole effective params.yaml.
+
+``--smoke`` checks that a recipe still runs end to end in a few minutes:
+``SMOKE`` (100 images a class, 6 epochs of batch 64 a fit, one QAT epoch;
+too few steps to pass the baseline guard, hence ``allow_weak``) goes on top of
+``--params``, before ``--set``, and the result is ``smoke_pipeline_*.json``.
 """
 
 from __future__ import annotations
@@ -37,12 +44,20 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.servers import stop_local_server  # noqa: E402
 
 STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
+# --smoke: every stage of any recipe, in minutes on 2 cores.
+_FIT_SMOKE = {"epochs": 6, "batch_size": 64, "min_steps": 0, "allow_weak": True}
+SMOKE: dict[str, Any] = {
+    "data": {"max_per_class": 100},
+    "train": _FIT_SMOKE,
+    "distill": _FIT_SMOKE,
+    "quantize": {"qat_epochs": 1, "qat_batch_size": 64},
+}
 
 
 def dvc(repo: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
@@ -197,8 +212,14 @@ def main() -> None:
         help="change one key (YAML value), after --params; repeatable",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on top of --params: runs in minutes"
+    )
     args = parser.parse_args()
-    overrides = overrides_from(args.params, args.assignments)
+    overrides = overrides_from(args.params, [])
+    if args.smoke:
+        overrides = merge_overrides(overrides, SMOKE)
+    overrides = merge_overrides(overrides, overrides_from(None, args.assignments))
     try:
         run = run_pipeline(overrides, keep=args.keep, log=lambda line: print(line, flush=True))
     except StageFailed as failed:
@@ -207,7 +228,7 @@ def main() -> None:
     source = Path(run["data_source"]).name
     command = " ".join(["python", "benchmarks/pipeline.py", *map(shlex.quote, sys.argv[1:])])
     result = {"command": command, "machine": describe_machine(), **run}
-    path = write_result(f"pipeline_{source}_{device}.json", result)
+    path = write_result(result_name(f"pipeline_{source}_{device}.json", args.smoke), result)
     print(f"total {result['total_seconds']:.1f} s; wrote {path}")
 
 

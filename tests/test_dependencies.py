@@ -27,7 +27,9 @@ def _imported(folders: tuple[str, ...]) -> set[str]:
                     names |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"tasks", "flows", "tests", "benchmarks"}
+    # visionpipe_model: the copy of tasks/ that a registered MLflow model carries
+    own = {"tasks", "flows", "tests", "benchmarks", "visionpipe_model"}
+    return names - set(sys.stdlib_module_names) - own
 
 
 def _undeclared(imports: set[str], declared: set[str]) -> dict[str, list[str]]:

@@ -1,74 +1,118 @@
-"""End to end: `dvc repro` on tiny params in a fresh copy of the repository.
+"""End to end, as a user runs it: `dvc repro`, then operations on the same checkout.
 
-Starts a real local Prefect server (the same code path a user's first
-``dvc repro`` takes), runs the whole pipeline, and checks the outputs, the
-MLflow runs, DVC's no-op on a second run, and that a distill param re-runs
-only distill, quantize and evaluate.
+One fresh copy of the repository on tiny params (every stage runs for real, in
+seconds), one state folder, and one pipeline run shared by every test here:
+
+1. ``visionpipe up`` starts real Prefect and MLflow servers on free loopback
+   ports (the Prefect server the same way a stage without one starts it);
+2. ``dvc repro`` runs the whole pipeline through them; its outputs, the
+   metrics contract and the MLflow runs with their lineage are checked, and a
+   second ``dvc repro`` is a no-op;
+3. ``prefect work-pool create``, ``visionpipe deploy`` and ``prefect worker
+   start`` put the retrain deployment on a process pool, as the README shows;
+4. a distill param is changed and the deployment is triggered through the
+   Prefect API: DVC re-runs only distill, quantize and evaluate, the three
+   variants are registered and the int8 student becomes the champion;
+   triggered again with nothing changed, it re-runs and registers nothing and
+   the alias stays where it was;
+5. the MLflow UI's comparison of the three ``evaluate`` runs and the Prefect
+   UI's flow runs are checked in headless Chromium (skipped without it);
+6. the pipeline's outputs go to a local DVC remote; a fresh clone pulls them
+   and ``dvc repro`` there has nothing to do;
+7. ``visionpipe down`` stops exactly the servers ``up`` started.
+
+Sharing one pipeline keeps the module to one full run of the pipeline: the
+deployed retrain is what re-runs the stages downstream of a changed param.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
 from benchmarks.workspace import copy_env, fresh_copy, git
 from tasks.evaluation.robustness import CORRUPTIONS
-from tasks.servers import local_server_url, start_local_server, stop_local_server
-from tests.imagefolders import noise
+from tasks.servers import start_local_server
+from tasks.serving import registry
+from tasks.serving.predict import load_model, predict_paths
 from tests.tinyrepo import TINY, set_params
+from tests.ui import chromium_or_skip, mlflow_compare_page, mlflow_ui_number, prefect_flow_runs_page
 
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "reports" / "ui"  # kept after the run, to look at
+STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
 VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
     "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
     "balanced_accuracy", "params", "size_bytes", "latency_ms_b1", "ece", "roc_auc_ovr",
     "pr_auc_macro", "temperature", "latency_ms_b64", "p95_ms_b1", "throughput_ips_b64",
 )  # fmt: skip
-pytestmark = pytest.mark.slow
+
+POOL = "visionpipe-test"
+DEPLOYMENT = "retrain/nightly"
+# Tiny models lose more to int8 and time noisily: budgets that test the path, not the numbers.
+GENEROUS = {"promote": {"max_int8_drop": 1.0, "max_latency_ratio": 100.0, "max_f1_drop": 0.005}}
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A real local Prefect server, started the way a stage starts one, stopped afterwards."""
-    state = tmp_path_factory.mktemp("prefect-state")
-    url = start_local_server(state)
-    yield url, state
-    assert stop_local_server(state)
-    assert local_server_url(state) is None
-
-
-def _dvc(repo: Path, env: dict, *args: str) -> str:
+def _run(repo: Path, env: dict[str, str], *args: str, timeout: float = 600) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
+        args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
+
+
+def _visionpipe(repo: Path, env: dict[str, str], *args: str) -> str:
+    return _run(repo, env, sys.executable, "-m", "flows.cli", *args)
+
+
+def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
+    return _run(repo, env, sys.executable, "-m", "dvc", *args)
 
 
 def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def _stage_env(url: str, state: Path) -> dict[str, str]:
-    return copy_env(state, PREFECT_API_URL=url)
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    """The repository copy, its environment, the server URLs; servers stopped at the end."""
+    base = tmp_path_factory.mktemp("ops")
+    repo = fresh_copy(base / "repo")
+    set_params(repo, {**TINY, **GENEROUS})
+    remote = base / "remote"
+    env = copy_env(base / "state")
+    _dvc(repo, env, "remote", "add", "-d", "local", str(remote))
+    git(repo, "commit", "-qam", "tiny params, a local DVC remote")
+
+    try:
+        printed = _visionpipe(repo, env, "up", "--json").splitlines()
+        urls = json.loads(next(line for line in printed if line.startswith("{")))
+        env["PREFECT_API_URL"] = urls["prefect_api"]
+        env["MLFLOW_TRACKING_URI"] = urls["mlflow"]
+        yield {"repo": repo, "env": env, "urls": urls, "base": base, "remote": remote}
+    finally:
+        _visionpipe(repo, env, "down")
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api):
+def pipeline(ops):
     """The tiny pipeline, run once for the module: (repo, env, first dvc repro output)."""
-    repo = fresh_copy(tmp_path_factory.mktemp("repo"))
-    set_params(repo, TINY)
-    git(repo, "commit", "-qam", "tiny params")
-    env = _stage_env(*prefect_api)
-    return repo, env, _dvc(repo, env, "repro")
+    return ops["repo"], ops["env"], _dvc(ops["repo"], ops["env"], "repro")
 
 
 def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
@@ -152,6 +196,7 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
     )
     commit = git(repo, "rev-parse", "HEAD")
 
+    # the MLflow server fronts the checkout's own store: read it directly
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["visionpipe"], output_format="list")
     evaluations = {r.data.tags["variant"]: r for r in runs if r.data.tags["stage"] == "evaluate"}
@@ -190,20 +235,15 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
     assert "kd_gain" in fits["student"].data.metrics
 
 
-def test_second_repro_is_a_no_op_and_distill_params_rerun_only_downstream(pipeline):
+def test_a_second_repro_is_a_no_op(pipeline):
     repo, env, _ = pipeline
     assert _ran(_dvc(repo, env, "repro")) == []
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["distill"]["alpha"] = 0.5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_dvc(repo, env, "repro")) == ["distill", "quantize", "evaluate"]
     assert "up to date" in _dvc(repo, env, "status").lower()
 
 
-def test_the_local_prefect_server_is_reused_not_restarted(prefect_api):
-    url, state = prefect_api
-    assert start_local_server(state) == url
+def test_the_local_prefect_server_is_reused_not_restarted(ops):
+    state = Path(ops["env"]["VISIONPIPE_HOME"]) / "prefect"
+    assert start_local_server(state) == ops["urls"]["prefect_api"]
 
 
 def test_a_bad_param_fails_fast_naming_the_key(pipeline):
@@ -224,48 +264,190 @@ def test_a_bad_param_fails_fast_naming_the_key(pipeline):
     assert "resample.strategy" in result.stderr and "random_over" in result.stderr
 
 
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(noise((10, 10, 3), seed)).save(path)
+@pytest.fixture(scope="module")
+def worker(ops, pipeline):
+    """The retrain deployment on a process work pool, and a worker polling it."""
+    repo, env, base = ops["repo"], ops["env"], ops["base"]
+    _run(repo, env, sys.executable, "-m", "prefect", "work-pool", "create", POOL,
+         "--type", "process")  # fmt: skip
+    _visionpipe(repo, env, "deploy", "--pool", POOL)
+    log = open(base / "worker.log", "wb")  # noqa: SIM115 - closed in teardown
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
+        cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Its graceful shutdown (deregistering from the API) has once taken
+            # over 30 s on a loaded CI machine; it is cleanup, not under test.
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
 
 
-def test_prepare_follows_the_content_of_a_dvc_tracked_image_folder(prefect_api, tmp_path):
-    repo = fresh_copy(tmp_path / "repo")
-    env = _stage_env(*prefect_api)
-    folder = repo / "data/raw/shapes"
-    for i in range(36):
-        _image(folder / f"class{i % 3}" / f"{i}.png", seed=i)
-    set_params(repo, {"data": {"source": "data/raw/shapes", "image_size": 8}})
-    _dvc(repo, env, "add", "data/raw/shapes")
-    assert "/shapes" in (repo / "data/raw/.gitignore").read_text().split()
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "track shapes with DVC")
+def _trigger(env: dict[str, str]) -> str:
+    """Run the deployment through the Prefect API, wait, return the final state's name."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    def prepared_images() -> int:
-        return json.loads((repo / "metrics/prepare.json").read_text())["images"]
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return run_deployment(DEPLOYMENT, timeout=900, poll_interval=2).state.name
 
-    def raw_md5() -> str:
-        lock = yaml.safe_load((repo / "dvc.lock").read_text())
-        return next(d["md5"] for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")
 
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
-    assert prepared_images() == 36
-    assert json.loads((repo / "reports/data_quality.json").read_text())["content_versioned"]
-    first = raw_md5()
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == []  # nothing changed: a no-op
+def _versions(name: str) -> list[str]:
+    return sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions(
+        f"name = '{name}'"))  # fmt: skip
 
-    _image(folder / "class1/1.png", seed=1000)  # edit one image
-    assert "data/raw" in _dvc(repo, env, "status", "prepare")
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
-    edited = raw_md5()
-    assert edited != first
 
-    _image(folder / "class2/new.png", seed=2000)  # add one
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
-    assert prepared_images() == 37
+@pytest.fixture(scope="module")
+def retrains(ops, pipeline, worker):
+    """A distill param changed, then the deployment triggered twice; the registry after each."""
+    repo = ops["repo"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["distill"]["alpha"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, "commit", "-qam", "distill.alpha: 0.5")
+    mlflow.set_tracking_uri(ops["urls"]["mlflow"])
+    outcomes = []
+    for _ in range(2):
+        state = _trigger(ops["env"])
+        outcomes.append({
+            "state": state,
+            "champion": registry.champion_version(),
+            "versions": {v: _versions(registry.model_name(v)) for v in registry.VARIANT_FILES},
+        })  # fmt: skip
+    return outcomes
 
-    (folder / "class0/0.png").unlink()  # remove one
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
-    assert prepared_images() == 36
-    assert raw_md5() not in (first, edited)
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == []
+
+def test_deployment_registers_and_promotes_then_changes_nothing(ops, retrains, tmp_path) -> None:
+    first, second = retrains
+    worker_log = (ops["base"] / "worker.log").read_text(errors="replace")[-3000:]
+    assert first["state"] == "Completed", worker_log
+    assert first["versions"] == {v: ["1"] for v in registry.VARIANT_FILES}
+    assert first["champion"] == "1"
+    assert second["state"] == "Completed", worker_log
+    assert second["versions"] == first["versions"]  # no new model version
+    assert second["champion"] == "1"
+
+    runs = mlflow.search_runs(
+        experiment_names=["visionpipe"],
+        filter_string="tags.stage = 'retrain'",
+        order_by=["start_time"],
+    )
+    assert list(runs["tags.decision"]) == ["promoted", "kept"]
+    # DVC re-ran what the distill param reaches, and nothing the second time
+    assert list(runs["params.stages_rerun"]) == ["distill,quantize,evaluate", "none"]
+    champion = mlflow.pyfunc.load_model("models:/visionpipe-student_int8@champion")
+    assert champion.metadata.metadata["preprocessing"]["image_size"] == TINY["data"]["image_size"]
+    # The champion takes an image file and labels it as `visionpipe predict` does.
+    pixels = np.load(ops["repo"] / "data/prepared/test/images.npy")[0]
+    png = tmp_path / "test0.png"
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(png)
+    answers = champion.predict(pd.DataFrame({"image": [png.read_bytes()], "name": [str(png)]}))
+    local = load_model(str(ops["repo"] / "models/student_int8.onnx"))
+    assert answers == [p.to_json() for p in predict_paths(local, [png])]
+
+
+def test_retrain_pushed_to_the_remote_and_a_clone_is_up_to_date(ops, retrains, tmp_path) -> None:
+    repo, env = ops["repo"], ops["env"]
+    assert any(ops["remote"].rglob("*")), "retrain did not dvc push to the remote"
+    git(repo, "commit", "-qam", "retrained")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    _dvc(clone, env, "pull")
+    assert (clone / "models/student_int8.onnx").read_bytes() == (
+        repo / "models/student_int8.onnx"
+    ).read_bytes()
+    status = _dvc(clone, env, "repro")
+    assert "Running stage" not in status
+    assert "Data and pipelines are up to date" in _dvc(clone, env, "status")
+
+
+@pytest.mark.browser
+def test_mlflow_ui_compares_the_three_variants(ops, retrains) -> None:
+    chromium_or_skip()
+    runs = mlflow.search_runs(  # the retrain's, the latest of each variant
+        experiment_names=["visionpipe"], filter_string="tags.stage = 'evaluate'",
+        order_by=["start_time DESC"], max_results=3,
+    )  # fmt: skip
+    assert sorted(runs["tags.variant"]) == sorted(registry.VARIANT_FILES)
+    experiment = mlflow.get_experiment_by_name("visionpipe").experiment_id
+    text = mlflow_compare_page(
+        ops["urls"]["mlflow"], list(runs["run_id"]), experiment, SCREENSHOTS / "mlflow_compare.png"
+    )
+    assert "Comparing 3 Runs" in text
+    for variant in registry.VARIANT_FILES:
+        assert variant in text
+    rows = [line.split("\t") for line in text.splitlines() if "\t" in line]
+    table = {row[0]: row[1:] for row in rows}
+    for key in ("f1_macro", "size_bytes", "latency_ms_b1"):
+        expected = sorted(mlflow_ui_number(value) for value in runs[f"metrics.{key}"])
+        assert sorted(table[key]) == expected, key
+
+
+@pytest.mark.browser
+def test_prefect_ui_lists_the_stage_and_retrain_flow_runs(ops, retrains) -> None:
+    chromium_or_skip()
+    text = prefect_flow_runs_page(ops["urls"]["prefect_ui"], SCREENSHOTS / "prefect_runs.png")
+    words = set(re.findall(r"[\w-]+", text))
+    assert set(STAGES) | {"retrain"} <= words, text[:2000]
+
+
+def _deployment(env: dict[str, str], name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        return client.read_deployment_by_name(name)
+
+
+def _assert_schedule(deployment, repo: Path) -> None:
+    import yaml
+
+    config = yaml.safe_load((repo / "params.yaml").read_text())["retrain"]
+    (schedule,) = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
+        config["cron"], config["timezone"], True)  # fmt: skip
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters == {"pull": config["pull"], "push": config["push"]}
+
+
+def test_deployed_retrain_has_the_params_schedule_and_one_run_at_a_time(ops, worker) -> None:
+    deployment = _deployment(ops["env"], DEPLOYMENT)
+    assert deployment.work_pool_name == POOL
+    _assert_schedule(deployment, ops["repo"])
+
+
+def test_serve_creates_the_scheduled_deployment_and_runs_until_stopped(ops, pipeline) -> None:
+    import time
+
+    from prefect.exceptions import ObjectNotFound
+
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve-deployment", "--name", "served"],
+        cwd=ops["repo"], env=ops["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                deployment = _deployment(ops["env"], "retrain/served")
+                break
+            except ObjectNotFound:
+                assert serve.poll() is None, serve.communicate()[0].decode(errors="replace")
+                assert time.monotonic() < deadline, "serve-deployment made no deployment in 120 s"
+                time.sleep(1)
+        _assert_schedule(deployment, ops["repo"])
+        assert serve.poll() is None  # serving: it waits for scheduled runs
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)

@@ -169,19 +169,39 @@ def test_a_saved_model_folder_is_the_logged_model(store, pngs, tmp_path) -> None
     assert saved.metadata.metadata["source_md5"] == logged.metadata.metadata["source_md5"]
 
 
-def test_the_tensor_graph_stays_available_as_the_onnx_flavour(store) -> None:
+def test_the_tensor_graph_is_the_models_onnx_artifact(store) -> None:
     files, experiment = store
     version = _register(files, experiment)["student_int8"]
     info = mlflow.models.get_model_info(version.uri)
-    assert info.flavors.keys() == {"onnx", "python_function"}
+    assert info.flavors.keys() == {"python_function"}  # logged by mlflow.pyfunc.log_model
+    assert info.flavors["python_function"]["artifacts"].keys() == {"onnx"}
     tensors = ModelSignature.from_dict(info.metadata["tensor_signature"])
     (images,) = tensors.inputs.inputs
     assert (images.name, images.shape) == ("images", (-1, 1, 16, 16))
-    graph = mlflow.onnx.load_model(version.uri)
+    graph = registry.onnx_graph(version.uri)
+    assert graph.SerializeToString() == files["student_int8"].read_bytes()
     inputs = normalise(corner_pixels(8, seed=4)[..., None], CORNER_STATS)
     served = onnx_logits(onnx_session(graph.SerializeToString(), 1), inputs, batch_size=8)
     expected = onnx_logits(onnx_session(files["student_int8"], 1), inputs, batch_size=8)
     np.testing.assert_array_equal(served, expected)
+
+
+def test_a_version_with_the_older_onnx_flavour_is_scored_the_same(store) -> None:
+    """Versions an older visionpipe registered carry an ``onnx`` flavour, not the artifact."""
+    files, experiment = store
+    new = _register(files, experiment)["student_int8"]
+    graph = registry.onnx_graph(new.uri)
+    with mlflow.start_run(experiment_id=experiment):
+        older = mlflow.onnx.log_model(
+            graph, name="older", registered_model_name="older-onnx",
+            metadata=mlflow.models.get_model_info(new.uri).metadata,
+            pip_requirements=["onnx", "onnxruntime"],
+        )  # fmt: skip
+    assert registry.onnx_graph(older.model_uri).graph.input[0].name == "images"
+    test = _test_split()
+    assert registry.score(older.model_uri, test, CORNER_CLASSES) == registry.score(
+        new.uri, test, CORNER_CLASSES
+    )
 
 
 @pytest.mark.integration
@@ -195,6 +215,7 @@ def test_the_model_runs_where_this_repository_cannot_be_imported(store, pngs) ->
         [f"visionpipe_model/{f}" for f in registry.SHIPPED]
         + ["visionpipe_model/__init__.py", "visionpipe_model/data/__init__.py",
            "visionpipe_model/serving/__init__.py"])  # fmt: skip
+    assert (local / registry.MODEL_CODE.name).is_file()  # the model file, run at load time
     script = (
         "import json, sys\n"
         "sys.modules['tasks'] = None  # any `import tasks...` now raises ImportError\n"
@@ -256,10 +277,10 @@ def test_teacher_checkpoint_is_registered_as_onnx_that_takes_images(store, pngs)
     files, experiment = store
     version = _register(files, experiment)["teacher"]
     model = mlflow.pyfunc.load_model(version.uri)
-    assert model.metadata.flavors.keys() >= {"onnx", "python_function"}
+    assert model.metadata.flavors.keys() == {"python_function"}
     answers = model.predict(_rows(pngs[:3]))
     assert [len(a["top_k"]) for a in answers] == [2, 2, 2]
-    assert mlflow.onnx.load_model(version.uri).graph.input[0].name == "images"
+    assert registry.onnx_graph(version.uri).graph.input[0].name == "images"
 
 
 def test_score_is_the_macro_f1_of_the_registered_model(store) -> None:

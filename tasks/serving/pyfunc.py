@@ -1,9 +1,11 @@
 """The registered MLflow model's ``python_function``: encoded images in, top-k labels out.
 
-``registry.register_variants`` ships this module, ``tasks/inference.py`` and
-the two data modules it imports inside every model version (its ``code/``
-folder, as the package ``visionpipe_model``), and names this module the
-model's ``loader_module``. So anything that loads a pyfunc model runs it:
+``registry.register_variants`` logs every model version with
+``mlflow.pyfunc.log_model`` as a model from code: ``tasks/serving/mlflow_model.py``
+is the model file (it sets an :class:`ImageModel`), the ONNX graph is the
+artifact ``onnx``, and this module, ``tasks/inference.py`` and the two data
+modules it imports travel in the model's ``code/`` folder as the package
+``visionpipe_model``. So anything that loads a pyfunc model runs it:
 
     mlflow models serve -m "models:/visionpipe-student_int8@champion" --env-manager local
     curl -H 'Content-Type: application/json' http://127.0.0.1:5000/invocations \\
@@ -20,9 +22,8 @@ prepare's quarantine reason for a row that is not a usable image. ``path`` is
 the row's ``name``, or its position when there is none. The inference
 parameter ``top_k`` (default 3) says how many labels each row gets.
 
-The same model version keeps its ``onnx`` flavour, the bare graph that takes
-normalised float tensors (``images`` N x C x H x W -> ``logits``), for
-callers who preprocess themselves: ``mlflow.onnx.load_model(uri)``.
+Callers who preprocess themselves take the bare graph (``images`` N x C x H x W
+float32, normalised -> ``logits``) from the artifact: ``registry.onnx_graph(uri)``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
 
 from ..inference import MAX_PIXELS, Model, decode_blobs, load_onnx, predict_decoded
 
@@ -84,15 +88,31 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> ImageClassifier:
-    """MLflow's entry point: ``data_path`` is the model's ONNX file.
+ONNX_ARTIFACT = "onnx"  # the artifact that holds the model's ONNX graph
+
+
+class ImageModel(mlflow.pyfunc.PythonModel):
+    """The model MLflow loads: :class:`ImageClassifier` on the ``onnx`` artifact.
 
     ``model_config`` (``mlflow.pyfunc.load_model(uri, model_config=...)``) may
     set ``threads`` (ONNX Runtime intra-op threads, default 1) and
     ``max_pixels`` (a larger image is refused undecoded, as ``too_large``).
     """
-    config = model_config or {}
-    path = Path(data_path)
-    threads = int(config.get("threads", 1))
-    model = load_onnx(path, source=path.name, artifact=path.name, threads=threads)
-    return ImageClassifier(model, int(config.get("max_pixels", MAX_PIXELS)))
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = context.model_config or {}
+        path = Path(context.artifacts[ONNX_ARTIFACT])
+        threads = int(config.get("threads", 1))
+        model = load_onnx(path, source=path.name, artifact=path.name, threads=threads)
+        self.classifier = ImageClassifier(model, int(config.get("max_pixels", MAX_PIXELS)))
+
+    # A DataFrame hint: MLflow infers no schema from it, so the logged signature (a
+    # binary ``image`` column, an optional ``name``) is the schema.
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> list[dict]:
+        """One ``predict --json`` entry per row of ``model_input`` (a DataFrame with ``image``)."""
+        return self.classifier.predict(model_input, params)

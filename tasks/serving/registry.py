@@ -2,9 +2,11 @@
 
 Every variant is registered as ``visionpipe-<variant>``: the int8 and fp32
 students are the files ``quantize`` wrote, the teacher is exported from its
-checkpoint the way ``evaluate`` times it. Each model version has two flavours:
+checkpoint the way ``evaluate`` times it. Each model version is logged the way
+MLflow documents custom models, ``mlflow.pyfunc.log_model`` with a model from
+code (``tasks/serving/mlflow_model.py``) and its artifact:
 
-- ``python_function`` takes images: a table with a binary column ``image``
+- its ``python_function`` takes images: a table with a binary column ``image``
   (PNG, JPEG, ... bytes) and an optional ``name``, and returns ``visionpipe
   predict --json``'s entries (top-k labels with probabilities, or prepare's
   quarantine reason). Its code (``tasks/serving/pyfunc.py``,
@@ -12,8 +14,8 @@ checkpoint the way ``evaluate`` times it. Each model version has two flavours:
   model, so ``mlflow models serve -m models:/visionpipe-student_int8@champion``
   serves images with ONNX Runtime, Pillow and numpy, without this repository
   or torch; it decodes with the preprocessing stored in the model.
-- ``onnx`` is the bare graph, for callers who preprocess themselves
-  (``mlflow.onnx.load_model(uri)``): ``images`` float32 N x C x H x W,
+- its artifact ``onnx`` is the bare graph, for callers who preprocess
+  themselves (:func:`onnx_graph`): ``images`` float32 N x C x H x W,
   normalised with the model's ``mean``/``std`` -> ``logits`` N x classes. That
   tensor signature is in the metadata as ``tensor_signature``.
 
@@ -34,9 +36,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import tempfile
-import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -64,7 +67,7 @@ from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER
 from tasks.metrics import f1_macro
 from tasks.params import PromoteParams
 from tasks.serving.predict import file_md5
-from tasks.serving.pyfunc import DEFAULT_TOP_K, IMAGE, NAME
+from tasks.serving.pyfunc import DEFAULT_TOP_K, IMAGE, NAME, ONNX_ARTIFACT
 
 MODEL_PREFIX = "visionpipe-"
 CHAMPION = "champion"
@@ -83,7 +86,7 @@ VERSION_METRICS = ("f1_macro", "accuracy", "size_bytes", "latency_ms_b1", "laten
 TASKS_DIR = Path(__file__).resolve().parents[1]
 SHIPPED = ("inference.py", "data/images.py", "data/pixels.py", "serving/pyfunc.py")
 PACKAGE = "visionpipe_model"  # their package inside the model: never shadows `tasks`
-LOADER = f"{PACKAGE}.serving.pyfunc"
+MODEL_CODE = TASKS_DIR / "serving" / "mlflow_model.py"  # the model file: imports PACKAGE
 # The version tag that says its python_function takes image files.
 INPUT_TAG, IMAGE_INPUT = "pyfunc_input", "image"
 # What the pyfunc imports at serving time (mlflow itself is added by MLflow).
@@ -176,36 +179,31 @@ def ship_code(scratch: Path) -> Path:
     return root
 
 
-def _save_image_model(
-    path: str, mlflow_model: mlflow.models.Model, onnx_path: Path, code: Path, **pyfunc: Any
-) -> None:
-    """Save a model directory with both flavours: the image pyfunc and the bare ONNX graph."""
-    mlflow_model.add_flavor(
-        "onnx",
-        onnx_version=onnx.__version__,
-        data=f"data/{onnx_path.name}",  # where pyfunc.save_model copies data_path
-        providers=["CPUExecutionProvider"],  # int8 QDQ is a CPU model
-    )
-    mlflow.pyfunc.save_model(
-        path,
-        mlflow_model=mlflow_model,
-        loader_module=LOADER,
-        data_path=str(onnx_path),
-        code_paths=[str(code)],
-        **pyfunc,
-    )
+@contextmanager
+def shipped_code() -> Iterator[Path]:
+    """The model's code package in a temporary folder, importable while it exists.
+
+    MLflow runs a model-from-code file when it logs it (to check the input
+    example), so ``visionpipe_model`` must import then as it will at serving time.
+    """
+    with tempfile.TemporaryDirectory(prefix="visionpipe-code-") as scratch:
+        package = ship_code(Path(scratch))
+        sys.path.insert(0, scratch)
+        try:
+            yield package
+        finally:
+            sys.path.remove(scratch)
+            for name in [m for m in sys.modules if m.split(".")[0] == PACKAGE]:
+                del sys.modules[name]  # the next model imports its own copy
 
 
-# What mlflow.models.Model.log calls to write the model: a "flavour" with save_model.
-IMAGE_MODEL_FLAVOUR = types.SimpleNamespace(
-    __name__="python_function", save_model=_save_image_model
-)
-
-
-def _image_model(onnx_path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """The metadata and the pyfunc's signature, example and requirements for ``onnx_path``."""
+def _image_model(onnx_path: Path, code: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``mlflow.pyfunc.log_model``'s (and ``save_model``'s) arguments for ``onnx_path``."""
     description = describe(onnx.load(str(onnx_path)))
     return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {ONNX_ARTIFACT: str(onnx_path)},
+        "code_paths": [str(code)],
         "metadata": {
             **metadata,
             **description,
@@ -221,24 +219,35 @@ def log_image_model(
     variant: str, onnx_path: Path, code: Path, metadata: Mapping[str, Any], registered_name: str
 ) -> mlflow.models.model.ModelInfo:
     """Log ``onnx_path`` as an image-taking model of the active run and register it."""
-    return mlflow.models.Model.log(
-        None,  # artifact_path: deprecated in favour of name
+    return mlflow.pyfunc.log_model(
         name=variant,
-        flavor=IMAGE_MODEL_FLAVOUR,
         registered_model_name=registered_name,
-        onnx_path=onnx_path,
-        code=code,
-        **_image_model(onnx_path, metadata),
+        **_image_model(onnx_path, code, metadata),
     )
 
 
 def save_image_model(path: Path, onnx_path: Path) -> Path:
     """The model ``log_image_model`` logs, as a local folder (``mlflow models serve -m PATH``)."""
-    with tempfile.TemporaryDirectory(prefix="visionpipe-model-") as scratch:
-        kwargs = _image_model(onnx_path, {"source_md5": file_md5(onnx_path)})
-        model = mlflow.models.Model(metadata=kwargs.pop("metadata"))
-        _save_image_model(str(path), model, onnx_path, ship_code(Path(scratch)), **kwargs)
+    with shipped_code() as code:
+        mlflow.pyfunc.save_model(
+            str(path), **_image_model(onnx_path, code, {"source_md5": file_md5(onnx_path)})
+        )
     return path
+
+
+def onnx_graph(model_uri: str) -> onnx.ModelProto:
+    """A registered version's bare ONNX graph (normalised tensors in, logits out).
+
+    Its ``onnx`` artifact; a version an older visionpipe registered has an
+    ``onnx`` flavour instead, read the same way by ``mlflow.onnx``.
+    """
+    info = mlflow.models.get_model_info(model_uri)
+    if "onnx" in info.flavors:
+        return mlflow.onnx.load_model(model_uri)
+    artifact = info.flavors["python_function"]["artifacts"][ONNX_ARTIFACT]["path"]
+    with tempfile.TemporaryDirectory(prefix="visionpipe-onnx-") as scratch:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch)
+        return onnx.load(str(Path(local) / artifact))
 
 
 def find_version(client: mlflow.MlflowClient, name: str, md5: str) -> ModelVersion | None:
@@ -284,8 +293,7 @@ def register_variants(
     """
     client = mlflow.MlflowClient()
     registered: dict[str, Registered] = {}
-    with tempfile.TemporaryDirectory(prefix="visionpipe-register-") as scratch:
-        code = ship_code(Path(scratch))
+    with shipped_code() as code, tempfile.TemporaryDirectory(prefix="visionpipe-") as scratch:
         for variant, path in files.items():
             name, md5 = model_name(variant), file_md5(path)
             if (existing := find_version(client, name, md5)) is not None:
@@ -329,9 +337,9 @@ def set_champion(version: str, variant: str = CHALLENGER) -> None:
 def score(model_uri: str, test: Split, classes: tuple[str, ...]) -> tuple[float | None, str]:
     """Test macro-F1 of a registered model, run on its ONNX graph; None and why if it can't.
 
-    Through the ``onnx`` flavour, which every version has (those registered
-    before the image pyfunc too), so champion and challenger are scored by the
-    same code. The images are normalised with the model's OWN statistics; a
+    Through the bare graph (:func:`onnx_graph`), which every version has
+    (those registered before the image pyfunc too), so champion and challenger
+    are scored by the same code. The images are normalised with the model's OWN statistics; a
     model trained on other classes or another input size cannot be scored on
     this split. (The pyfunc decodes a PNG of a split image to the same array,
     so it would give the same labels: ``tests/test_registry.py`` checks.)
@@ -346,7 +354,7 @@ def score(model_uri: str, test: Split, classes: tuple[str, ...]) -> tuple[float 
             f"it takes {spec['image_size']}x{spec['image_size']}x{spec['channels']} images, "
             f"this test split holds {height}x{width}x{channels}"
         )
-    session = onnx_session(mlflow.onnx.load_model(model_uri).SerializeToString(), threads=1)
+    session = onnx_session(onnx_graph(model_uri).SerializeToString(), threads=1)
     stats = ChannelStats(mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     logits = onnx_logits(session, normalise(test.images, stats), batch_size=256)
     f1 = f1_macro(test.labels, np.argmax(logits, axis=1), len(classes))
