@@ -56,8 +56,8 @@ def results_dir() -> Path:
 
 
 def result_name(name: str, smoke: bool) -> str:
-    """A smoke run's result is ``smoke_<name>``: it never replaces a measurement."""
-    return f"smoke_{name}" if smoke else name
+    """A ``--smoke`` run's result is ``<name>_smoke.json``: it never replaces a measurement."""
+    return name.replace(".json", "_smoke.json") if smoke else name
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

@@ -20,7 +20,7 @@ records the overrides and the whole effective params.yaml.
 ``--smoke`` checks that a recipe still runs end to end in a few minutes:
 ``SMOKE`` (100 images a class, 6 epochs of batch 64 a fit, one QAT epoch;
 too few steps to pass the baseline guard, hence ``allow_weak``) goes on top of
-``--params``, before ``--set``, and the result is ``smoke_pipeline_*.json``.
+``--params``, before ``--set``, and the result is ``pipeline_<source>_<device>_smoke.json``.
 """
 
 from __future__ import annotations

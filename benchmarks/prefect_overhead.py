@@ -1,6 +1,6 @@
 """What Prefect costs a stage: one process running a 6-task flow, three ways.
 
-    python benchmarks/prefect_overhead.py [--repeats 3] [--tasks 6]
+    python benchmarks/prefect_overhead.py [--repeats 3] [--tasks 6] [--smoke]
 
 Each measurement is a fresh ``python`` process, like a DVC stage, running the
 same ``--tasks`` trivial tasks:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe_machine, write_result
+from benchmarks.machine import describe_machine, result_name, write_result
 from tasks.servers import start_local_server, stop_local_server
 
 PROGRAM = """
@@ -71,7 +71,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=6)
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="one process per mode, 2 tasks: does the script run? (prefect_overhead_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.tasks = 1, 2
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -107,7 +113,7 @@ def main() -> None:
         },
         "local_server_start_seconds": server_start_s,
     }
-    path = write_result("prefect_overhead.json", result)
+    path = write_result(result_name("prefect_overhead.json", args.smoke), result)
     for mode, value in medians.items():
         print(f"{mode:>13}: {value:6.2f} s per stage process (median of {args.repeats})")
     print(f"local server started once in {server_start_s:.1f} s; wrote {path}")

@@ -1,6 +1,7 @@
 """Prepare at scale: throughput and peak memory for 10k and 100k 64x64 RGB images.
 
     python benchmarks/prepare_scale.py [--images 1000 10000 30000 100000] [--workers 1 auto]
+                                       [--smoke]
 
 Generates an ImageFolder of synthetic 64x64 RGB JPEGs (10 classes of random
 shapes on random backgrounds, every image distinct) once per size under
@@ -41,7 +42,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.workspace import copy_env, fresh_copy  # noqa: E402
 from tasks.servers import start_local_server, stop_local_server  # noqa: E402
 
@@ -166,7 +167,14 @@ def main() -> None:
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "visionpipe-prepare-scale"
     )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="50, 100 and 150 images (a line needs three): does the script run? "
+        "(prepare_scale_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.images = [50, 100, 150]
 
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
     repo = fresh_copy(scratch / "repo", "benchmark copy")
@@ -195,7 +203,7 @@ def main() -> None:
         "runs": runs,
         "linear_fit": linear_fit([r for r in runs if r["workers"] == args.workers[-1]]),
     }
-    path = write_result("prepare_scale.json", result)
+    path = write_result(result_name("prepare_scale.json", args.smoke), result)
     print(f"wrote {path}")
 
 

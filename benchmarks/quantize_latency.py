@@ -1,6 +1,6 @@
 """When does int8 pay on this CPU? Students of several sizes, fp32 vs int8, first conv int8 or not.
 
-    python benchmarks/quantize_latency.py [--threads 1] [--repeats 100]
+    python benchmarks/quantize_latency.py [--threads 1] [--repeats 100] [--smoke]
 
 For each architecture, width and input size: the network (random weights,
 realistic BatchNorm statistics: latency does not depend on what was learnt)
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from tasks.evaluation.latency import BATCH, measure_runtimes  # noqa: E402
 from tasks.export.onnx_io import export_onnx, torch_logits  # noqa: E402
 from tasks.export.quantize import quantize_onnx  # noqa: E402
@@ -94,10 +94,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="the first network, 5 repeats: does the script run? (quantize_latency_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
+    networks = NETWORKS[:1] if args.smoke else NETWORKS
+    if args.smoke:
+        args.repeats = 5
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, width, size in NETWORKS:
+        for name, width, size in networks:
             row = measure(name, width, size, args.threads, args.repeats, Path(scratch))
             rows.append(row)
             print(
@@ -106,7 +113,7 @@ def main() -> None:
                 flush=True,
             )
     path = write_result(
-        "quantize_latency.json",
+        result_name("quantize_latency.json", args.smoke),
         {
             "command": "python benchmarks/quantize_latency.py " + " ".join(sys.argv[1:]),
             "threads": args.threads,

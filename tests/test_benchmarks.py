@@ -78,3 +78,50 @@ def test_train_throughput_smoke_times_the_committed_teacher_and_student(tmp_path
             row["pipeline_images_per_second"][0] / row["bare_images_per_second"][0]
         )
     assert result["machine"]["cpu_count"] >= 1
+
+
+def test_quantize_latency_smoke_times_fp32_and_both_int8_forms(tmp_path: Path) -> None:
+    done = _run("quantize_latency", "--smoke", results=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "quantize_latency_smoke.json").read_text())
+    (row,) = result["networks"]
+    int8 = {"onnxruntime-int8-all-convs", "onnxruntime-int8-first-conv-fp32"}
+    assert set(row["bytes"]) == {"onnxruntime-fp32", *int8}
+    assert set(row["latency"]) == {"torch-eager", "onnxruntime-fp32", *int8}
+    assert set(row["int8_b64_vs_fastest_fp32"]) == int8
+    assert all(ratio > 0 for ratio in row["int8_b64_vs_fastest_fp32"].values())
+    assert row["bytes"]["onnxruntime-int8-all-convs"] < row["bytes"]["onnxruntime-fp32"]
+
+
+def test_prefect_overhead_smoke_times_each_mode(tmp_path: Path) -> None:
+    done = _run("prefect_overhead", "--smoke", results=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "prefect_overhead_smoke.json").read_text())
+    assert result["tasks_per_flow"] == 2
+    modes = {"plain", "local-server", "ephemeral"}
+    assert set(result["process_seconds"]) == modes
+    assert all(len(values) == 1 and values[0] > 0 for values in result["process_seconds"].values())
+    assert set(result["overhead_seconds_per_stage"]) == {"local-server", "ephemeral"}
+    assert result["local_server_start_seconds"] > 0
+
+
+def test_prepare_scale_smoke_runs_prepare_and_fits_a_line(tmp_path: Path) -> None:
+    done = _run(
+        "prepare_scale", "--smoke", "--cache", str(tmp_path / "cache"), results=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "prepare_scale_smoke.json").read_text())
+    runs = result["runs"]
+    assert sorted({r["images"] for r in runs}) == [50, 100, 150]
+    assert all(r["wall_seconds"] > 0 and r["images_per_second"] > 0 for r in runs)
+    assert set(result["linear_fit"]) == {"fixed_seconds", "ms_per_image", "max_relative_residual"}
+
+
+def test_faults_smoke_runs_the_quickest_cases(tmp_path: Path) -> None:
+    done = _run("faults", "--smoke", results=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "faults_smoke.json").read_text())
+    assert [row["case"] for row in result["cases"]] == ["hostile-folder", "orphaned-server"]
+    for row in result["cases"]:
+        assert row["did"] and row["lost"].startswith("nothing"), row  # no data lost

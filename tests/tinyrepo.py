@@ -9,7 +9,7 @@ import yaml
 # Budgets this small learn little, so the baseline guard warns instead of failing
 # (allow_weak); tests/test_flows.py checks that it fails a stage otherwise.
 TINY = {
-    "data": {"image_size": 8},
+    "data": {"image_size": 8, "max_per_class": 40},  # 400 of the 1,797 digits
     "augment": {"affine_p": 0.5},
     "train": {
         "width": 8,
