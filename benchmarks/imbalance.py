@@ -2,6 +2,7 @@
 
     python benchmarks/imbalance.py [--source digits] [--ratio 50] [--seeds 0 1 2]
                                    [--params OVERRIDES.yaml] [--set SECTION.KEY=VALUE ...]
+                                   [--smoke]
 
 For each seed, prepares ``--source`` with ``data.imbalance_ratio: --ratio`` (a
 long-tailed TRAIN split; val and test stay balanced), then for every method
@@ -43,7 +44,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.pipeline import merge_overrides, overrides_from  # noqa: E402
 from tasks.data.datasets import Rows, Split, load_prepared  # noqa: E402
 from tasks.data.prepare import (  # noqa: E402
@@ -83,6 +84,11 @@ METHODS: dict[str, tuple[dict, dict, dict, float]] = {
     "focal + balanced": ({}, {"loss": "focal", "class_weight": "balanced"}, {}, 0.0),
     "logit adjustment (tau 1)": ({}, {}, {}, 1.0),
     "minority augmentation x3": ({}, {}, {"minority_boost": 3.0}, 0.0),
+}
+SMOKE_METHODS = ("plain CE", "smote")
+SMOKE = {
+    "data": {"max_per_class": 60},
+    "train": {"model": "cnn", "pretrained": False, "width": 8, "epochs": 1, "min_steps": 0},
 }
 
 
@@ -179,9 +185,19 @@ def main() -> None:
         "--set", dest="assignments", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="change one key (YAML value), after --params; repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="seed 0, ratio 5, plain CE and smote, a one-epoch CNN teacher on 60 images a "
+        "class: does the script run? (imbalance_*_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.methods, args.ratio = [0], list(SMOKE_METHODS), 5.0
 
-    overrides = overrides_from(args.params, args.assignments)
+    overrides = overrides_from(args.params, [])
+    if args.smoke:
+        overrides = merge_overrides(overrides, SMOKE)
+    overrides = merge_overrides(overrides, overrides_from(None, args.assignments))
     raw = merge_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     try:
         params = parse_params(raw, origin="params.yaml with the overrides")
@@ -252,7 +268,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     name = f"imbalance_{Path(args.source).name}_rho{args.ratio:g}.json"
-    path = write_result(name, result)
+    path = write_result(result_name(name, args.smoke), result)
 
     print("\n| method | test f1_macro | test balanced accuracy | train images |")
     print("|---|---|---|---|")

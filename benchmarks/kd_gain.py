@@ -1,6 +1,7 @@
 """Does distillation pay on this data, beyond seed noise? kd_gain over several seeds.
 
-    python benchmarks/kd_gain.py [--seeds 0 1 2 3 4]        # after `dvc repro train`
+    python benchmarks/kd_gain.py [--seeds 0 1 2 3 4] [--repo PATH] [--smoke]
+    # after `dvc repro train`
 
 One pipeline run reports one ``kd_gain`` (distilled minus scratch test
 macro-F1), and on a small test split that is a few images either way. This
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from tasks.layout import PREPARED_DIR, RESAMPLED_DIR, TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.training.distill import fit_student, load_teacher, score  # noqa: E402
@@ -41,6 +42,10 @@ CONFIGS: dict[str, dict | None] = {
 }
 
 
+SMOKE_CONFIGS = ("scratch", "KD (params.yaml)")
+SMOKE_FIT = {"epochs": 1, "min_steps": 0}
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -48,16 +53,27 @@ def _quiet(_: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT, help="a checkout where `dvc repro train` has run"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="seed 0, scratch and KD, one epoch each: does the script run? (kd_gain_*_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
+    configs = {name: CONFIGS[name] for name in SMOKE_CONFIGS} if args.smoke else CONFIGS
+    if args.smoke:
+        args.seeds = [0]
 
-    params = load_params(ROOT / "params.yaml")
-    data = load_training_data.fn(ROOT / PREPARED_DIR, ROOT / RESAMPLED_DIR)
-    teacher = load_teacher.fn(ROOT / TEACHER)
-    scores: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    seconds: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    params = load_params(args.repo / "params.yaml")
+    data = load_training_data.fn(args.repo / PREPARED_DIR, args.repo / RESAMPLED_DIR)
+    teacher = load_teacher.fn(args.repo / TEACHER)
+    scores: dict[str, list[float]] = {name: [] for name in configs}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
     for seed in args.seeds:
-        for name, update in CONFIGS.items():
-            distill = params.distill.model_copy(update=update or {})
+        for name, update in configs.items():
+            distill = params.distill.model_copy(update={**SMOKE_FIT, **(update or {})}
+                                                if args.smoke else update or {})  # fmt: skip
             start = time.perf_counter()
             result = fit_student.fn(
                 data, None if update is None else teacher, distill, params.augment, seed,
@@ -83,7 +99,7 @@ def main() -> None:
         }
     device = "cuda" if describe_machine()["gpu"] else "cpu"
     path = write_result(
-        f"kd_gain_{params.data.source}_{device}.json",
+        result_name(f"kd_gain_{params.data.source}_{device}.json", args.smoke),
         {
             "command": "python benchmarks/kd_gain.py --seeds " + " ".join(map(str, args.seeds)),
             "machine": describe_machine(),
@@ -91,7 +107,7 @@ def main() -> None:
             "test_size": len(data.prepared.test.labels),
             "teacher": str(TEACHER),
             "distill": params.distill.model_dump(),
-            "configs": {name: update for name, update in CONFIGS.items()},
+            "configs": dict(configs),
             "results": rows,
         },
     )

@@ -1,6 +1,7 @@
 """Where a training epoch's time goes: ``torch.profiler`` over the teacher's or the student's fit.
 
     python benchmarks/profile_fit.py [--stage train|distill] [--max-images 5120] [--top 15]
+                                     [--repo PATH] [--smoke]
 
 After ``dvc repro prepare resample`` (and ``train``, for ``--stage distill``):
 in a copy ``benchmarks/pipeline.py --keep`` left, it profiles that recipe. Runs
@@ -18,6 +19,7 @@ Writes benchmarks/results/profile_<stage>_<device>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.train_throughput import first_train_rows  # noqa: E402
 from tasks.layout import TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
@@ -57,8 +59,18 @@ def main() -> None:
     parser.add_argument("--stage", choices=["train", "distill"], default="train")
     parser.add_argument("--max-images", type=int, default=5120)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT, help="a checkout where the stages before it have run"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="64 images: does the script run? (profile_<stage>_<device>_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
-    params = load_params(ROOT / "params.yaml")
+    if args.smoke:
+        args.max_images = 64
+    os.chdir(args.repo)  # the stage's own relative paths: data/, models/
+    params = load_params("params.yaml")
     data = load_training_data.fn()
     data = first_train_rows(data, args.max_images)
     section = params.train if args.stage == "train" else params.distill
@@ -99,7 +111,7 @@ def main() -> None:
     print({group: f"{share:.1%}" for group, share in sorted(shares.items())})
     device = "gpu" if torch.cuda.is_available() else "cpu"
     path = write_result(
-        f"profile_{args.stage}_{device}.json",
+        result_name(f"profile_{args.stage}_{device}.json", args.smoke),
         {
             "command": "python benchmarks/profile_fit.py " + " ".join(sys.argv[1:]),
             "machine": describe_machine(),

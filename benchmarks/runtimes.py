@@ -1,6 +1,7 @@
 """The student in each runtime, side by side: PyTorch eager fp32, ONNX Runtime fp32 and int8.
 
-    python benchmarks/runtimes.py [--threads 1] [--repeats 200]   # after `dvc repro`
+    python benchmarks/runtimes.py [--threads 1] [--repeats 200] [--repo PATH] [--smoke]
+    # after `dvc repro`
 
 Separates what int8 buys from what the runtime buys: the evaluate stage runs
 the fp32 student in PyTorch (its checkpoint) and the int8 model in ONNX
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from tasks.checkpoints import load_checkpoint  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
 from tasks.data.pixels import normalise  # noqa: E402
@@ -63,9 +64,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--trials", type=int, default=5, help="whole measurements, for the spread")
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT, help="a checkout where `dvc repro` has run"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="1 trial of 10 repeats: does the script run? (runtimes_*_smoke.json)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.repeats, args.warmup = 1, 10, 2
 
-    os.chdir(ROOT)
+    os.chdir(args.repo)
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(STUDENT)
     model = checkpoint.build()
@@ -99,7 +109,7 @@ def main() -> None:
         "int8_vs_fastest_fp32_b64_per_trial": ratios,
         "int8_vs_fastest_fp32_b64": statistics.median(ratios),
     }
-    path = write_result(f"runtimes_{source}_cpu.json", payload)
+    path = write_result(result_name(f"runtimes_{source}_cpu.json", args.smoke), payload)
     for name, values in results.items():
         print(f"{name:>17}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     spread = ", ".join(f"{ratio:.2f}" for ratio in ratios)

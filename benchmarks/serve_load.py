@@ -1,7 +1,7 @@
 """The model server under load: throughput, latency percentiles, errors and memory over loopback.
 
     python benchmarks/serve_load.py [--model student_int8] [--requests 400] [--bad-share 0.1]
-                                    [--server serve-model|mlflow]
+                                    [--server serve-model|mlflow] [--repo PATH] [--smoke]
 
 Starts the real ``visionpipe serve-model`` as its own process (or, with
 ``--server mlflow``, ``mlflow models serve`` on the same model saved as the
@@ -18,6 +18,8 @@ side. Needs ``dvc repro`` first (the model and the test split). Writes
 ``benchmarks/results/serve_load_<model>.json`` (``serve_load_mlflow_<model>.json``).
 MLflow's server answers a row that is not an image with 200 and the row's
 error, so its bad requests are counted by status, not expected to be 4xx.
+``--smoke`` sends 20 requests a level over 20 images (``*_smoke.json``): does
+the script run?
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from tasks.data.datasets import load_prepared  # noqa: E402
 from tasks.inference import decode_blobs, predict_decoded  # noqa: E402
 from tasks.layout import PREPARED_DIR  # noqa: E402
@@ -193,7 +195,7 @@ def _serve_model(model: str, scratch: Path) -> tuple[subprocess.Popen, str, int,
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve-model", "--model", model, "--port", "0"],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=Path.cwd(), env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     line = server.stderr.readline()
     found = re.search(r"http://([\d.]+):(\d+)", line)
@@ -235,11 +237,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--bad-share", type=float, default=0.1)
     parser.add_argument("--server", choices=sorted(SERVERS), default="serve-model")
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT, help="a checkout where `dvc repro` has run"
+    )
+    parser.add_argument("--smoke", action="store_true", help="20 requests a level, 20 images")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests = 20
+    os.chdir(args.repo)  # the model and the test split, where that checkout keeps them
     start, encode = SERVERS[args.server]
 
     test = load_prepared(PREPARED_DIR).test
-    images = [_png(pixels) for pixels in test.images[:200]]
+    images = [_png(pixels) for pixels in test.images[: 20 if args.smoke else 200]]
     every = max(1, round(1 / args.bad_share)) if args.bad_share > 0 else 0
     bad = _bad_requests(images[0], encode)
     requests = []
@@ -270,7 +279,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
-    direct = _direct(args.model, images)
+    direct = _direct(args.model, images, repeats=1 if args.smoke else 3)
     single = levels[0]
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
@@ -288,7 +297,8 @@ def main() -> None:
     print(f"direct: p50 {direct['p50_ms']:.2f} ms; HTTP at concurrency 1 costs "
           f"{result['http_over_direct_p50']:.2f}x the direct p50")  # fmt: skip
     prefix = "serve_load" if args.server == "serve-model" else "serve_load_mlflow"
-    print(f"wrote {write_result(f'{prefix}_{args.model}.json', result)}")
+    name = result_name(f"{prefix}_{args.model}.json", args.smoke)
+    print(f"wrote {write_result(name, result)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The committed defaults on four kinds of data, with a pretrained teacher and without.
 
     python benchmarks/suite.py [--only NAME ...] [--no-scratch-teacher | --scratch-teacher-only]
-                               [--out FILE]
+                               [--out FILE] [--smoke]
 
 Runs the whole pipeline (``benchmarks/pipeline.py``'s fresh copy, every stage
 through ``dvc repro``) on the committed ``params.yaml``, changing only
@@ -18,6 +18,11 @@ and each again with ``train.pretrained: false`` (the same teacher from random
 weights). A run that a stage refuses (the baseline guard, say) is a result
 too: its row says which stage and why. Writes ``benchmarks/results/suite_<device>.json``
 and prints the README's table.
+
+``--smoke`` checks that the suite still runs, in a few minutes: the messy
+folder at 6-12 images a class (or ``--only``), pretrained teacher only, with
+``benchmarks/pipeline.py``'s ``SMOKE`` sizes at 16 px (teacher and student
+see 32 px), into ``suite_<device>_smoke.json``.
 """
 
 from __future__ import annotations
@@ -31,15 +36,30 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe_machine, write_result  # noqa: E402
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.messy_folder import build as build_messy_folder  # noqa: E402
-from benchmarks.pipeline import StageFailed, run_pipeline  # noqa: E402
+from benchmarks.pipeline import SMOKE, StageFailed, merge_overrides, run_pipeline  # noqa: E402
 
 MESSY = "data/raw/messy"
 
 
 def _messy(repo: Path) -> None:
     build_messy_folder(repo / MESSY, seed=0)
+
+
+def _small_messy(repo: Path) -> None:
+    build_messy_folder(repo / MESSY, seed=0, largest=12, smallest=6)
+
+
+# --smoke: pipeline.SMOKE at 16 px, the pretrained networks at their smallest input
+SMOKE_OVERRIDES = merge_overrides(
+    SMOKE,
+    {
+        "data": {**SMOKE["data"], "image_size": 16},
+        "train": {**SMOKE["train"], "input_size": 32},
+        "distill": {**SMOKE["distill"], "input_size": 32},
+    },
+)
 
 
 # name -> (data overrides, setup of the copy)
@@ -70,11 +90,15 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_one(name: str, pretrained: bool) -> dict[str, Any]:
+def run_one(name: str, pretrained: bool, smoke: bool = False) -> dict[str, Any]:
     data, setup = DATASETS[name]
     overrides: dict[str, Any] = {"data": dict(data)} if data else {}
     if not pretrained:
         overrides["train"] = {"pretrained": False}
+    if smoke:
+        overrides = merge_overrides(SMOKE_OVERRIDES, overrides)
+        if name == "messy-folder":
+            setup = _small_messy
     started = time.perf_counter()
     try:
         run = run_pipeline(overrides, setup, log=lambda line: print(f"  {line}", flush=True))
@@ -133,20 +157,27 @@ def main() -> None:
         "--scratch-teacher-only", action="store_true", help="only the train.pretrained: false runs"
     )
     parser.add_argument("--out", help="result file name (default: suite_<device>[_partial].json)")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="a small messy folder (or --only), pretrained, tiny sizes: does the suite run?",
+    )  # fmt: skip
     args = parser.parse_args()
-    names = args.only or list(DATASETS)
+    names = args.only or (["messy-folder"] if args.smoke else list(DATASETS))
     teachers = (True, False)
     if args.no_scratch_teacher or args.scratch_teacher_only:
         teachers = (not args.scratch_teacher_only,)
+    if args.smoke and not args.scratch_teacher_only:
+        teachers = (True,)
     plan = [(name, pretrained) for pretrained in teachers for name in names]
     device = "gpu" if describe_machine()["gpu"] else "cpu"
     command = " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]])
-    suffix = "" if set(names) == set(DATASETS) and len(teachers) == 2 else "_partial"
-    out_name = args.out or f"suite_{device}{suffix}.json"
+    complete = set(names) == set(DATASETS) and len(teachers) == 2
+    suffix = "" if complete or args.smoke else "_partial"
+    out_name = args.out or result_name(f"suite_{device}{suffix}.json", args.smoke)
     rows: list[dict[str, Any]] = []
     for name, pretrained in plan:
         print(f"{name}, {'pretrained' if pretrained else 'from-scratch'} teacher:", flush=True)
-        rows.append(run_one(name, pretrained))
+        rows.append(run_one(name, pretrained, args.smoke))
         print(f"  -> {rows[-1]['status']}", flush=True)
         # Written after every run: an interrupted suite keeps what it measured.
         path = write_result(

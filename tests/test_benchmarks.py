@@ -125,3 +125,42 @@ def test_faults_smoke_runs_the_quickest_cases(tmp_path: Path) -> None:
     assert [row["case"] for row in result["cases"]] == ["hostile-folder", "orphaned-server"]
     for row in result["cases"]:
         assert row["did"] and row["lost"].startswith("nothing"), row  # no data lost
+
+
+def test_imbalance_smoke_scores_each_method(tmp_path: Path) -> None:
+    done = _run("imbalance", "--smoke", results=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "imbalance_digits_rho5_smoke.json").read_text())
+    assert (result["seeds"], result["imbalance_ratio"]) == ([0], 5.0)
+    assert set(result["methods"]) | set(result["failed"]) == {"plain CE", "smote"}
+    for row in result["methods"].values():
+        (f1,) = row["f1_macro"]["runs"]
+        assert 0.0 <= f1 <= 1.0 and row["train_images"] > 0
+    assert result["teacher"]["model"] == "cnn" and result["throughput"]
+
+
+def test_messy_folder_writes_the_long_tailed_folder_it_prints(tmp_path: Path) -> None:
+    out = tmp_path / "messy"
+    done = _run("messy_folder", str(out), "--largest", "6", "--smallest", "2", results=tmp_path,
+                timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = {folder.name: len(list(folder.iterdir())) for folder in sorted(out.iterdir())}
+    assert len(counts) == 10 and max(counts.values()) == 6 and min(counts.values()) == 2
+    assert f"{sum(counts.values())} images in 10 classes" in done.stdout
+
+
+@pytest.mark.slow
+def test_suite_smoke_runs_the_pipeline_on_a_small_messy_folder(tmp_path: Path) -> None:
+    done = _run("suite", "--smoke", results=tmp_path, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (written,) = tmp_path.glob("suite_*_smoke.json")
+    result = json.loads(written.read_text())
+    assert result["complete"]
+    (row,) = result["runs"]
+    assert (row["dataset"], row["pretrained"], row["status"]) == ("messy-folder", True, "ok"), row
+    assert (row["image_size"], row["channels"]) == (16, 3)
+    for key in ("teacher_f1_macro", "student_f1_macro", "student_int8_f1_macro"):
+        assert 0.0 <= row[key] <= 1.0
+    assert list(row["stage_seconds"]) == ["prepare", "resample", "train", "distill", "quantize",
+                                          "evaluate"]  # fmt: skip
+    assert "| messy-folder | pretrained |" in done.stdout  # the README's table

@@ -43,6 +43,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks.machine import RESULTS_ENV
 from benchmarks.workspace import copy_env, fresh_copy, git
 from tasks.evaluation.robustness import CORRUPTIONS
 from tasks.servers import start_local_server
@@ -451,3 +452,59 @@ def test_serve_creates_the_scheduled_deployment_and_runs_until_stopped(ops, pipe
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)
+
+
+def _benchmark_smoke(script: str, repo: Path, results: Path, *args: str) -> dict:
+    """``benchmarks/<script>.py --smoke --repo repo``; its one result file, read back."""
+    env = {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py", "--smoke", "--repo", str(repo), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (written,) = results.glob("*_smoke.json")
+    return json.loads(written.read_text())
+
+
+def test_runtimes_benchmark_smoke_on_the_pipelines_models(pipeline, tmp_path) -> None:
+    repo, _, _ = pipeline
+    result = _benchmark_smoke("runtimes", repo, tmp_path)
+    runtimes = {"torch_eager_fp32", "onnxruntime_fp32", "onnxruntime_int8"}
+    assert set(result["ms_per_image"]) == runtimes
+    for values in result["ms_per_image"].values():
+        assert values["ms_per_image_b1"] > 0 and values["ms_per_image_b64"] > 0
+    assert result["trials"] == 1 and len(result["int8_vs_fastest_fp32_b64_per_trial"]) == 1
+
+
+def test_kd_gain_benchmark_smoke_on_the_pipelines_teacher(pipeline, tmp_path) -> None:
+    repo, _, _ = pipeline
+    result = _benchmark_smoke("kd_gain", repo, tmp_path)
+    assert set(result["results"]) == {"scratch", "KD (params.yaml)"}
+    for row in result["results"].values():
+        (f1,) = row["test_f1_macro"]
+        assert 0.0 <= f1 <= 1.0 and row["fit_seconds_mean"] > 0
+    (scratch,), (kd,) = (result["results"][name]["test_f1_macro"] for name in result["results"])
+    assert result["results"]["KD (params.yaml)"]["kd_gain"] == [pytest.approx(kd - scratch)]
+    prepared = json.loads((repo / "metrics/prepare.json").read_text())
+    assert result["test_size"] == prepared["test_size"]
+
+
+@pytest.mark.parametrize("stage", ["train", "distill"])
+def test_profile_fit_benchmark_smoke_on_the_pipelines_data(pipeline, tmp_path, stage) -> None:
+    repo, _, _ = pipeline
+    result = _benchmark_smoke("profile_fit", repo, tmp_path, "--stage", stage)
+    assert result["stage"] == stage and result["train_images"] == 64
+    assert result["images_per_second"] > 0 and result["top_ops"]
+    shares = result["self_cpu_share_by_group"]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.01) and shares["convolution"] > 0
+
+
+@pytest.mark.parametrize("server", ["serve-model", "mlflow"])
+def test_serve_load_benchmark_smoke_on_the_pipelines_int8_student(pipeline, tmp_path, server):
+    repo, _, _ = pipeline
+    result = _benchmark_smoke("serve_load", repo, tmp_path, "--server", server)
+    assert result["server"] == server and result["requests_per_level"] == 20
+    assert [level["concurrency"] for level in result["levels"]] == [1, 4, 16]
+    for level in result["levels"]:
+        assert level["good_error_rate"] == 0 and level["requests_per_second"] > 0
+    assert result["direct_onnxruntime"]["p50_ms"] > 0 and result["http_over_direct_p50"] > 0
