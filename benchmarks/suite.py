@@ -20,7 +20,7 @@ too: its row says which stage and why. Writes ``benchmarks/results/suite_<device
 and prints the README's table.
 
 ``--smoke`` checks that the suite still runs, in a few minutes: the messy
-folder at 6-12 images a class (or ``--only``), pretrained teacher only, with
+folder at 10-20 images a class (or ``--only``), pretrained teacher only, with
 ``benchmarks/pipeline.py``'s ``SMOKE`` sizes at 16 px (teacher and student
 see 32 px), into ``suite_<device>_smoke.json``.
 """
@@ -48,7 +48,7 @@ def _messy(repo: Path) -> None:
 
 
 def _small_messy(repo: Path) -> None:
-    build_messy_folder(repo / MESSY, seed=0, largest=12, smallest=6)
+    build_messy_folder(repo / MESSY, seed=0, largest=20, smallest=10)
 
 
 # --smoke: pipeline.SMOKE at 16 px, the pretrained networks at their smallest input
