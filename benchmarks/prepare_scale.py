@@ -169,12 +169,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--smoke", action="store_true",
-        help="50, 100 and 150 images (a line needs three): does the script run? "
+        help="100, 150 and 200 images (10 a class at least; a line needs three): "
+        "does the script run? "
         "(prepare_scale_smoke.json)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.smoke:
-        args.images = [50, 100, 150]
+        args.images = [100, 150, 200]
 
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
     repo = fresh_copy(scratch / "repo", "benchmark copy")

@@ -113,7 +113,7 @@ def test_prepare_scale_smoke_runs_prepare_and_fits_a_line(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "prepare_scale_smoke.json").read_text())
     runs = result["runs"]
-    assert sorted({r["images"] for r in runs}) == [50, 100, 150]
+    assert sorted({r["images"] for r in runs}) == [100, 150, 200]
     assert all(r["wall_seconds"] > 0 and r["images_per_second"] > 0 for r in runs)
     assert set(result["linear_fit"]) == {"fixed_seconds", "ms_per_image", "max_relative_residual"}
 
