@@ -273,9 +273,11 @@ def worker(ops, pipeline):
          "--type", "process")  # fmt: skip
     _visionpipe(repo, env, "deploy", "--pool", POOL)
     log = open(base / "worker.log", "wb")  # noqa: SIM115 - closed in teardown
+    # It polls every 2 s, not Prefect's 10: each trigger would wait for the next poll.
+    polling = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-        cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=base, env=polling, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         yield process
