@@ -47,7 +47,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine, write_result  # noqa: E402
 from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
-from tasks.servers import servers_on_machine, start_local_server  # noqa: E402
+from tasks.servers import down_all, servers_on_machine, start_local_server  # noqa: E402
 
 IDLE_S = 10
 
@@ -245,7 +245,12 @@ def main() -> None:
     for case in (names[name] for name in args.cases):
         with tempfile.TemporaryDirectory(prefix="visionpipe-fault-") as tmp:
             print(f"{case.__name__}...", flush=True)
-            rows.append(case(Path(tmp)))
+            try:
+                rows.append(case(Path(tmp)))
+            finally:
+                # A server a case's stage started would wait out its idle time, and its
+                # watcher gives up on a deleted state folder: stop it before deleting.
+                down_all(Path(tmp), force=True)
             print(f"  -> exit {rows[-1]['exit']} in {rows[-1]['seconds']} s", flush=True)
     command = " ".join(["python benchmarks/faults.py", *sys.argv[1:]])
     path = write_result(

@@ -156,9 +156,36 @@ def _write_json(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def is_running(state: Mapping[str, Any]) -> bool:
-    """Whether the recorded process still runs and is that server (not a reused pid)."""
-    recorded, current = state.get("pid_start"), started_at(int(state["pid"]))
-    return current is not None and recorded in (None, current)
+    """Whether the recorded process still runs and is that server (not a reused pid).
+
+    A start time that no longer matches the record is no proof of a reused pid:
+    psutil derives it from the boot time, which moves when the clock is stepped
+    (on a CI VM it moved 36 s, and the server was then never stopped). Then the
+    process's command line decides: a server serving the recorded port is it.
+    """
+    pid = int(state["pid"])
+    recorded, current = state.get("pid_start"), started_at(pid)
+    if current is None:
+        return False
+    if recorded is None or abs(current - recorded) < 0.5:
+        return True
+    return serves_port(command_line(pid), state.get("port"))
+
+
+def command_line(pid: int) -> list[str]:
+    """``pid``'s command line; empty when it is gone or not readable."""
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
+def serves_port(command: list[str], port: Any) -> bool:
+    """Whether ``command`` is a server (``prefect server start``, ``mlflow server``) on ``port``."""
+    if port is None or "server" not in command or "--port" not in command:
+        return False
+    given = command.index("--port") + 1
+    return given < len(command) and command[given] == str(port)
 
 
 def stop_process(pid: int, grace: float = 10.0) -> None:

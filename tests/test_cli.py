@@ -169,3 +169,31 @@ def test_a_lease_names_its_stage_and_checkout_and_a_dead_holder_is_dropped(tmp_p
         assert [r["pid"] for r in live_leases(tmp_path / "state")] == [os.getpid()]
         assert not (tmp_path / "state" / "leases" / "1").exists()
     assert live_leases(tmp_path / "state") == []
+
+
+def test_a_server_whose_start_time_moved_with_the_clock_is_still_that_server(monkeypatch):
+    """psutil's create time follows the boot time, which a stepped clock moves (36 s on a
+    CI VM): the process serving the recorded port is still the recorded server, so it is
+    stopped when idle; a process with another command line is a reused pid, never signalled."""
+    from tasks import servers
+
+    now = servers.started_at(os.getpid())
+    record = {"pid": os.getpid(), "pid_start": now - 36.0, "port": 4200}
+    prefect = ["python", "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port"]
+    monkeypatch.setattr(servers, "command_line", lambda pid: [*prefect, "4200"])
+    assert servers.is_running(record)
+    monkeypatch.setattr(servers, "command_line", lambda pid: [*prefect, "4201"])
+    assert not servers.is_running(record)
+    monkeypatch.setattr(servers, "command_line", lambda pid: ["python", "-m", "pytest"])
+    assert not servers.is_running(record)
+    assert servers.is_running({**record, "pid_start": now})  # the start time still decides first
+
+
+def test_serves_port_reads_the_port_option_of_a_server_command():
+    from tasks.servers import serves_port
+
+    assert serves_port(["mlflow", "server", "--port", "5000", "--workers", "1"], 5000)
+    assert not serves_port(["mlflow", "server", "--port", "5001"], 5000)
+    assert not serves_port(["prefect", "worker", "start", "--port", "5000"], 5000)  # no server
+    assert not serves_port(["mlflow", "server", "--port"], 5000)
+    assert not serves_port(["mlflow", "server", "--port", "5000"], None)
