@@ -71,6 +71,11 @@ def dvc(repo: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
     return seconds, result.stdout + result.stderr
 
 
+def stages_ran(output: str) -> list[str]:
+    """The stages a ``dvc repro``'s output says it ran, in order."""
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
 def overrides_from(params_file: Path | None, assignments: list[str]) -> dict[str, Any]:
     """``{section: {key: value}}`` from an overrides file and ``SECTION.KEY=VALUE`` strings."""
     merged: dict[str, Any] = {}
@@ -178,7 +183,7 @@ def run_pipeline(
                 stage_seconds[stage] = round(seconds, 2)
                 log(f"{stage:>9}: {seconds:6.1f} s")
             noop_seconds, output = dvc(repo, env, "repro")
-            ran = re.findall(r"Running stage '(\w+)'", output)
+            ran = stages_ran(output)
             log(f"second dvc repro: {noop_seconds:.1f} s, ran {ran or 'nothing'}")
         finally:
             stop_local_server(scratch / "state" / "prefect")

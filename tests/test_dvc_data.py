@@ -7,7 +7,6 @@ copy of the repository; only the prepare stage runs, five times.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks.pipeline import stages_ran
 from benchmarks.workspace import copy_env, fresh_copy, git
 from tasks.servers import local_server_url, start_local_server, stop_local_server
 from tests.imagefolders import noise
@@ -40,10 +40,6 @@ def _dvc(repo: Path, env: dict, *args: str) -> str:
     )
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
-
-
-def _ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
 
 
 def _stage_env(url: str, state: Path) -> dict[str, str]:
@@ -74,24 +70,24 @@ def test_prepare_follows_the_content_of_a_dvc_tracked_image_folder(prefect_api, 
         lock = yaml.safe_load((repo / "dvc.lock").read_text())
         return next(d["md5"] for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")
 
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
     assert prepared_images() == 36
     assert json.loads((repo / "reports/data_quality.json").read_text())["content_versioned"]
     first = raw_md5()
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == []  # nothing changed: a no-op
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == []  # nothing changed: a no-op
 
     _image(folder / "class1/1.png", seed=1000)  # edit one image
     assert "data/raw" in _dvc(repo, env, "status", "prepare")
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
     edited = raw_md5()
     assert edited != first
 
     _image(folder / "class2/new.png", seed=2000)  # add one
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
     assert prepared_images() == 37
 
     (folder / "class0/0.png").unlink()  # remove one
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
     assert prepared_images() == 36
     assert raw_md5() not in (first, edited)
-    assert _ran(_dvc(repo, env, "repro", "prepare")) == []
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == []

@@ -44,6 +44,7 @@ import yaml
 from PIL import Image
 
 from benchmarks.machine import RESULTS_ENV
+from benchmarks.pipeline import stages_ran
 from benchmarks.workspace import copy_env, fresh_copy, git
 from tasks.evaluation.robustness import CORRUPTIONS
 from tasks.servers import start_local_server
@@ -85,10 +86,6 @@ def _dvc(repo: Path, env: dict[str, str], *args: str) -> str:
     return _run(repo, env, sys.executable, "-m", "dvc", *args)
 
 
-def _ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory):
     """The repository copy, its environment, the server URLs; servers stopped at the end."""
@@ -118,7 +115,7 @@ def pipeline(ops):
 
 def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
     repo, _, output = pipeline
-    assert _ran(output) == ["prepare", "resample", "train", "distill", "quantize", "evaluate"]
+    assert stages_ran(output) == ["prepare", "resample", "train", "distill", "quantize", "evaluate"]
 
     results = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(results) == {*VARIANTS, "baselines", "runtime_versions"}
@@ -238,7 +235,7 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
 
 def test_a_second_repro_is_a_no_op(pipeline):
     repo, env, _ = pipeline
-    assert _ran(_dvc(repo, env, "repro")) == []
+    assert stages_ran(_dvc(repo, env, "repro")) == []
     assert "up to date" in _dvc(repo, env, "status").lower()
 
 
