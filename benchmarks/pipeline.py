@@ -18,8 +18,9 @@ validation as every stage, so a wrong key fails at once, by name; the result
 records the overrides and the whole effective params.yaml.
 
 ``--smoke`` checks that a recipe still runs end to end in a few minutes:
-``SMOKE`` (100 images a class, 6 epochs of batch 64 a fit, one QAT epoch;
-too few steps to pass the baseline guard, hence ``allow_weak``) goes on top of
+``SMOKE`` (100 images a class, 6 epochs of batch 64 a fit, one QAT epoch, latency
+timed 20 times instead of 200 and 200 bootstrap resamples instead of 1,000; too
+few steps to pass the baseline guard, hence ``allow_weak``) goes on top of
 ``--params``, before ``--set``, and the result is ``pipeline_<source>_<device>_smoke.json``.
 """
 
@@ -52,11 +53,13 @@ from tasks.servers import stop_local_server  # noqa: E402
 STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
 # --smoke: every stage of any recipe, in minutes on 2 cores.
 _FIT_SMOKE = {"epochs": 6, "batch_size": 64, "min_steps": 0, "allow_weak": True}
+_DISTILL_SMOKE = {**_FIT_SMOKE, "bootstrap_samples": 200}
 SMOKE: dict[str, Any] = {
     "data": {"max_per_class": 100},
     "train": _FIT_SMOKE,
-    "distill": _FIT_SMOKE,
+    "distill": _DISTILL_SMOKE,
     "quantize": {"qat_epochs": 1, "qat_batch_size": 64},
+    "evaluate": {"latency_warmup": 2, "latency_repeats": 20, "bootstrap_samples": 200},
 }
 
 
