@@ -16,7 +16,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from tasks import tracking
-from tasks.data.baselines import check_fit
+from tasks.data.baselines import Selection, check_fit
 from tasks.params import AugmentParams, FitParams
 from tasks.training.engine import EpochRecord, FitResult
 from tasks.training.inputs import TrainingData
@@ -42,8 +42,9 @@ def tracked_fit(
 ) -> dict[str, Any]:
     """Run ``fit_model`` inside an MLflow run: curves per epoch, then checkpoint and metrics.
 
-    With ``baselines`` (``data/prepared/baselines.json``) the fit must beat them
-    (``tasks.data.baselines.check_fit``) before anything is written: a model that
+    With ``baselines`` (``data/prepared/baselines.json``) the fit must beat them, by
+    a margin and beyond the luck of choosing among its epochs
+    (``tasks.data.baselines.check_fit``), before anything is written: a model that
     learned nothing fails the stage, or with ``allow_weak`` ships tagged
     ``weak_model`` and with ``weak: true`` in its metrics.
 
@@ -71,8 +72,8 @@ def tracked_fit(
         checked: dict[str, Any] = {}
         if baselines is not None:
             check = check_fit(
-                stage, result.best_val_f1_macro, baselines, params.baseline_margin,
-                params.allow_weak, logger.warning,
+                stage, kept_checkpoint(result, data), baselines, params.baseline_margin,
+                params.significance, params.allow_weak, logger.warning,
             )  # fmt: skip
             checked = check.metrics()
             tracking.set_tags(run_id, {"weak_model": str(check.weak).lower()})
@@ -89,6 +90,14 @@ def tracked_fit(
         summary["params"],
     )  # fmt: skip
     return summary
+
+
+def kept_checkpoint(result: FitResult, data: TrainingData) -> Selection:
+    """What the guard weighs: the kept epoch's val scores, chosen from every epoch run."""
+    (kept,) = [record for record in result.history if record.epoch == result.best_epoch]
+    return Selection.of(
+        kept.val_f1_macro, kept.val_accuracy, data.prepared.val.labels, len(result.history)
+    )
 
 
 def resumable(stage: str, run_params: dict[str, Any], data: TrainingData, *extra: Any) -> Resume:

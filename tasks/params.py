@@ -203,6 +203,9 @@ class FitParams(Section):
     # The fit's best val macro-F1 must close this fraction of the gap between the
     # better trivial baseline (data/prepared/baselines.json) and a perfect score.
     baseline_margin: float = Field(ge=0.0, lt=1.0)
+    # ...and its val accuracy must beat the largest val class's share in a binomial test
+    # whose p-value, times the epochs it was chosen from, is below this.
+    significance: float = Field(gt=0.0, lt=1.0)
     allow_weak: bool  # true: a model that fails that check is a loud warning, not an error
     num_workers: int = Field(ge=0)
     device: DeviceName

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.data.baselines import (
+    Selection,
     WeakModelError,
     check_fit,
     downsample,
@@ -59,6 +60,14 @@ def test_linear_beats_majority_on_learnable_data_and_not_on_noise():
     assert noise["num_classes"] == 3 and noise["linear"]["pixels"] == "8x8"
 
 
+# 10 balanced classes, 100 val images: a label-blind guess expects at most 0.10.
+VAL_LABELS = np.repeat(np.arange(10), 10)
+
+
+def _kept(f1_macro: float, accuracy: float, looks: int = 10, labels=VAL_LABELS) -> Selection:
+    return Selection.of(f1_macro, accuracy, labels, looks)
+
+
 def test_a_model_that_does_not_beat_the_baseline_fails_with_what_to_try(tmp_path):
     baselines = {
         "majority": {"val": {"f1_macro": 0.02}}, "linear": {"val": {"f1_macro": 0.30}},
@@ -67,14 +76,16 @@ def test_a_model_that_does_not_beat_the_baseline_fails_with_what_to_try(tmp_path
     write_baselines(tmp_path, baselines)
     assert read_baselines(tmp_path) == baselines
     with pytest.raises(WeakModelError) as info:
-        check_fit("train", 0.31, baselines, margin=0.1, allow_weak=False)
+        check_fit("train", _kept(0.31, 0.35), baselines, 0.1, 0.01, allow_weak=False)
     message = str(info.value)
     expected = ("0.3100", "linear baseline (0.3000", "10 classes", ">= 0.3700",
                 "train.pretrained: true", "data.image_size", "train.allow_weak: true")  # fmt: skip
     for part in expected:
         assert part in message, part
-    passed = check_fit("distill", 0.38, baselines, margin=0.1, allow_weak=False)
+    assert "binomial" not in message  # 35 of 100 against 0.10 is significant: one reason only
+    passed = check_fit("distill", _kept(0.38, 0.40), baselines, 0.1, 0.01, allow_weak=False)
     assert not passed.weak and passed.metrics()["required_val_f1_macro"] == pytest.approx(0.37)
+    assert passed.metrics()["guard_p_value"] < 1e-10
 
 
 def test_allow_weak_turns_the_failure_into_a_recorded_warning():
@@ -83,11 +94,48 @@ def test_allow_weak_turns_the_failure_into_a_recorded_warning():
         "best": "majority", "num_classes": 2,
     }  # fmt: skip
     warnings: list[str] = []
-    check = check_fit("distill", 0.5, baselines, 0.2, allow_weak=True, warn=warnings.append)
+    kept = _kept(0.5, 0.6, labels=np.repeat([0, 1], 50))
+    check = check_fit("distill", kept, baselines, 0.2, 0.01, allow_weak=True, warn=warnings.append)
     assert check.weak and check.metrics()["weak"] is True
     assert check.metrics()["baseline"] == "majority"
     assert len(warnings) == 1 and warnings[0].startswith("WEAK MODEL")
     assert "distill.allow_weak" in warnings[0]
+
+
+def test_the_p_value_is_the_binomial_tail_times_the_looks():
+    # 3 of 10 right where a label-blind guess expects at most 0.2 (two classes of 2,
+    # six of 1): P(X >= 3 | 10, 0.2) = 1 - P(X <= 2) = 0.3222004736 (summed by hand).
+    labels = np.array([0, 0, 1, 1, 2, 3, 4, 5, 6, 7])
+    one = Selection.of(0.25, 0.3, labels, looks=1)
+    assert (one.val_size, one.correct, one.label_blind_accuracy) == (10, 3, 0.2)
+    assert one.p_value() == pytest.approx(0.3222004736, rel=1e-9)
+    assert Selection.of(0.25, 0.3, labels, looks=2).p_value() == pytest.approx(0.6444009472)
+    assert Selection.of(0.25, 0.3, labels, looks=4).p_value() == 1.0  # capped
+    assert Selection.of(1.0, 1.0, labels, looks=1).p_value() == pytest.approx(0.2**10)
+
+
+def test_a_lucky_best_of_many_looks_at_a_small_val_split_is_refused_naming_the_test():
+    """The case that slipped through the margin alone: six classes of noise, 36 val
+    images, the best of 150 epochs at val macro-F1 0.27 against a linear baseline of 0.107."""
+    baselines = {
+        "majority": {"val": {"f1_macro": 0.048}}, "linear": {"val": {"f1_macro": 0.107}},
+        "best": "linear", "num_classes": 6,
+    }  # fmt: skip
+    labels = np.repeat(np.arange(6), 6)
+    lucky = Selection.of(0.27, 13 / 36, labels, looks=150)
+    with pytest.raises(WeakModelError) as info:
+        check_fit("train", lucky, baselines, 0.1, 0.01, allow_weak=False)
+    message = str(info.value)
+    assert "does not beat the linear baseline" not in message  # it clears the margin
+    expected = (
+        "0.3611 (13 of 36 val images)", "0.1667", "binomial", "150 checkpoints",
+        "train.significance 0.01", "carry no information", "train.allow_weak: true",
+    )  # fmt: skip
+    for part in expected:
+        assert part in message, part
+    # The same score from one look would pass: it is the looks that make it luck.
+    assert not check_fit("train", Selection.of(0.27, 13 / 36, labels, 1), baselines, 0.1,
+                         0.01, allow_weak=False).weak  # fmt: skip
 
 
 def test_missing_baselines_say_how_to_make_them(tmp_path):
