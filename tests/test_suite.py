@@ -50,3 +50,32 @@ def test_a_refused_run_is_a_row_that_says_why():
         "| messy-folder | pretrained | 0.900 | 0.800 | 0.790 | +0.050 | 0.300 | 120 |"
     )
     assert rows[3].startswith("| messy-folder | from scratch | train failed: WeakModelError")
+
+
+def test_wesnoth_units_are_labelled_by_race_with_factions_merged(tmp_path):
+    """The package's layout, in small: race folders, faction suffixes, nested unit folders."""
+    from benchmarks.wesnoth_units import build
+
+    units = tmp_path / "units"
+    layout = {
+        "human-loyalists": ["spearman.png", "spearman-attack-1.png", "cavalier/cavalier.png"],
+        "human-magi": ["mage.png"],
+        "undead-skeletal": ["skeleton.png", "skeleton-ne.png"],
+        "trolls": ["whelp.png"],
+    }
+    for folder, names in layout.items():
+        for name in names:
+            (units / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGBA", (72, 72), (10, 20, 30, 0)).save(units / folder / name)
+    (units / "random-dice.png").write_bytes(b"not a unit")  # outside every race folder
+
+    counts = build(tmp_path / "out", units, min_per_class=2)
+    assert counts == {"human": 4, "undead": 2}  # trolls has 1: left out
+    names = sorted(p.name for p in (tmp_path / "out" / "human").iterdir())
+    assert names == [
+        "human-loyalists__cavalier__cavalier.png",
+        "human-loyalists__spearman-attack-1.png",
+        "human-loyalists__spearman.png",
+        "human-magi__mage.png",
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["human", "undead"]
