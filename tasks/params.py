@@ -197,6 +197,10 @@ class FitParams(Section):
     class_weight_beta: float = Field(ge=0.0, lt=1.0)  # effective_number's beta
     grad_clip: float = Field(ge=0.0)  # 0 turns clipping off
     patience: int = Field(ge=1)
+    # Validate, select and keep an exponential moving average of the weights whose
+    # weight halves every this many epochs (the decay per step follows from the steps
+    # per epoch); 0: the raw weights of the best epoch.
+    ema_half_life: float = Field(ge=0.0)
     # Early stopping waits for the end of the warm-up and for this many optimizer
     # steps; a small split gets more epochs than ``epochs`` so that it has them.
     min_steps: int = Field(ge=0)

@@ -1,7 +1,8 @@
 """A tiny fit that can be killed mid-run: ``python -m tests.resumable_fit STATE KILL_AT``.
 
 Trains a width-4 cnn on seeded 8x8 noise for four epochs with augmentation
-and dropout (so every random stream matters), saving its state to STATE
+and dropout (so every random stream matters) and an EMA of the weights (so its
+state must resume too), saving its state to STATE
 after each epoch (STATE ``-``: no resume state). With KILL_AT > 0 the process
 SIGKILLs itself when epoch KILL_AT ends, before that epoch's state is saved,
 as a crash would. Prints one JSON line: the epochs in the history, a hash
@@ -44,6 +45,7 @@ def main(state: str, kill_at: int) -> None:
             "dropout": 0.3,
             "device": "cpu",
             "min_steps": 0,
+            "ema_half_life": 1.0,
         }
     )
     rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ from tasks.training.engine import (
     fit,
     predict_logits,
     supervised_objective,
+    weight_ema,
 )
 from tasks.training.loaders import make_loader
 
@@ -110,6 +111,42 @@ def test_fit_trains_channels_last_on_the_cpu(params: Params) -> None:
     assert seen and all(seen)
     convs = [m for m in result.model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+def test_the_weight_ema_halves_a_steps_weight_after_the_half_life() -> None:
+    assert weight_ema(nn.Linear(1, 1), 0.0, 5) is None  # 0: off
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = weight_ema(model, half_life_epochs=2.0, steps_per_epoch=5)
+    ema.update_parameters(model)  # the first update copies
+    nn.init.ones_(model.weight)
+    for _ in range(10):  # two epochs of five steps
+        ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_the_ema_changes_what_is_judged_and_kept_not_how_the_weights_train(params) -> None:
+    """Same seed, EMA on and off: identical train losses (the raw weights train alike),
+    different val scores (the average is validated), and the model returned is the
+    average whose val loss the kept epoch recorded."""
+    runs = {}
+    for half_life in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_model("cnn", 1, 2, width=4, dropout=0.0)
+        runs[half_life] = _fit(
+            model, supervised_objective(nn.CrossEntropyLoss()), _bright_vs_dark(32, 0),
+            _bright_vs_dark(16, 1), _fit_params(params, ema_half_life=half_life, patience=6),
+        )  # fmt: skip
+    (raw, _), (averaged, val_loader) = runs[0.0], runs[1.0]
+    common = min(len(raw.history), len(averaged.history))
+    assert [r.train_loss for r in raw.history[:common]] == [
+        r.train_loss for r in averaged.history[:common]
+    ]
+    assert [r.val_loss for r in raw.history[:common]] != [
+        r.val_loss for r in averaged.history[:common]
+    ]
+    kept = averaged.history[averaged.best_epoch - 1]
+    assert _val_loss(averaged.model, val_loader) == pytest.approx(kept.val_loss, abs=1e-5)
 
 
 def test_fit_restores_best_weights_after_getting_worse(params: Params) -> None:

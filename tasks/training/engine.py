@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -173,6 +174,7 @@ class TrainStep:
     memory_format: torch.memory_format
     grad_clip: float
     hint: str = "lower the learning rate or turn on grad_clip"  # what to do about a NaN
+    ema: AveragedModel | None = None  # updated from ``model`` after every step
 
     def __call__(self, forward: nn.Module, objective: Objective, images: torch.Tensor,
                  labels: torch.Tensor, where: str) -> torch.Tensor:  # fmt: skip
@@ -190,6 +192,8 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return loss
 
 
@@ -225,6 +229,20 @@ def _place(model: nn.Module, device: torch.device) -> torch.memory_format:
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model.to(device, memory_format=memory_format)
     return memory_format
+
+
+def weight_ema(model: nn.Module, half_life_epochs: float, steps_per_epoch: int):
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics
+    (torch's ``AveragedModel``), or None when ``half_life_epochs`` is 0.
+
+    The decay per optimizer step is set so that a step's weight halves after
+    ``half_life_epochs`` epochs, whatever the steps per epoch: a 2-step epoch of a
+    tiny folder and a 200-step epoch average over the same share of the schedule.
+    """
+    if half_life_epochs <= 0:
+        return None
+    decay = 0.5 ** (1.0 / (half_life_epochs * max(steps_per_epoch, 1)))
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _restore(state: TrainState, resume: Resume | None, epochs: int, log) -> None:
@@ -285,7 +303,10 @@ def fit(
     (never before the warm-up and ``min_steps`` are done: ``Budget``).
 
     The best epoch is the one with the highest val macro-F1, ties going to the
-    lower val loss (small val sets saturate F1 early). ``finetune`` freezes the
+    lower val loss (small val sets saturate F1 early). With ``params.ema_half_life``
+    the model validated, selected and returned is an exponential moving average of
+    the weights (``weight_ema``), not the last step's: one lucky epoch on a small val
+    split weighs less. ``finetune`` freezes the
     backbone for its first epochs and gives it a lower learning rate.
 
     Batches and weights are channels_last on CUDA (what tensor-core
@@ -309,10 +330,13 @@ def fit(
             f"{params.epochs}, for the {params.min_steps} optimizer steps of "
             "min_steps")  # fmt: skip
     scheduler = _scheduler(optimizer, params, budget.total_steps)
+    ema = weight_ema(model, params.ema_half_life, budget.steps_per_epoch)
     step = TrainStep(model, optimizer, scheduler, precision.scaler(), precision, device,
-                     memory_format, params.grad_clip)  # fmt: skip
+                     memory_format, params.grad_clip, ema=ema)  # fmt: skip
     augment = getattr(getattr(train_loader, "dataset", None), "augment", None)
-    state = TrainState(model, optimizer, scheduler, step.scaler, train_loader.generator, augment)
+    state = TrainState(model, optimizer, scheduler, step.scaler, train_loader.generator, augment,
+                       ema=ema)  # fmt: skip
+    judged = model if ema is None else ema.module  # what is validated, selected and kept
     _restore(state, resume, budget.epochs, log)
     forward = _forward(model, params, device, world, finetune)
     show = sys.stderr.isatty() and world.is_main
@@ -326,9 +350,9 @@ def fit(
                                      budget.epochs, show)  # fmt: skip
         loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over every rank's shard
         train_seconds = time.perf_counter() - epoch_start
-        broadcast_buffers(model)  # every rank validates rank 0's model: same early stop
+        broadcast_buffers(judged)  # every rank validates rank 0's model: same early stop
         with precision.autocast():
-            val_loss, val_accuracy, val_f1 = _validate(model, val_loader, device)
+            val_loss, val_accuracy, val_f1 = _validate(judged, val_loader, device)
         record = EpochRecord(
             epoch=epoch, train_loss=loss_sum / max(seen, 1), val_loss=val_loss,
             val_accuracy=val_accuracy, val_f1_macro=val_f1, lr=optimizer.param_groups[0]["lr"],

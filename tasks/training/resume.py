@@ -106,6 +106,7 @@ class TrainState:
     stale: int = 0  # epochs since the best one (patience)
     stopped: bool = False
     history: list[EpochRecord] = field(default_factory=list)
+    ema: Any | None = None  # an AveragedModel of ``model``: then it is what is judged and kept
 
     def finish_epoch(self, record: EpochRecord, counts_for_patience: bool, patience: int,
                      may_stop: bool) -> None:  # fmt: skip
@@ -114,7 +115,8 @@ class TrainState:
         self.history.append(record)
         key = (record.val_f1_macro, -record.val_loss)
         if key > self.best_key:
-            self.best_key, self.best_weights = key, weights_of(self.model)
+            kept = self.model if self.ema is None else self.ema
+            self.best_key, self.best_weights = key, weights_of(kept)
             self.best_epoch, self.best_loss, self.stale = record.epoch, record.val_loss, 0
         elif counts_for_patience:
             self.stale += 1
@@ -133,6 +135,7 @@ class TrainState:
             "best_key": list(self.best_key), "best_weights": self.best_weights,
             "best_epoch": self.best_epoch, "best_loss": self.best_loss, "stale": self.stale,
             "stopped": self.stopped, "history": [asdict(r) for r in self.history],
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }  # fmt: skip
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -148,6 +151,8 @@ class TrainState:
         self.best_loss, self.stale = payload["best_loss"], payload["stale"]
         self.stopped = payload["stopped"]
         self.history = [EpochRecord(**record) for record in payload["history"]]
+        if self.ema is not None:
+            self.ema.load_state_dict(payload["ema"])
 
 
 def capture_rng(generator: torch.Generator | None, augment: Any | None) -> dict[str, Any]:
