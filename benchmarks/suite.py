@@ -1,7 +1,7 @@
 """The committed defaults on five kinds of data, with a pretrained teacher and without.
 
     python benchmarks/suite.py [--only NAME ...] [--no-scratch-teacher | --scratch-teacher-only]
-                               [--out FILE] [--smoke]
+                               [--set SECTION.KEY=VALUE ...] [--out FILE] [--smoke]
 
 Runs the whole pipeline (``benchmarks/pipeline.py``'s fresh copy, every stage
 through ``dvc repro``) on the committed ``params.yaml``, changing only
@@ -19,7 +19,9 @@ through ``dvc repro``) on the committed ``params.yaml``, changing only
   104 in the smallest class);
 
 and each again with ``train.pretrained: false`` (the same teacher from random
-weights). A run that a stage refuses (the baseline guard, say) is a result
+weights). ``--set`` changes params for every run (a YAML value, e.g.
+``--set train.ema_half_life=2 distill.ema_half_life=2``), to measure a change
+against the committed defaults. A run that a stage refuses (the baseline guard, say) is a result
 too: its row says which stage and why. Writes ``benchmarks/results/suite_<device>.json``
 and prints the README's table.
 
@@ -36,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -105,11 +109,26 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_one(name: str, pretrained: bool, smoke: bool = False) -> dict[str, Any]:
+def parse_settings(settings: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.ema_half_life=2", ...]`` -> ``{"train": {"ema_half_life": 2}}`` (YAML values)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        section, dot, name = key.partition(".")
+        if not (equals and dot and section and name):
+            raise SystemExit(f"--set {setting!r}: expected SECTION.KEY=VALUE")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return overrides
+
+
+def run_one(
+    name: str, pretrained: bool, smoke: bool = False, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     data, setup = DATASETS[name]
     overrides: dict[str, Any] = {"data": dict(data)} if data else {}
     if not pretrained:
         overrides["train"] = {"pretrained": False}
+    overrides = merge_overrides(overrides, settings or {})
     if smoke:
         overrides = merge_overrides(SMOKE_OVERRIDES, overrides)
         if name == "messy-folder":
@@ -171,12 +190,17 @@ def main() -> None:
     which.add_argument(
         "--scratch-teacher-only", action="store_true", help="only the train.pretrained: false runs"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+        help="params changed for every run (YAML values)",
+    )  # fmt: skip
     parser.add_argument("--out", help="result file name (default: suite_<device>[_partial].json)")
     parser.add_argument(
         "--smoke", action="store_true",
         help="a small messy folder (or --only), pretrained, tiny sizes: does the suite run?",
     )  # fmt: skip
     args = parser.parse_args()
+    settings = parse_settings(args.set)
     names = args.only or (["messy-folder"] if args.smoke else list(DATASETS))
     teachers = (True, False)
     if args.no_scratch_teacher or args.scratch_teacher_only:
@@ -186,13 +210,13 @@ def main() -> None:
     plan = [(name, pretrained) for pretrained in teachers for name in names]
     device = "gpu" if describe_machine()["gpu"] else "cpu"
     command = " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]])
-    complete = set(names) == set(DATASETS) and len(teachers) == 2
+    complete = set(names) == set(DATASETS) and len(teachers) == 2 and not settings
     suffix = "" if complete or args.smoke else "_partial"
     out_name = args.out or result_name(f"suite_{device}{suffix}.json", args.smoke)
     rows: list[dict[str, Any]] = []
     for name, pretrained in plan:
         print(f"{name}, {'pretrained' if pretrained else 'from-scratch'} teacher:", flush=True)
-        rows.append(run_one(name, pretrained, args.smoke))
+        rows.append(run_one(name, pretrained, args.smoke, settings))
         print(f"  -> {rows[-1]['status']}", flush=True)
         # Written after every run: an interrupted suite keeps what it measured.
         path = write_result(

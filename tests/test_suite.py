@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from benchmarks.messy_folder import CLASSES, build, class_sizes
-from benchmarks.suite import summarise, table
+from benchmarks.suite import parse_settings, summarise, table
 
 
 def _digest(root: Path) -> str:
@@ -79,3 +80,14 @@ def test_wesnoth_units_are_labelled_by_race_with_factions_merged(tmp_path):
         "human-magi__mage.png",
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["human", "undead"]
+
+
+def test_set_parses_yaml_values_per_section_and_rejects_a_bare_key():
+    assert parse_settings(
+        ["train.ema_half_life=2", "distill.alpha=0.5", "train.init_from=null"]
+    ) == {
+        "train": {"ema_half_life": 2, "init_from": None},
+        "distill": {"alpha": 0.5},
+    }
+    with pytest.raises(SystemExit, match=r"SECTION\.KEY=VALUE"):
+        parse_settings(["ema_half_life=2"])
