@@ -278,6 +278,14 @@ class QuantizeParams(Section):
     qat_batch_size: int = Field(ge=2)
 
 
+class StudentBudget(Section):
+    """What the shipped int8 student may cost, checked beside the compression targets."""
+
+    max_int8_bytes: int = Field(ge=1)  # the int8 ONNX file
+    # int8 single-image latency / the teacher's at its fastest fp32 runtime, same run
+    max_latency_ratio_b1: float = Field(gt=0.0)
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     num_threads: int = Field(ge=1)
@@ -292,6 +300,7 @@ class EvaluateParams(Section):
     grad_cam_examples: int = Field(ge=0)  # per kind (correct, misclassified); 0: none
     adversarial: bool
     adversarial_epsilons: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(min_length=1)
+    student_budget: StudentBudget
 
 
 class MlflowParams(Section):

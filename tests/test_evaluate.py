@@ -1,12 +1,13 @@
-"""The evaluate stage's compression targets: size, batch-64 latency and macro-F1 drop of int8."""
+"""The evaluate stage's compression targets (size, batch-64 latency and macro-F1 drop of int8)
+and the student budget (int8 bytes, single-image latency against the teacher)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.evaluation.evaluate import compression_targets
-from tasks.evaluation.results import ORT_FP32
-from tests.evaluations import STUDENT_LATENCY, made_up_latency
+from tasks.evaluation.evaluate import compression_targets, student_budget
+from tasks.evaluation.results import ORT_FP32, TORCH_EAGER
+from tests.evaluations import BUDGET, STUDENT_LATENCY, TEACHER_LATENCY, made_up_latency
 
 
 def test_compression_targets_all_met() -> None:
@@ -45,3 +46,17 @@ def test_compression_targets_missed() -> None:
     # an int8 model better than its fp32 student is a negative drop: met
     better = compression_targets(1, 1, STUDENT_LATENCY, made_up_latency(1, 1), 0.9, 0.95)
     assert better["f1_macro_drop"]["met"] is True
+
+
+def test_student_budget_holds_int8_to_its_bytes_and_the_teachers_fastest_single_image_time():
+    met = student_budget(1_000_000, TEACHER_LATENCY, made_up_latency(0.0999, 1.0), BUDGET)
+    assert set(met) == {"int8_bytes", "latency_ratio_b1_vs_teacher"}
+    assert met["int8_bytes"] == {
+        "value": 1_000_000, "target": 1_000_000, "met": True, "reference": "the int8 ONNX file"
+    }  # fmt: skip
+    # against eager PyTorch's 0.30 ms at batch 1, though ONNX Runtime is faster at batch 64
+    assert met["latency_ratio_b1_vs_teacher"]["value"] == pytest.approx(0.333)
+    assert met["latency_ratio_b1_vs_teacher"]["met"] is True
+    assert TORCH_EAGER in met["latency_ratio_b1_vs_teacher"]["reference"]
+    missed = student_budget(1_000_001, TEACHER_LATENCY, made_up_latency(0.101, 1.0), BUDGET)
+    assert not any(t["met"] for t in missed.values())

@@ -10,11 +10,12 @@ one process (``latency.py``); each variant reports its fastest runtime at
 batch 64. This module scores one variant (``evaluate_variant``: metrics from
 ``scoring.py``, calibration, bootstrap intervals, robustness and FGSM from
 ``robustness.py``), compares each compression step and checks the int8
-model's compression ``targets``. What it writes:
+model's compression ``targets`` and ``evaluate.student_budget``. What it writes:
 
 - ``metrics/evaluate.json`` (its keys: ``results.py``): one object per variant,
   per compression step a paired comparison, and in ``student_int8`` the
-  compression ``targets`` (size, latency, macro-F1);
+  ``targets``: size, batch-64 latency and macro-F1 against the fp32 student, and
+  the budget's file bytes and single-image latency against the teacher;
 - ``reports/confusion/<variant>.{csv,png}``: DVC confusion plots and images,
   and ``reports/evaluation/``: per-class tables, ROC/PR curves, reliability
   and Grad-CAM images, the delta confusion matrices of each step (``plots.py``),
@@ -47,7 +48,7 @@ from tasks.evaluation.variants import Variant
 from tasks.inference import probabilities
 from tasks.metrics import bootstrap_ci, f1_macro_rows, paired_comparison
 from tasks.orchestration import stage_task
-from tasks.params import EvaluateParams
+from tasks.params import EvaluateParams, StudentBudget
 
 
 @dataclass(frozen=True)
@@ -189,23 +190,57 @@ def compression_targets(
     against. Latency is held against the student's fastest fp32 runtime, not only eager PyTorch.
     """
     reference = fastest(student_latency)
-    measured = {
-        "size_ratio": (int8_onnx_bytes / fp32_onnx_bytes, "fp32 student ONNX file"),
-        "latency_ratio_b64": (
-            int8_latency.latency_ms_b64 / student_latency[reference].latency_ms_b64,
-            f"student in {reference}, its fastest fp32 runtime at batch 64",
-        ),
-        "f1_macro_drop": (student_f1_macro - int8_f1_macro, "fp32 student f1_macro (test)"),
-    }
+    return _judged(
+        {
+            "size_ratio": (int8_onnx_bytes / fp32_onnx_bytes, "fp32 student ONNX file"),
+            "latency_ratio_b64": (
+                int8_latency.latency_ms_b64 / student_latency[reference].latency_ms_b64,
+                f"student in {reference}, its fastest fp32 runtime at batch 64",
+            ),
+            "f1_macro_drop": (student_f1_macro - int8_f1_macro, "fp32 student f1_macro (test)"),
+        },
+        TARGETS,
+    )
+
+
+def _judged(
+    measured: Mapping[str, tuple[float, str]], bounds: Mapping[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Each measured ``(value, what it is against)`` held to its upper bound."""
     return {
         key: {
             "value": value,
-            "target": TARGETS[key],
-            "met": bool(value <= TARGETS[key] + _TOLERANCE),
+            "target": bounds[key],
+            "met": bool(value <= bounds[key] + _TOLERANCE),
             "reference": against,
         }
         for key, (value, against) in measured.items()
     }
+
+
+def student_budget(
+    int8_onnx_bytes: int,
+    teacher_latency: Mapping[str, Latency],
+    int8_latency: Latency,
+    budget: StudentBudget,
+) -> dict[str, dict[str, Any]]:
+    """``evaluate.student_budget`` as targets (same shape as ``compression_targets``): the
+    int8 file's bytes, and its single-image latency over the teacher's at the teacher's
+    fastest fp32 runtime at batch 1, timed in the same interleaved rounds."""
+    teacher_runtime = min(teacher_latency, key=lambda name: teacher_latency[name].latency_ms_b1)
+    return _judged(
+        {
+            "int8_bytes": (int8_onnx_bytes, "the int8 ONNX file"),
+            "latency_ratio_b1_vs_teacher": (
+                int8_latency.latency_ms_b1 / teacher_latency[teacher_runtime].latency_ms_b1,
+                f"teacher in {teacher_runtime}, its fastest fp32 runtime at batch 1",
+            ),
+        },
+        {
+            "int8_bytes": budget.max_int8_bytes,
+            "latency_ratio_b1_vs_teacher": budget.max_latency_ratio_b1,
+        },
+    )
 
 
 @stage_task(name="write-evaluate-metrics")

@@ -144,6 +144,11 @@ def _runtimes_markdown(results: dict[str, dict[str, Any]], versions: dict[str, s
     ]  # fmt: skip
 
 
+def _number(value: float, spec: str = ".4f") -> str:
+    """A count (bytes) with thousands separators, a ratio in ``spec``."""
+    return f"{value:,}" if isinstance(value, int) else format(value, spec)
+
+
 def _targets_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
     """The compression targets, with every miss and every place int8 is slower said in words."""
     lines: list[str] = []
@@ -154,7 +159,7 @@ def _targets_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
         reference = reference_of.get(name, "the fp32 model")
         lines += [
             "",
-            f"## Compression targets ({name} vs {reference})",
+            f"## Compression targets and budget ({name})",
             "",
             "| target | measured | target | met | against |",
             "|---|---|---|---|---|",
@@ -162,7 +167,8 @@ def _targets_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
         for key, t in m["targets"].items():
             met = "yes" if t["met"] else "**NO (missed)**"
             lines.append(
-                f"| {key} | {t['value']:.4f} | <= {t['target']:g} | {met} | {t['reference']} |"
+                f"| {key} | {_number(t['value'])} | <= {_number(t['target'], 'g')} | {met} "
+                f"| {t['reference']} |"
             )
         missed = [(key, t) for key, t in m["targets"].items() if not t["met"]]
         lines.append("")
@@ -170,13 +176,13 @@ def _targets_markdown(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(
                 f"**{len(missed)} of {len(m['targets'])} targets missed:** "
                 + "; ".join(
-                    f"{key} is {t['value']:.4f}, above the target {t['target']:g}"
+                    f"{key} is {_number(t['value'])}, above the target {_number(t['target'], 'g')}"
                     for key, t in missed
                 )
                 + "."
             )
         else:
-            lines.append("All compression targets met.")
+            lines.append("All compression targets and the budget met.")
         lines += _slower_notes(name, m, results.get(reference, {}))
     return lines
 

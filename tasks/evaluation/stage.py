@@ -2,7 +2,7 @@
 
 - ``score_variants``: latency first (every runtime of every variant back to
   back, before anything else loads the CPU), then each variant scored on the
-  test split, the int8 model's compression targets, the trivial baselines and
+  test split, the int8 model's compression targets and budget, the trivial baselines and
   the runtime versions: the content of ``metrics/evaluate.json``;
 - ``write_evaluation_files``: confusion matrices, per-variant reports and
   Grad-CAM, each compression step's paired comparison, and ``report.md``;
@@ -81,13 +81,21 @@ def score_variants(
                 r.throughput_ips_b64, " <- fastest, reported" if runtime == m["runtime"] else "",
             )  # fmt: skip
     results = {name: dict(e.metrics) for name, e in evaluations.items()}
-    targets = t.compression_targets(
-        *sizes,
-        latency["student"],
-        latency["student_int8"][ORT_INT8],
-        results["student"]["f1_macro"],
-        results["student_int8"]["f1_macro"],
-    )
+    targets = {
+        **t.compression_targets(
+            *sizes,
+            latency["student"],
+            latency["student_int8"][ORT_INT8],
+            results["student"]["f1_macro"],
+            results["student_int8"]["f1_macro"],
+        ),
+        **t.student_budget(
+            sizes[1],
+            latency["teacher"],
+            latency["student_int8"][ORT_INT8],
+            evaluate.student_budget,
+        ),
+    }
     # Inside the int8 variant: consumers iterate the top-level keys as variants.
     results["student_int8"]["targets"] = targets
     for key, target in targets.items():
