@@ -132,9 +132,7 @@ class Selection:
     looks: int  # checkpoints compared on val to choose it (one per epoch)
 
     @classmethod
-    def of(
-        cls, f1_macro: float, accuracy: float, val_labels: np.ndarray, looks: int
-    ) -> Selection:
+    def of(cls, f1_macro: float, accuracy: float, val_labels: np.ndarray, looks: int) -> Selection:
         counts = np.bincount(np.asarray(val_labels, dtype=np.int64))
         size = int(counts.sum())
         return cls(float(f1_macro), float(accuracy), size, float(counts.max() / size), looks)
