@@ -262,6 +262,8 @@ class DistillParams(FitParams):
     alpha: float = Field(ge=0.0, le=1.0)
     feature_loss: FeatureLossName  # attention: Zagoruyko & Komodakis 2017, on top of KD
     feature_weight: float = Field(ge=0.0)  # beta of the attention-transfer term
+    # >0: teacher and student see each batch mixed with itself, lam ~ Beta(mixup, mixup)
+    mixup: float = Field(ge=0.0)
     compare_scratch: bool  # also train the student without the teacher: kd_gain
     bootstrap_samples: int = Field(ge=10)  # test resamples of kd_gain's paired interval
 

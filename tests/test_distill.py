@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +18,15 @@ from tasks.training.distill import (
     FeatureTaps,
     SplitScore,
     _student,
+    distillation_objective,
     fit_student,
     kd_gain,
     matched_taps,
+    mix_batch,
     stage_ends,
 )
 from tasks.training.inputs import TrainingData, build_loaders
-from tasks.training.losses import AttentionTransferLoss, attention_map
+from tasks.training.losses import AttentionTransferLoss, KDLoss, attention_map
 
 
 def _data(tiny) -> TrainingData:
@@ -261,3 +265,44 @@ def test_without_augmentation_the_teacher_sees_each_train_image_once_and_teaches
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
     losses = [[r.train_loss for r in fit.history] for fit in (cached, per_batch)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_mix_batch_blends_each_image_with_another_of_the_batch_from_pythons_random() -> None:
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).clone()
+    random.seed(0)
+    mixed, order, lam = mix_batch(images, alpha=1.0)
+    assert 0.0 <= lam <= 1.0 and sorted(order.tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images[order])
+    random.seed(0)
+    again, again_order, again_lam = mix_batch(images, alpha=1.0)
+    assert again_lam == lam and torch.equal(again_order, order) and torch.equal(again, mixed)
+
+
+def test_function_matching_shows_both_networks_the_mixed_batch_and_mixes_the_label_term() -> None:
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    images, labels = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+    loss = KDLoss(temperature=2.0, alpha=0.5)
+    random.seed(7)
+    total, logits = distillation_objective(teacher, loss, mixup=0.4)(student, images, labels)
+    random.seed(7)
+    mixed, order, lam = mix_batch(images, 0.4)
+    with torch.no_grad():
+        t = teacher(mixed)
+    torch.testing.assert_close(logits, student(mixed))
+    expected = lam * loss(student(mixed), t, labels) + (1 - lam) * loss(
+        student(mixed), t, labels[order]
+    )
+    torch.testing.assert_close(total, expected)
+    assert 0.0 < lam < 1.0  # both label sets had weight
+
+
+def test_mixup_distillation_trains_from_per_batch_teacher_passes(
+    params: Params, tiny_prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, distill = _data(tiny_prepared), _distill(params, alpha=0.9, epochs=2, mixup=1.0)
+    rows = _counting_teacher_rows(monkeypatch)
+    # No augmentation, but mixup changes the views every epoch: no cached logits.
+    result = fit_student.fn(data, _teacher(tiny_prepared), distill, _off(params), seed=5)
+    assert sum(rows) == 2 * (len(data.train) // 8) * 8
+    assert all(np.isfinite(r.train_loss) for r in result.history)

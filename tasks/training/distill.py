@@ -17,6 +17,7 @@ and loaders, and the teacher's forward pass draws no random numbers), so
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,21 +116,41 @@ def matched_taps(
             tap.close()
 
 
+def mix_batch(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup within a batch: ``lam * images + (1 - lam) * images[order]``, lam ~ Beta(alpha, alpha).
+
+    Returns the mixed images, ``order`` and ``lam``. Drawn from Python's ``random``,
+    which the resume state captures and nothing else in a fit draws from, so the
+    scratch student's dropout and data order are untouched and a resumed fit mixes
+    as an uninterrupted one would.
+    """
+    lam = random.betavariate(alpha, alpha)
+    order = torch.tensor(random.sample(range(len(images)), len(images)), device=images.device)
+    return lam * images + (1.0 - lam) * images[order], order, lam
+
+
 def distillation_objective(
     teacher: nn.Module,
     loss: KDLoss,
     attention: AttentionTransferLoss | None = None,
     taps: tuple[FeatureTaps, FeatureTaps] | None = None,
+    mixup: float = 0.0,
 ) -> Objective:
     """Student logits against the teacher's on the *same* augmented batch.
 
     With ``attention`` (and the ``taps`` that record both networks' feature
-    maps) the attention-transfer term is added to the KD loss.
+    maps) the attention-transfer term is added to the KD loss. With ``mixup``
+    > 0 both networks see the batch mixed with itself (``mix_batch``): the student
+    matches the teacher's function between images too ("function matching", Beyer
+    et al. 2022), and the label term is mixed in the same proportion.
     """
     teacher.eval()
     teacher.requires_grad_(False)
 
     def objective(student: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        order, lam = None, 1.0
+        if mixup > 0:
+            images, order, lam = mix_batch(images, mixup)
         with torch.inference_mode():
             teacher_logits = teacher(images)
         # The KL term keeps these logits for its backward pass, which inference
@@ -137,6 +158,9 @@ def distillation_objective(
         teacher_logits = teacher_logits.clone()
         student_logits = student(images)
         total = loss(student_logits, teacher_logits, labels)
+        if order is not None:
+            # The soft term is the same for both label sets: only the hard term mixes.
+            total = lam * total + (1.0 - lam) * loss(student_logits, teacher_logits, labels[order])
         if attention is not None and taps is not None:
             student_taps, teacher_taps = taps
             total = total + attention(student_taps.outputs, teacher_taps.outputs)
@@ -226,7 +250,8 @@ def fit_student(
     # so their teacher logits are always computed per batch.
     augmentation = getattr(getattr(train_loader, "dataset", None), "augment", None)
     unaugmented = augmentation is None or augmentation.is_identity
-    if params.feature_loss == "none" and not params.data_on_device and unaugmented:
+    fixed_views = unaugmented and params.mixup == 0
+    if params.feature_loss == "none" and not params.data_on_device and fixed_views:
         # Every epoch shows the teacher the same images: one forward pass over the
         # split replaces one per epoch. Same sampler and seed, so the same batches.
         log("distill: no augmentation, so the teacher's logits are computed once")
@@ -236,11 +261,11 @@ def fit_student(
         rows = train_batches(data, numbered, params, None, seed, device)
         return run(cached_distillation_objective(logits, labels, kd), rows)
     if params.feature_loss == "none":
-        return run(distillation_objective(network, kd))
+        return run(distillation_objective(network, kd, mixup=params.mixup))
     height, _, channels = data.prepared.image_shape
     with matched_taps(student, network, (channels, height, height)) as taps:
         attention = AttentionTransferLoss(params.feature_weight)
-        return run(distillation_objective(network, kd, attention, taps))
+        return run(distillation_objective(network, kd, attention, taps, params.mixup))
 
 
 @dataclass(frozen=True)
