@@ -94,6 +94,9 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "student_f1_macro": evaluate["student"]["f1_macro"],
         "student_int8_f1_macro": evaluate["student_int8"]["f1_macro"],
         "teacher_accuracy": evaluate["teacher"]["accuracy"],
+        # the kept checkpoints' val scores: test minus these is the val-test gap
+        "teacher_val_f1_macro": metrics["train"].get("best_val_f1_macro"),
+        "student_val_f1_macro": metrics["distill"].get("best_val_f1_macro"),
         "student_int8_accuracy": evaluate["student_int8"]["accuracy"],
         "teacher_f1_macro_ci": evaluate["teacher"].get("f1_macro_ci"),
         "student_int8_f1_macro_ci": evaluate["student_int8"].get("f1_macro_ci"),

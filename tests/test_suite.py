@@ -37,15 +37,16 @@ def test_a_refused_run_is_a_row_that_says_why():
             "student_int8": {"f1_macro": 0.79, "accuracy": 0.8},
             "baselines": {"linear": {"f1_macro": 0.3, "accuracy": 0.4}},
         },
-        "distill": {"kd_gain": 0.05, "params": 88394, "epochs_run": 20},
+        "distill": {"kd_gain": 0.05, "params": 88394, "epochs_run": 20, "best_val_f1_macro": 0.85},
         "prepare": {"image_size": 32, "channels": 3},
-        "train": {"epochs_run": 38},
+        "train": {"epochs_run": 38, "best_val_f1_macro": 0.95},
     }
     ok = {"dataset": "messy-folder", "pretrained": True, "status": "ok", **summarise(metrics),
           "stage_seconds": {"train": 100.0, "distill": 20.0}}  # fmt: skip
     refused = {"dataset": "messy-folder", "pretrained": False, "status": "train failed",
                "reason": "WeakModelError: train: the best val macro-F1 0.08 ...",
                "wall_seconds": 80.0}  # fmt: skip
+    assert (ok["teacher_val_f1_macro"], ok["student_val_f1_macro"]) == (0.95, 0.85)
     rows = table([ok, refused]).splitlines()
     assert rows[2] == (
         "| messy-folder | pretrained | 0.900 | 0.800 | 0.790 | +0.050 | 0.300 | 120 |"
