@@ -172,7 +172,11 @@ def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
     assert runtimes == {"torch-eager", "onnxruntime-fp32"}  # no versions in the keys
     assert results["student"]["runtime"] in runtimes
     targets = results["student_int8"]["targets"]
-    assert set(targets) == {"size_ratio", "latency_ratio_b64", "f1_macro_drop"}
+    assert set(targets) == {
+        "size_ratio", "latency_ratio_b64", "f1_macro_drop",  # against the fp32 student
+        "int8_bytes", "latency_ratio_b1_vs_teacher",  # evaluate.student_budget
+    }  # fmt: skip
+    assert targets["int8_bytes"]["value"] == results["student_int8"]["size_bytes"]
     assert all(isinstance(t["met"], bool) for t in targets.values())
 
     distill = json.loads((repo / "metrics/distill.json").read_text())
