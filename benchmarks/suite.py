@@ -162,22 +162,23 @@ def run_one(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| dataset | teacher | teacher F1 | student F1 | int8 F1 | kd_gain | linear baseline "
-        "| stages (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | teacher | teacher F1 | student F1 | int8 F1 | gap | kd_gain "
+        "| linear baseline | stages (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         teacher = "pretrained" if r["pretrained"] else "from scratch"
         if r["status"] != "ok":
             lines.append(
                 f"| {r['dataset']} | {teacher} | {r['status']}: {r['reason'][:120]} "
-                f"| | | | | {r['wall_seconds']:.0f} |"
+                f"| | | | | | {r['wall_seconds']:.0f} |"
             )
             continue
         gain = "—" if r["kd_gain"] is None else f"{r['kd_gain']:+.3f}"
         lines.append(
             f"| {r['dataset']} | {teacher} | {r['teacher_f1_macro']:.3f} "
-            f"| {r['student_f1_macro']:.3f} | {r['student_int8_f1_macro']:.3f} | {gain} "
+            f"| {r['student_f1_macro']:.3f} | {r['student_int8_f1_macro']:.3f} "
+            f"| {r['teacher_f1_macro'] - r['student_int8_f1_macro']:+.3f} | {gain} "
             f"| {r['linear_baseline_f1_macro']:.3f} | {sum(r['stage_seconds'].values()):.0f} |"
         )
     return "\n".join(lines)

@@ -49,7 +49,7 @@ def test_a_refused_run_is_a_row_that_says_why():
     assert (ok["teacher_val_f1_macro"], ok["student_val_f1_macro"]) == (0.95, 0.85)
     rows = table([ok, refused]).splitlines()
     assert rows[2] == (
-        "| messy-folder | pretrained | 0.900 | 0.800 | 0.790 | +0.050 | 0.300 | 120 |"
+        "| messy-folder | pretrained | 0.900 | 0.800 | 0.790 | +0.110 | +0.050 | 0.300 | 120 |"
     )
     assert rows[3].startswith("| messy-folder | from scratch | train failed: WeakModelError")
 
