@@ -92,6 +92,7 @@ def test_fastest_runtime_is_the_lower_batch_64_latency() -> None:
     # eager wins at batch 1, ONNX Runtime at batch 64: batch 64 decides
     by_runtime = {TORCH_EAGER: made_up_latency(0.10, 9.0), ORT_FP32: made_up_latency(0.20, 3.0)}
     assert fastest(by_runtime) == ORT_FP32
+    assert fastest(by_runtime, batch=1) == TORCH_EAGER  # the student budget's single-image view
     assert (
         fastest({ORT_FP32: made_up_latency(1.0, 5.0), TORCH_EAGER: made_up_latency(1.0, 4.0)})
         == TORCH_EAGER

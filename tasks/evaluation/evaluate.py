@@ -227,7 +227,7 @@ def student_budget(
     """``evaluate.student_budget`` as targets (same shape as ``compression_targets``): the
     int8 file's bytes, and its single-image latency over the teacher's at the teacher's
     fastest fp32 runtime at batch 1, timed in the same interleaved rounds."""
-    teacher_runtime = min(teacher_latency, key=lambda name: teacher_latency[name].latency_ms_b1)
+    teacher_runtime = fastest(teacher_latency, batch=1)
     return _judged(
         {
             "int8_bytes": (int8_onnx_bytes, "the int8 ONNX file"),

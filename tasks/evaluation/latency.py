@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -116,10 +116,12 @@ def measure_runtimes(
     return results
 
 
-def fastest(by_runtime: Mapping[str, Latency]) -> str:
-    """The runtime with the lowest batch-64 latency (the first one on a tie)."""
+def fastest(by_runtime: Mapping[str, Latency], batch: Literal[1, 64] = 64) -> str:
+    """The runtime with the lowest median latency at ``batch`` (the first one on a tie)."""
     if not by_runtime:
         raise ValueError("no runtimes measured")
+    if batch == 1:
+        return min(by_runtime, key=lambda name: by_runtime[name].latency_ms_b1)
     return min(by_runtime, key=lambda name: by_runtime[name].latency_ms_b64)
 
 
