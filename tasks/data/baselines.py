@@ -158,8 +158,11 @@ class BaselineCheck:
     baseline_val_f1_macro: float
     required_val_f1_macro: float
     selection: Selection
-    p_value: float
     significance: float
+
+    @property
+    def p_value(self) -> float:
+        return self.selection.p_value()
 
     @property
     def below_margin(self) -> bool:
@@ -241,7 +244,7 @@ def check_fit(
     best = baselines["best"]
     floor = float(baselines[best]["val"]["f1_macro"])
     required = floor + margin * (1.0 - floor)
-    check = BaselineCheck(best, floor, required, selection, selection.p_value(), significance)
+    check = BaselineCheck(best, floor, required, selection, significance)
     if not check.weak:
         return check
     k = int(baselines["num_classes"])

@@ -231,7 +231,9 @@ def _place(model: nn.Module, device: torch.device) -> torch.memory_format:
     return memory_format
 
 
-def weight_ema(model: nn.Module, half_life_epochs: float, steps_per_epoch: int):
+def weight_ema(
+    model: nn.Module, half_life_epochs: float, steps_per_epoch: int
+) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and BatchNorm statistics
     (torch's ``AveragedModel``), or None when ``half_life_epochs`` is 0.
 
