@@ -109,6 +109,9 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "teacher_epochs": metrics["train"]["epochs_run"],
         "student_params": metrics["distill"]["params"],
         "student_epochs": metrics["distill"]["epochs_run"],
+        # what distilling cost: a distilled epoch's speed and the teacher's forward passes
+        "student_images_per_second": metrics["distill"].get("images_per_second"),
+        "teacher_passes_per_image": metrics["distill"].get("teacher_passes_per_image"),
     }
 
 

@@ -264,8 +264,27 @@ class DistillParams(FitParams):
     feature_weight: float = Field(ge=0.0)  # beta of the attention-transfer term
     # >0: teacher and student see each batch mixed with itself, lam ~ Beta(mixup, mixup)
     mixup: float = Field(ge=0.0)
+    # >0: the teacher's logits for that many fixed augmented views of each image, computed
+    # once and cached (tasks/training/teacher_views.py); 0: the teacher runs on every batch
+    teacher_views: int = Field(ge=0)
+    teacher_view_cache_mb: float = Field(ge=0.0)  # the cache's bound on disk
     compare_scratch: bool  # also train the student without the teacher: kd_gain
     bootstrap_samples: int = Field(ge=10)  # test resamples of kd_gain's paired interval
+
+    @field_validator("teacher_views")
+    @classmethod
+    def _views_are_plain_batches(cls, value: int, info: ValidationInfo) -> int:
+        clashes = {
+            "distill.mixup > 0 (a mixed batch is a new view every step)": info.data.get("mixup"),
+            "distill.feature_loss (it needs the teacher's feature maps)":
+                info.data.get("feature_loss") not in (None, "none"),
+            "distill.data_on_device (its views are drawn on the device)":
+                info.data.get("data_on_device"),
+        }  # fmt: skip
+        clash = [name for name, on in clashes.items() if on]
+        if value > 0 and clash:
+            raise ValueError(f"cached teacher views do not combine with {clash[0]}: set one to 0")
+        return value
 
 
 class QuantizeParams(Section):

@@ -260,6 +260,8 @@ def test_without_augmentation_the_teacher_sees_each_train_image_once_and_teaches
     rows.clear()
     per_batch = fit_student.fn(data, teacher, distill, identity, seed=5)
     assert sum(rows) == 3 * (len(data.train) // 8) * 8  # every batch of every epoch
+    passes = [fit.notes["teacher_passes_per_image"] for fit in (cached, per_batch)]
+    assert passes == [1.0, pytest.approx(sum(rows) / len(data.train), abs=1e-3)]
     a, b = cached.model.state_dict(), per_batch.model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)

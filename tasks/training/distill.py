@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,21 @@ from tasks.training.inputs import (
     build_loaders,
     network_for,
     supervised_loss,
+    train_augment,
     train_batches,
 )
 from tasks.training.loaders import make_loader
 from tasks.training.losses import AttentionTransferLoss, KDLoss
 from tasks.training.resume import Resume
+from tasks.training.teacher_views import (
+    TeacherViewCache,
+    cache_dir,
+    cache_key,
+    cached_teacher_logits,
+    images_digest,
+    weights_digest,
+)
+from tasks.training.transforms import Augment
 
 
 class FeatureTaps:
@@ -172,18 +182,28 @@ def distillation_objective(
 def cached_distillation_objective(
     teacher_logits: torch.Tensor, labels: torch.Tensor, loss: KDLoss
 ) -> Objective:
-    """The KD objective over batches of train ROW NUMBERS, with every row's teacher logits known.
+    """The KD objective over batches of VIEW NUMBERS, with every view's teacher logits known.
 
     Without augmentation a row's image, and so its teacher logits, are the
-    same every epoch: ``teacher_logits`` holds them (computed once), and the
-    loader yields row numbers in place of labels, which ``labels`` maps back.
+    same every epoch: the loader yields row numbers in place of labels. With
+    ``distill.teacher_views`` it yields view numbers ``view * rows + row``
+    (``teacher_views.py``). ``teacher_logits`` holds the logits of every view
+    (computed once) and ``labels`` the rows' labels.
     """
 
-    def objective(student: nn.Module, images: torch.Tensor, rows: torch.Tensor):
+    def objective(student: nn.Module, images: torch.Tensor, views: torch.Tensor):
         student_logits = student(images)
-        return loss(student_logits, teacher_logits[rows], labels[rows]), student_logits
+        rows = views % len(labels)
+        return loss(student_logits, teacher_logits[views], labels[rows]), student_logits
 
     return objective
+
+
+def _teacher_logits(teacher: nn.Module, loader: DataLoader, params: DistillParams,
+                    device: torch.device) -> torch.Tensor:  # fmt: skip
+    """The teacher's logits for ``loader``'s images, in order, under the training autocast."""
+    with torch.inference_mode(), Precision.of(params.precision, device).autocast():
+        return torch.from_numpy(predict_logits(teacher, loader, device))
 
 
 def teacher_logits_once(
@@ -191,8 +211,28 @@ def teacher_logits_once(
 ) -> torch.Tensor:
     """The teacher's logits for every train row, in row order, under the training autocast."""
     loader = make_loader(data.train, data.prepared.stats, params.batch_size, seed=0)
-    with torch.inference_mode(), Precision.of(params.precision, device).autocast():
-        return torch.from_numpy(predict_logits(teacher, loader, device)).to(device)
+    return _teacher_logits(teacher, loader, params, device).to(device)
+
+
+def teacher_view_logits(
+    teacher: nn.Module, data: TrainingData, params: DistillParams, augment: Augment, seed: int,
+    device: torch.device,
+) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """The teacher's logits for ``params.teacher_views`` views of every train row, through the
+    on-disk cache: (logits in view-number order, what the cache did, for the metrics)."""
+    views = params.teacher_views
+    loader = make_loader(data.train, data.prepared.stats, params.batch_size, seed=seed,
+                         augment=augment, views=views)  # fmt: skip
+    key = cache_key(
+        teacher=weights_digest(teacher), images=images_digest(data.train.images),
+        data=data.describe(), augment=augment.to_dict(), seed=seed, views=views,
+        precision=params.precision, device=device.type,
+    )  # fmt: skip
+    cache = TeacherViewCache(cache_dir(), int(params.teacher_view_cache_mb * 2**20))
+    shape = (views * len(data.train), data.prepared.num_classes)
+    return cached_teacher_logits(
+        cache, key, shape, lambda: _teacher_logits(teacher, loader, params, device).numpy()
+    )
 
 
 @stage_task(name="load-teacher")
@@ -237,15 +277,36 @@ def fit_student(
     network = teacher.build().to(device) if teacher is not None else None
     student = _student(data, params, seed, log)
     train_loader, val_loader = build_loaders(data, params, augment, seed, device)
+    views = params.teacher_views
+    if views > 0:  # both students see the same fixed views, in the same order
+        augmentation = train_augment(data, augment, seed)
+        train_loader = train_batches(data, data.train, params, augmentation, seed, device,
+                                     views=views, view_labels=network is None)  # fmt: skip
     hard = supervised_loss(params, data).to(device)
 
-    def run(objective: Objective, loader: DataLoader | DeviceBatches = train_loader) -> FitResult:
-        return fit(student, objective, loader, val_loader, params, device, on_epoch,
-                   resume=resume, log=log)  # fmt: skip
+    def run(
+        objective: Objective,
+        loader: DataLoader | DeviceBatches = train_loader,
+        passes: Callable[[FitResult], float] = lambda _: 0.0,
+        **notes: Any,
+    ) -> FitResult:
+        """The fit, with how many teacher forward passes it took per train image."""
+        result = fit(student, objective, loader, val_loader, params, device, on_epoch,
+                     resume=resume, log=log)  # fmt: skip
+        passes_per_image = round(float(passes(result)), 3)
+        return replace(result, notes={"teacher_passes_per_image": passes_per_image, **notes})
 
     if network is None:
         return run(supervised_objective(hard))
     kd = KDLoss(params.temperature, params.alpha, params.label_smoothing, hard=hard)
+    labels = torch.as_tensor(np.asarray(data.train.labels), dtype=torch.long, device=device)
+    if views > 0:
+        logits, cache = teacher_view_logits(network, data, params, augmentation, seed, device)
+        log(f"distill: the teacher's logits for {views} views of each train image: "
+            f"cache {cache['cache']} ({cache['seconds']:.1f} s)")  # fmt: skip
+        objective = cached_distillation_objective(torch.from_numpy(logits).to(device), labels, kd)
+        passes = 0.0 if cache["cache"] == "hit" else float(views)
+        return run(objective, passes=lambda _: passes, teacher_views=cache)
     # Device batches (data_on_device) have no dataset: they augment on the device,
     # so their teacher logits are always computed per batch.
     augmentation = getattr(getattr(train_loader, "dataset", None), "augment", None)
@@ -256,16 +317,21 @@ def fit_student(
         # split replaces one per epoch. Same sampler and seed, so the same batches.
         log("distill: no augmentation, so the teacher's logits are computed once")
         logits = teacher_logits_once(network, data, params, device)
-        labels = torch.as_tensor(np.asarray(data.train.labels), dtype=torch.long, device=device)
         numbered = Split(data.train.images, np.arange(len(data.train)))
         rows = train_batches(data, numbered, params, None, seed, device)
-        return run(cached_distillation_objective(logits, labels, kd), rows)
+        return run(cached_distillation_objective(logits, labels, kd), rows, lambda _: 1.0)
+    every_epoch = len(train_loader) * params.batch_size / len(data.train)  # images shown / rows
+
+    def per_batch(result: FitResult) -> float:
+        return len(result.history) * every_epoch
+
     if params.feature_loss == "none":
-        return run(distillation_objective(network, kd, mixup=params.mixup))
+        return run(distillation_objective(network, kd, mixup=params.mixup), passes=per_batch)
     height, _, channels = data.prepared.image_shape
     with matched_taps(student, network, (channels, height, height)) as taps:
         attention = AttentionTransferLoss(params.feature_weight)
-        return run(distillation_objective(network, kd, attention, taps, params.mixup))
+        objective = distillation_objective(network, kd, attention, taps, params.mixup)
+        return run(objective, passes=per_batch)
 
 
 @dataclass(frozen=True)

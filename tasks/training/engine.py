@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,8 @@ class FitResult:
     stopped_early: bool
     seconds: float
     epochs_planned: int  # params.epochs, or more to reach min_steps (engine.Budget)
+    # What the caller adds to the fit's metrics (the distill stage: its teacher passes)
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

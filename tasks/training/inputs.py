@@ -153,8 +153,11 @@ def train_batches(
     augment: Augment | None,
     seed: int,
     device: torch.device,
+    views: int = 0,
+    view_labels: bool = False,
 ) -> DataLoader:
-    """The train DataLoader over ``split``: ``data.train``, or a relabelled view of it."""
+    """The train DataLoader over ``split``: ``data.train``, or a relabelled view of it; with
+    ``views``, each row's fixed augmented views (``make_loader``)."""
     return make_loader(
         split,
         data.prepared.stats,
@@ -166,6 +169,8 @@ def train_batches(
         pin_memory=device.type == "cuda",
         weights=data.weights,
         world=World.from_env(),
+        views=views,
+        view_labels=view_labels,
     )
 
 

@@ -22,6 +22,7 @@ from tasks.training.distributed import (
     World,
     local_batch_size,
 )
+from tasks.training.teacher_views import ViewDataset, ViewSampler
 from tasks.training.transforms import Augment
 
 
@@ -90,6 +91,8 @@ def make_loader(
     pin_memory: bool = False,
     weights: np.ndarray | None = None,
     world: World | None = None,
+    views: int = 0,
+    view_labels: bool = False,
 ) -> DataLoader:
     """A loader over ``split``; ``train`` shuffles and drops a last partial batch.
 
@@ -98,16 +101,28 @@ def make_loader(
     probability proportional to ``weights[i]``: rebalanced per epoch, no copies.
     Under ``torchrun`` (``world``) a train loader yields this rank's shard of
     each global batch of ``batch_size`` (``tasks/training/distributed.py``).
+
+    With ``views`` > 0 the images are ``augment``'s fixed views of each row
+    (``tasks/training/teacher_views.py``) and the batches carry view numbers (or
+    labels, ``view_labels``): a train loader shows each row one of its views per
+    epoch; any other loader every view of every row, in order.
     """
     world = world or World()
-    dataset = ImageDataset(split, stats, augment if train else None)
+    if views > 0:
+        if augment is None:
+            raise ValueError("views are views of an augmentation: pass augment")
+        dataset = ViewDataset(split, stats, augment, views, seed, labels_out=view_labels)
+    else:
+        dataset = ImageDataset(split, stats, augment if train else None)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if train:
         balanced = weights is not None and not np.allclose(weights, weights[0])
-        sampler = ShardedSampler(len(dataset), seed, world, weights if balanced else None)
+        sampler = ShardedSampler(len(split), seed, world, weights if balanced else None)
+        if views > 0:
+            sampler = ViewSampler(sampler, views, seed)
         batch_size = local_batch_size(batch_size, world)
-        if augment is not None and world.rank > 0:
+        if dataset.augment is not None and world.rank > 0:
             augment.set_random_seed(seed + 7919 * world.rank)  # its own draws per rank
     return DataLoader(
         dataset,

@@ -34,7 +34,7 @@ from tasks.training.inputs import (
 )
 
 
-def fit_summary(result: FitResult) -> dict[str, float | int | bool]:
+def fit_summary(result: FitResult) -> dict[str, Any]:
     """The numbers metrics/<stage>.json and the checkpoint carry about a fit."""
     return {
         "best_val_f1_macro": result.best_val_f1_macro,
@@ -48,6 +48,7 @@ def fit_summary(result: FitResult) -> dict[str, float | int | bool]:
         "images_per_second": round(
             sum(r.images_per_second for r in result.history) / len(result.history), 1
         ),
+        **result.notes,
     }
 
 
