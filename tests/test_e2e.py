@@ -502,6 +502,19 @@ def test_profile_fit_benchmark_smoke_on_the_pipelines_data(pipeline, tmp_path, s
     assert sum(shares.values()) == pytest.approx(1.0, abs=0.01) and shares["convolution"] > 0
 
 
+def test_teacher_views_benchmark_smoke_on_the_pipelines_teacher(pipeline, tmp_path) -> None:
+    repo, _, _ = pipeline
+    result = _benchmark_smoke("teacher_views", repo, tmp_path)
+    assert (result["train_images"], result["views"], result["epochs"]) == (64, 2, 2)
+    median = result["median"]
+    assert set(median) == {"per_batch", "views_cold", "views_warm", "scratch"}
+    passes = {way: row["teacher_passes_per_image"] for way, row in median.items()}
+    assert passes["views_cold"] == 2 and passes["views_warm"] == passes["scratch"] == 0
+    assert passes["per_batch"] > 0  # once per image shown, every epoch
+    assert all(row["student_images_per_second"] > 0 for row in median.values())
+    assert median["per_batch"]["wall_vs_per_batch"] == 1.0
+
+
 @pytest.mark.parametrize("server", ["serve-model", "mlflow"])
 def test_serve_load_benchmark_smoke_on_the_pipelines_int8_student(pipeline, tmp_path, server):
     repo, _, _ = pipeline
