@@ -11,7 +11,12 @@ from tasks.training.distill import fit_student, teacher_view_logits
 from tasks.training.distributed import ShardedSampler
 from tasks.training.inputs import TrainingData, train_augment
 from tasks.training.loaders import make_loader
-from tasks.training.teacher_views import TeacherViewCache, ViewSampler, cached_teacher_logits
+from tasks.training.teacher_views import (
+    TeacherViewCache,
+    ViewSampler,
+    cache_dir,
+    cached_teacher_logits,
+)
 from tests.test_distill import _counting_teacher_rows, _data, _distill, _off, _teacher
 
 VIEWS = 3
@@ -144,3 +149,13 @@ def test_cached_views_refuse_what_changes_the_view_after_the_teacher_saw_it(
     raw["distill"].update({"teacher_views": 4, clash: value})
     with pytest.raises(ParamsError, match=rf"distill\.teacher_views(.|\n)*distill\.{clash}"):
         parse_params(raw)
+
+
+def test_the_cache_is_per_user_unless_visionpipe_home_says_otherwise(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cache_dir() == (tmp_path / "home" / "cache" / "teacher-views").resolve()
+    monkeypatch.delenv("VISIONPIPE_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    # Not under the checkout: `dvc exp run --temp` copies and queued runs share it.
+    assert cache_dir() == (tmp_path / "xdg" / "visionpipe" / "teacher-views").resolve()

@@ -48,8 +48,14 @@ CACHE_DIR_ENV = "VISIONPIPE_HOME"
 
 
 def cache_dir() -> Path:
-    """``$VISIONPIPE_HOME/cache/teacher-views``; ``.visionpipe/`` beside the resume state."""
-    return Path(os.environ.get(CACHE_DIR_ENV, ".visionpipe")).resolve() / "cache" / "teacher-views"
+    """``$VISIONPIPE_HOME/cache/teacher-views`` when that is set, else per user,
+    ``$XDG_CACHE_HOME/visionpipe/teacher-views`` (``~/.cache/...``): shared by the
+    checkout, its ``dvc exp run --temp`` copies and queued experiments, as the key is
+    all an entry depends on."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).resolve() / "cache" / "teacher-views"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).resolve() / "visionpipe" / "teacher-views"
 
 
 def view_seed(seed: int, view: int, row: int) -> int:
