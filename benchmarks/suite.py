@@ -112,6 +112,8 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         # what distilling cost: a distilled epoch's speed and the teacher's forward passes
         "student_images_per_second": metrics["distill"].get("images_per_second"),
         "teacher_passes_per_image": metrics["distill"].get("teacher_passes_per_image"),
+        # ptq or qat: QAT fine-tunes the student on the labels, so int8 may beat fp32
+        "quantize_method_used": metrics.get("quantize", {}).get("method_used"),
     }
 
 
