@@ -44,7 +44,7 @@ from tasks.layout import TEACHER  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.training.distill import fit_student, load_teacher  # noqa: E402
 from tasks.training.inputs import load_training_data  # noqa: E402
-from tasks.training.teacher_views import CACHE_DIR_ENV  # noqa: E402
+from tasks.training.resume import STATE_DIR_ENV  # noqa: E402
 
 WAYS = ("per_batch", "views_cold", "views_warm", "scratch")
 
@@ -82,7 +82,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
     for round_ in range(1, args.rounds + 1):
         with tempfile.TemporaryDirectory() as home:
-            os.environ[CACHE_DIR_ENV] = home  # an empty cache: the cold run computes
+            os.environ[STATE_DIR_ENV] = home  # an empty cache: the cold run computes
             for way in WAYS:
                 fit_params = settings["per_batch" if way == "per_batch" else "views"]
                 start = time.perf_counter()

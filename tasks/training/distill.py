@@ -56,11 +56,10 @@ from tasks.training.inputs import (
 )
 from tasks.training.loaders import make_loader
 from tasks.training.losses import AttentionTransferLoss, KDLoss
-from tasks.training.resume import Resume
+from tasks.training.resume import Resume, fingerprint
 from tasks.training.teacher_views import (
     TeacherViewCache,
     cache_dir,
-    cache_key,
     cached_teacher_logits,
     images_digest,
     weights_digest,
@@ -223,11 +222,11 @@ def teacher_view_logits(
     views = params.teacher_views
     loader = make_loader(data.train, data.prepared.stats, params.batch_size, seed=seed,
                          augment=augment, views=views)  # fmt: skip
-    key = cache_key(
-        teacher=weights_digest(teacher), images=images_digest(data.train.images),
-        data=data.describe(), augment=augment.to_dict(), seed=seed, views=views,
-        precision=params.precision, device=device.type,
-    )  # fmt: skip
+    key = fingerprint({
+        "teacher": weights_digest(teacher), "images": images_digest(data.train.images),
+        "data": data.describe(), "augment": augment.to_dict(), "seed": seed, "views": views,
+        "precision": params.precision, "device": device.type,
+    })  # fmt: skip
     cache = TeacherViewCache(cache_dir(), int(params.teacher_view_cache_mb * 2**20))
     shape = (views * len(data.train), data.prepared.num_classes)
     return cached_teacher_logits(

@@ -24,7 +24,6 @@ is recorded in ``metrics/distill.json`` (``teacher_views``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -42,9 +41,8 @@ from tasks.artifacts import atomic_path
 from tasks.data.datasets import Split, take_rows
 from tasks.data.pixels import ChannelStats, normalise
 from tasks.training.distributed import ShardedSampler
+from tasks.training.resume import STATE_DIR_ENV
 from tasks.training.transforms import Augment
-
-CACHE_DIR_ENV = "VISIONPIPE_HOME"
 
 
 def cache_dir() -> Path:
@@ -52,8 +50,8 @@ def cache_dir() -> Path:
     ``$XDG_CACHE_HOME/visionpipe/teacher-views`` (``~/.cache/...``): shared by the
     checkout, its ``dvc exp run --temp`` copies and queued experiments, as the key is
     all an entry depends on."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).resolve() / "cache" / "teacher-views"
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]).resolve() / "cache" / "teacher-views"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).resolve() / "visionpipe" / "teacher-views"
 
@@ -129,12 +127,6 @@ def weights_digest(model: nn.Module) -> str:
 
 def images_digest(images: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(images).tobytes(), digest_size=16).hexdigest()
-
-
-def cache_key(**parts: Any) -> str:
-    """A digest of JSON-serialisable ``parts``: the file name of one cache entry."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
