@@ -34,12 +34,15 @@ platform.processor()
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist each worker gets its share of the cores, not torch's default of all
-    of them: two workers of two threads each on two cores would thrash."""
+    of them: two workers of two threads each on two cores would thrash. So do the processes
+    a worker starts (``dvc repro``'s stages, torchrun, servers), through OpenMP's variable."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(share)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
