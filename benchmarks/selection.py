@@ -32,6 +32,7 @@ it beat ``raw best``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -207,14 +208,15 @@ def main() -> None:
     if args.smoke:
         args.seeds, args.half_lives = [0], [1.0]
 
-    params = load_params(args.repo / "params.yaml")
-    data = load_training_data.fn(args.repo / PREPARED_DIR, args.repo / RESAMPLED_DIR)
+    os.chdir(args.repo)  # the stage's own relative paths: data/, models/
+    params = load_params("params.yaml")
+    data = load_training_data.fn(PREPARED_DIR, RESAMPLED_DIR)
     section = params.train if args.stage == "train" else params.distill
     # the stage's own settings, run to the end of its schedule (patience is applied afterwards)
     update = {**(SMOKE_FIT if args.smoke else {}), "ema_half_life": 0.0, "patience": 10**9}
     fitted = section.model_copy(update=update)
     judged = section.model_copy(update=SMOKE_FIT if args.smoke else {})
-    teacher = load_teacher.fn(args.repo / TEACHER) if args.stage == "distill" else None
+    teacher = load_teacher.fn(TEACHER) if args.stage == "distill" else None
 
     per_seed, seconds = [], []
     for seed in args.seeds:
@@ -232,7 +234,9 @@ def main() -> None:
 
     summary = summarise(per_seed)
     device = "cuda" if describe_machine()["gpu"] else "cpu"
-    source = Path(str(params.data.source)).name
+    source = Path(str(params.data.source)).name  # as the suite names them: digits-lt50
+    source += f"-lt{params.data.imbalance_ratio:g}" if params.data.imbalance_ratio > 1 else ""
+    source += f"-{params.data.max_per_class}" if params.data.max_per_class else ""
     seeds = " ".join(map(str, args.seeds))
     lives = " ".join(f"{life:g}" for life in args.half_lives)
     path = write_result(

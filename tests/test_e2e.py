@@ -502,6 +502,21 @@ def test_profile_fit_benchmark_smoke_on_the_pipelines_data(pipeline, tmp_path, s
     assert sum(shares.values()) == pytest.approx(1.0, abs=0.01) and shares["convolution"] > 0
 
 
+@pytest.mark.parametrize("stage", ["train", "distill"])
+def test_selection_benchmark_smoke_on_the_pipelines_data(pipeline, tmp_path, stage) -> None:
+    repo, _, _ = pipeline
+    result = _benchmark_smoke("selection", repo, tmp_path, "--stage", stage)
+    assert result["stage"] == stage and list(result["per_seed"]) == ["0"]
+    rules = {"raw best", "raw last", "raw smooth3", "ema 1 best", "ema 1 last"}
+    assert set(result["summary"]) == rules
+    for rule in result["per_seed"]["0"].values():
+        assert 1 <= rule["epoch"] <= rule["epochs_run"] <= 3
+        assert rule["val_test_gap"] == pytest.approx(rule["val_f1_macro"] - rule["test_f1_macro"])
+    assert result["per_seed"]["0"]["raw last"]["epoch"] == 3  # run to the schedule's end
+    prepared = json.loads((repo / "metrics/prepare.json").read_text())
+    assert result["test_size"] == prepared["test_size"]
+
+
 def test_teacher_views_benchmark_smoke_on_the_pipelines_teacher(pipeline, tmp_path) -> None:
     repo, _, _ = pipeline
     result = _benchmark_smoke("teacher_views", repo, tmp_path)
