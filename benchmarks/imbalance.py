@@ -101,7 +101,16 @@ def prepare(params: Params, source: str, ratio: float, seed: int, out: Path) -> 
         decoded = decode.fn(items, spec, staging, workers=1, log=lambda line: None)
         selection = select.fn(items, decoded, data.min_per_class)
         plan = split.fn(items, selection, data, seed)
-        copy_splits(staging, plan, items.labels, out, items.classes, spec, log=lambda line: None)
+        copy_splits(
+            staging,
+            plan,
+            items.labels,
+            items.item_names,
+            out,
+            items.classes,
+            spec,
+            log=lambda line: None,
+        )
 
 
 def run(params: Params, prepared_dir: Path, method: str, seed: int) -> dict:

@@ -50,7 +50,7 @@ from benchmarks.workspace import copy_env, fresh_copy, git  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.servers import stop_local_server  # noqa: E402
 
-STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
+STAGES = ("audit", "prepare", "resample", "train", "distill", "quantize", "evaluate")
 # --smoke: every stage of any recipe, in minutes on 2 cores.
 _FIT_SMOKE = {"epochs": 6, "batch_size": 64, "min_steps": 0, "allow_weak": True}
 _DISTILL_SMOKE = {**_FIT_SMOKE, "bootstrap_samples": 200}

@@ -2,6 +2,7 @@
 
     visionpipe check    validate params.yaml; print every section as the stages will see it
     visionpipe compare  teacher, student and int8 student side by side (metrics/evaluate.json)
+    visionpipe audit    the data audit's top suspects: near-duplicates, label errors, outliers
     visionpipe predict  top-k labels for image files or folders (int8 student unless --model)
     visionpipe status   where runs are recorded (the Prefect UI/API, the MLflow tracking URI)
                         and every visionpipe server running on this machine
@@ -88,6 +89,24 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"visionpipe: {path} does not exist yet: run `dvc repro`", file=sys.stderr)
         return 1
     print(comparison_markdown(json.loads(path.read_text())))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from tasks.data.gallery import suspects_table
+    from tasks.layout import AUDIT_GALLERY_DIR, AUDIT_REPORT
+
+    if not AUDIT_REPORT.is_file():
+        print(
+            f"visionpipe: {AUDIT_REPORT} does not exist yet: run `dvc repro audit`", file=sys.stderr
+        )
+        return 1
+    print(suspects_table(json.loads(AUDIT_REPORT.read_text()), args.top, args.kind))
+    print(
+        f"\nThe pictures: {AUDIT_GALLERY_DIR / 'index.html'}. To leave files out of the next run, "
+        "list them in the audit.exclude file (params.yaml) and run `dvc repro`.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -242,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("compare", help="the three variants side by side").set_defaults(
         run=_compare
     )
+    audit = commands.add_parser("audit", help="the data audit's top suspects (reports/audit.json)")
+    audit.add_argument("--top", type=int, default=10, help="rows per kind (default 10)")
+    audit.add_argument(
+        "--kind",
+        choices=["near_duplicate", "label_issue", "outlier", "blank", "too_dark", "too_bright"],
+        help="only this kind",
+    )
+    audit.set_defaults(run=_audit)
     predict = commands.add_parser(
         "predict",
         help="top-k labels for images",

@@ -1,5 +1,9 @@
 """prepare: decode, validate, convert, de-duplicate and split the source into data/prepared/.
 
+Runs after the audit stage: each near-duplicate cluster it found lands in one
+split (``audit.split_groups``), and the files listed in ``audit.exclude`` are
+left out (quarantined as ``excluded``).
+
 Run: ``dvc repro prepare`` (or ``python -m flows.prepare``).
 """
 
@@ -10,17 +14,18 @@ from prefect import flow, get_run_logger
 from flows.prefect_api import stage_main
 from tasks.data import prepare as t
 from tasks.data.spec import image_spec
-from tasks.layout import DATA_QUALITY, PREPARED_DIR, metrics_path
-from tasks.params import DataParams
+from tasks.layout import AUDIT_DIR, DATA_QUALITY, PREPARED_DIR, metrics_path
+from tasks.params import AuditParams, DataParams
 
 METRICS = metrics_path("prepare")
 QUALITY = DATA_QUALITY
 
 
 @flow(name="prepare")
-def prepare_flow(seed: int, data: DataParams) -> dict:
+def prepare_flow(seed: int, data: DataParams, audit: AuditParams) -> dict:
     logger = get_run_logger()
     source = t.load_source(data, seed)
+    clusters = t.read_clusters(AUDIT_DIR / "groups.json", source) if audit.split_groups else None
     spec = image_spec(data, source, seed)
     if t.content_versioned(data.source) is False:
         logger.warning(
@@ -33,10 +38,13 @@ def prepare_flow(seed: int, data: DataParams) -> dict:
         decoded = t.decode(
             source, spec, staging, t.worker_count(data.workers), logger.info, data.decode_timeout_s
         )
-        selection = t.select(source, decoded, data.min_per_class)
-        plan = t.split(source, selection, data, seed)
+        selection = t.select(source, decoded, data.min_per_class, t.read_exclude(audit.exclude))
+        plan = t.split(source, selection, data, seed, clusters)
         baselines = t.write_prepared(PREPARED_DIR, staging, plan, source, spec, seed, logger.info)
-    metrics = t.report(METRICS, QUALITY, source, decoded, selection, plan, data, spec, baselines)
+    grouping = t.clusters_by_split(plan, source.item_names, clusters or [])
+    metrics = t.report(
+        METRICS, QUALITY, source, decoded, selection, plan, data, spec, baselines, grouping
+    )
     logger.info(t.summary(metrics, source, selection, QUALITY))
     return metrics
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+AUDIT_DIR = Path("data/audit")  # embeddings.npy, groups.json (read by prepare)
+AUDIT_REPORT = Path("reports/audit.json")
+AUDIT_GALLERY_DIR = Path("reports/audit")
 PREPARED_DIR = Path("data/prepared")
 RESAMPLED_DIR = Path("data/resampled")
 TEACHER = Path("models/teacher.pt")

@@ -113,6 +113,31 @@ class DataParams(Section):
         return value
 
 
+class AuditParams(Section):
+    input_size: Annotated[int, Field(ge=16, le=512)] | Literal["auto"]
+    batch_size: int = Field(ge=1)
+    duplicate_similarity: float = Field(gt=0.0, le=1.0)
+    duplicate_hash_bits: int = Field(ge=0, le=64)
+    split_groups: bool
+    cv_folds: int = Field(ge=2)
+    label_max_probability: float = Field(gt=0.0, le=1.0)
+    outlier_neighbors: int = Field(ge=1)
+    outlier_z: float = Field(gt=0.0)
+    blank_std: float = Field(ge=0.0)
+    dark_mean: float = Field(ge=0.0, le=255.0)
+    bright_mean: float = Field(ge=0.0, le=255.0)
+    gallery_max: int = Field(ge=0)
+    exclude: Path
+
+    @field_validator("bright_mean")
+    @classmethod
+    def _bright_above_dark(cls, value: float, info: ValidationInfo) -> float:
+        dark = info.data.get("dark_mean")
+        if dark is not None and value <= dark:
+            raise ValueError(f"must be above audit.dark_mean ({dark})")
+        return value
+
+
 class ResampleParams(Section):
     strategy: SamplerName
     sampling_strategy: str | float
@@ -355,6 +380,7 @@ class RetrainParams(Section):
 class Params(Section):
     seed: int = Field(ge=0)
     data: DataParams
+    audit: AuditParams
     resample: ResampleParams
     augment: AugmentParams
     train: TrainParams

@@ -164,3 +164,19 @@ def test_suite_smoke_runs_the_pipeline_on_a_small_messy_folder(tmp_path: Path) -
     assert list(row["stage_seconds"]) == ["prepare", "resample", "train", "distill", "quantize",
                                           "evaluate"]  # fmt: skip
     assert "| messy-folder | pretrained |" in done.stdout  # the README's table
+
+
+def test_audit_smoke_plants_errors_and_scores_what_the_stage_found(tmp_path: Path) -> None:
+    done = _run(
+        "audit", "--smoke", "--only", "messy-folder", "--seeds", "1",
+        results=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "audit_cpu_smoke.json").read_text())["runs"]
+    planted = run["near_duplicates"]["planted_pairs"]
+    assert run["dataset"] == "messy-folder" and planted >= 5
+    assert run["label_issues"]["planted"] >= 8
+    # the generated shapes are easy copies: every planted pair is found, and none leaks
+    assert run["near_duplicates"]["found"] == planted
+    assert run["leaked_pairs"]["split_groups_true"] == 0
+    assert 0 <= run["label_issues"]["precision"] <= 1 and run["audit_stage_seconds"] > 0

@@ -56,7 +56,7 @@ from tests.ui import chromium_or_skip, mlflow_compare_page, mlflow_ui_number, pr
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "reports" / "ui"  # kept after the run, to look at
-STAGES = ("prepare", "resample", "train", "distill", "quantize", "evaluate")
+STAGES = ("audit", "prepare", "resample", "train", "distill", "quantize", "evaluate")
 VARIANTS = ("teacher", "student", "student_int8")
 CONTRACT_KEYS = (
     "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
@@ -115,7 +115,7 @@ def pipeline(ops):
 
 def test_repro_runs_every_stage_and_writes_the_contract(pipeline):
     repo, _, output = pipeline
-    assert stages_ran(output) == ["prepare", "resample", "train", "distill", "quantize", "evaluate"]
+    assert stages_ran(output) == list(STAGES)
 
     results = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(results) == {*VARIANTS, "baselines", "runtime_versions"}
@@ -235,6 +235,38 @@ def test_mlflow_holds_one_run_per_variant_with_lineage(pipeline):
         fits["student"].data.metrics["scratch_test_f1_macro"]
     )
     assert "kd_gain" in fits["student"].data.metrics
+
+
+def test_the_audit_runs_before_the_split_and_is_tracked(pipeline):
+    repo, env, _ = pipeline
+    metrics = json.loads((repo / "metrics/audit.json").read_text())
+    report = json.loads((repo / "reports/audit.json").read_text())
+    assert metrics["embedded"] == 400 and report["input_size"] == 64  # TINY: 40 per class
+    assert report["counts"] == {key: metrics[key] for key in report["counts"]}
+    assert metrics["near_duplicate_clusters"] == len(report["clusters"])
+    # every cluster the audit found sits in one split
+    split_of = {
+        name: split
+        for split in ("train", "val", "test")
+        for name in json.loads((repo / f"data/prepared/{split}/names.json").read_text())
+    }
+    for members in report["clusters"]:
+        assert len({split_of[m] for m in members if m in split_of}) <= 1, members
+    prepare = json.loads((repo / "metrics/prepare.json").read_text())
+    assert prepare["near_duplicate_clusters_across"] == 0
+    assert "<h1>Data audit</h1>" in (repo / "reports/audit/index.html").read_text()
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["visionpipe"], output_format="list")
+    (audit,) = [r for r in runs if r.data.tags["stage"] == "audit"]
+    assert audit.data.metrics["embedded"] == 400
+    assert audit.data.params["audit.cv_folds"] == "5"
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(audit.info.run_id)}
+    assert {"audit.json", "index.html"} <= logged
+
+    printed = _visionpipe(repo, env, "audit", "--top", "3")
+    assert printed.startswith(f"{metrics['embedded']} images audited: ")
+    assert "| kind | score | class | suggested | cluster | path |" in printed
 
 
 def test_a_second_repro_is_a_no_op(pipeline):

@@ -18,7 +18,7 @@ from tasks.artifacts import read_json
 from tasks.data.datasets import Split, load_prepared, write_prepared
 from tasks.data.pixels import ChannelStats
 from tasks.layout import DATA_QUALITY, PREPARED_DIR, RESAMPLED_DIR, metrics_path
-from tasks.params import DataParams, Params, ResampleParams
+from tasks.params import AuditParams, DataParams, Params, ResampleParams
 from tests.imagefolders import GOOD_PER_CLASS, build_messy_folder, noise
 
 pytestmark = pytest.mark.integration  # real Prefect/MLflow servers
@@ -139,6 +139,11 @@ def test_a_failing_task_fails_the_flow_and_leaves_no_output(harness, prepared_on
     assert not metrics_path("resample").exists()
 
 
+def _no_groups(params: Params) -> AuditParams:
+    """Prepare on its own, without the audit stage's clusters (tests/test_audit.py runs both)."""
+    return params.audit.model_copy(update={"split_groups": False})
+
+
 def _folder_params(params: Params, source: Path, **update: object) -> DataParams:
     settings = {"source": str(source), "image_size": 12, "channels": 3, "resize": "pad"}
     settings |= {"min_size": 8, "min_per_class": 5, "max_per_class": None, "workers": 2}
@@ -148,7 +153,12 @@ def _folder_params(params: Params, source: Path, **update: object) -> DataParams
 def test_prepare_flow_on_a_messy_image_folder(harness, params, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = build_messy_folder(tmp_path / "data/raw/messy")
-    state = prepare_flow(seed=0, data=_folder_params(params, "data/raw/messy"), return_state=True)
+    state = prepare_flow(
+        seed=0,
+        audit=_no_groups(params),
+        data=_folder_params(params, "data/raw/messy"),
+        return_state=True,
+    )
 
     assert state.is_completed()
     quality = read_json(DATA_QUALITY)
@@ -224,7 +234,9 @@ def test_a_hostile_folder_cannot_stall_or_crash_prepare(harness, params, tmp_pat
     signal.alarm(300)
     try:
         start = time.monotonic()
-        state = prepare_flow(seed=0, data=_folder_params(params, root), return_state=True)
+        state = prepare_flow(
+            seed=0, audit=_no_groups(params), data=_folder_params(params, root), return_state=True
+        )
         seconds = time.monotonic() - start
     finally:
         signal.alarm(0)
@@ -261,7 +273,9 @@ def test_prepare_follows_links_out_of_the_root_only_when_asked(
     _, sock = _hostile_folder(root, tmp_path / "outside")
     try:
         data = _folder_params(params, root, symlinks="follow")
-        assert prepare_flow(seed=0, data=data, return_state=True).is_completed()
+        assert prepare_flow(
+            seed=0, audit=_no_groups(params), data=data, return_state=True
+        ).is_completed()
     finally:
         sock.close()
     quality = read_json(DATA_QUALITY)
@@ -278,7 +292,7 @@ def test_prepare_flow_fails_fast_and_writes_nothing_when_a_class_is_too_small(
     monkeypatch.chdir(tmp_path)
     build_messy_folder(tmp_path / "messy")
     data = _folder_params(params, tmp_path / "messy", min_per_class=GOOD_PER_CLASS + 5)
-    state = prepare_flow(seed=0, data=data, return_state=True)
+    state = prepare_flow(seed=0, audit=_no_groups(params), data=data, return_state=True)
 
     assert state.is_failed()
     with pytest.raises(ValueError, match=r"fewer than data.min_per_class=15 usable images"):
@@ -331,3 +345,55 @@ def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
     runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
     tags = {r.info.status: r.data.tags.get("weak_model") for r in runs}
     assert tags == {"FAILED": None, "FINISHED": "true"}
+
+
+def test_the_audit_flow_then_prepare_keeps_copies_together_and_drops_excluded_files(
+    harness, params, tmp_path, monkeypatch
+):
+    from benchmarks.audit import near_copy
+    from benchmarks.messy_folder import build as build_shapes
+    from flows.audit import audit_flow
+    from tasks.layout import AUDIT_DIR, AUDIT_GALLERY_DIR, AUDIT_REPORT
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data/raw/shapes"
+    build_shapes(root, seed=5, largest=12, smallest=12)
+    rng = np.random.default_rng(0)
+    originals = sorted(root.glob("circle/*"))[:3]
+    for path in originals:
+        with Image.open(path) as image:
+            near_copy(image, rng).save(path.with_name(f"{path.stem}_copy.jpg"))
+    (root / "star/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(root / "star/blank.png")
+    excluded = sorted(root.glob("ring/*"))[0].relative_to(tmp_path)  # as prepare names it
+    Path("exclude.txt").write_text(f"# dropped\n{excluded}\n")
+    data = _folder_params(params, "data/raw/shapes", image_size=32, resize="stretch")
+    audit = params.audit.model_copy(update={"exclude": Path("exclude.txt")})
+
+    state = audit_flow(seed=0, data=data, audit=audit, mlflow=params.mlflow, return_state=True)
+    assert state.is_completed(), state
+    report = read_json(AUDIT_REPORT)
+    clusters = {frozenset(Path(p).name for p in members) for members in report["clusters"]}
+    for path in originals:
+        assert frozenset({path.name, f"{path.stem}_copy.jpg"}) in clusters
+    assert report["not_embedded"] == [{"path": "data/raw/shapes/star/broken.png",
+                                       "reason": "not_an_image"}]  # fmt: skip
+    kinds = {(Path(r["path"]).name, r["kind"]) for r in report["flagged"]}
+    assert ("blank.png", "blank") in kinds
+    assert not any(str(excluded) == r["path"] for r in report["flagged"])
+    metrics = read_json(metrics_path("audit"))
+    assert metrics["excluded"] == 1 and metrics["not_embedded"] == 1
+    assert metrics["embedded"] == metrics["images"] - 2
+    assert (AUDIT_DIR / "embeddings.npy").is_file()
+    assert "cluster 0" in (AUDIT_GALLERY_DIR / "index.html").read_text()
+    assert _task_names(state.state_details.flow_run_id, 5) == [
+        "decode", "embed", "find", "load-source", "write-audit",
+    ]  # fmt: skip
+
+    state = prepare_flow(seed=0, data=data, audit=audit, return_state=True)
+    assert state.is_completed(), state
+    quality = read_json(DATA_QUALITY)
+    assert {q["path"]: q["reason"] for q in quality["quarantined"]}[str(excluded)] == "excluded"
+    grouping = quality["near_duplicates"]
+    assert grouping["grouped"] and grouping["across_splits"] == []
+    assert grouping["kept_together"] >= 3

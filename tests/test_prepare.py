@@ -132,7 +132,16 @@ def test_copy_splits_writes_rows_labels_and_train_stats(tmp_path: Path) -> None:
         {"train": np.arange(0, 20), "val": np.arange(20, 25), "test": np.arange(25, 30)}, 0
     )
     spec = ImageSpec(size=6, channels=3, resize="pad", background=0, min_size=2)
-    stats = copy_splits(staging, plan, labels, tmp_path / "out", ("x", "y", "z"), spec, log=print)
+    stats = copy_splits(
+        staging,
+        plan,
+        labels,
+        np.array([f"i{k}" for k in range(len(labels))]),
+        tmp_path / "out",
+        ("x", "y", "z"),
+        spec,
+        log=print,
+    )
     prepared = load_prepared(tmp_path / "out")
     # inference repeats exactly this decoding; min_size is a prepare-only filter
     assert prepared.preprocessing == spec.preprocessing()

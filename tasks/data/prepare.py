@@ -22,6 +22,7 @@ Broken files never stop the run and never vanish: each is listed in
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import tempfile
@@ -66,6 +67,14 @@ def content_versioned(source: str, root: Path | None = None) -> bool | None:
         return None
     raw = ((root or Path.cwd()) / RAW_DATA_DIR).resolve()
     return raw in Path(source).resolve().parents
+
+
+def read_exclude(path: Path) -> frozenset[str]:
+    """The paths listed in ``audit.exclude`` (a missing file lists nothing); ``#`` comments."""
+    if not path.is_file():
+        return frozenset()
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return frozenset(line for line in lines if line and not line.startswith("#"))
 
 
 @stage_task(name="load-source")
@@ -175,8 +184,11 @@ class Selection:
 
 
 @stage_task(name="select")
-def select(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
-    """Quarantine what failed, keep one copy of each exact duplicate, check class sizes.
+def select(
+    source: Source, decoded: Decoded, min_per_class: int, excluded: frozenset[str] = frozenset()
+) -> Selection:
+    """Quarantine what failed or the user listed in ``audit.exclude`` (``excluded``), keep
+    one copy of each exact duplicate, check class sizes.
 
     Copies of one content with different labels are all quarantined (the label
     is unknowable). Otherwise one copy is kept: the one in a published test split
@@ -188,6 +200,12 @@ def select(source: Source, decoded: Decoded, min_per_class: int) -> Selection:
     quarantined = [
         {"path": names[i], "reason": decoded.reasons[i], "detail": decoded.details[i]}
         for i in np.flatnonzero(~keep)
+    ]
+    listed = keep & np.isin(names, sorted(excluded))
+    keep &= ~listed
+    quarantined += [
+        {"path": names[i], "reason": "excluded", "detail": "listed in audit.exclude"}
+        for i in np.flatnonzero(listed)
     ]
     groups: dict[bytes, list[int]] = defaultdict(list)
     for i in np.flatnonzero(keep):
@@ -240,12 +258,14 @@ def copy_splits(
     staging: Staging,
     plan: SplitPlan,
     labels: np.ndarray,
+    names: np.ndarray,
     out_dir: Path,
     classes: tuple[str, ...],
     spec: ImageSpec,
     log: Callable[[str], None] = print,
 ) -> ChannelStats:
-    """Write each split's rows from staging into ``out_dir`` in blocks; train statistics."""
+    """Write each split's rows from staging into ``out_dir`` in blocks, with each row's
+    item name (``names.json``: which file went to which split); train statistics."""
     row_shape = np.load(staging.path, mmap_mode="r").shape[1:]
     accumulator = StatsAccumulator(row_shape[-1])
     total = sum(len(p) for p in plan.positions.values())
@@ -265,6 +285,7 @@ def copy_splits(
                     progress.update(len(block))
             with NpyWriter(out_dir / name / "labels.npy", (len(positions),), np.int64) as out:
                 out.append(labels[positions])
+            write_json(out_dir / name / "names.json", [str(n) for n in names[positions]])
     stats = accumulator.result()
     write_description(out_dir, classes, stats, spec.preprocessing())
     return stats
@@ -287,7 +308,7 @@ def write_prepared(
     Returns them.
     """
     with atomic_dir(out_dir) as tmp:
-        copy_splits(staging, plan, source.labels, tmp, source.classes, spec, log)
+        copy_splits(staging, plan, source.labels, source.item_names, tmp, source.classes, spec, log)
         found = trivial_baselines(load_prepared(tmp), seed)
         write_baselines(tmp, found)
         return found
@@ -304,6 +325,7 @@ def report(
     params: DataParams,
     spec: ImageSpec,
     baselines: dict[str, Any],
+    grouping: dict[str, Any] | None = None,
 ) -> dict:
     """``reports/data_quality.json`` (everything set aside, and why) and the stage metrics:
     counts, the stored format (``auto`` resolved) and the trivial baselines' val and test scores."""
@@ -331,6 +353,7 @@ def report(
                 "formats": decoded.formats,
             },
             "duplicates": {"dropped": dropped, "groups": selection.duplicates},
+            "near_duplicates": grouping,
             "long_tail": {"ratio": params.imbalance_ratio, "dropped": plan.long_tail_dropped},
             "class_counts": {
                 name: dict(zip(source.classes, counts[name], strict=True)) for name in SPLITS
@@ -343,6 +366,8 @@ def report(
         "duplicates": dropped,
         "num_classes": num_classes,
         **{f"{name}_size": int(sum(counts[name])) for name in SPLITS},
+        "near_duplicate_clusters_together": grouping["kept_together"] if grouping else 0,
+        "near_duplicate_clusters_across": len(grouping["across_splits"]) if grouping else 0,
         "train_imbalance": round(max(counts["train"]) / max(min(counts["train"]), 1), 3),
         "image_size": spec.size,
         "channels": spec.channels,
@@ -370,11 +395,67 @@ def summary(metrics: dict, source: Source, selection: Selection, quality: Path) 
 
 
 @stage_task(name="split")
-def split(source: Source, selection: Selection, params: DataParams, seed: int) -> SplitPlan:
+def split(
+    source: Source,
+    selection: Selection,
+    params: DataParams,
+    seed: int,
+    clusters: list[list[str]] | None = None,
+) -> SplitPlan:
+    """Stratified split of the kept items; with ``clusters`` (lists of item names: the
+    audit's near-duplicates) each cluster lands in a single split."""
     kept = selection.positions
     labels = source.labels[kept]
     official = None if source.official_test is None else source.official_test[kept]
-    indices = stratified_split(labels, params.val_fraction, params.test_fraction, seed, official)
+    groups = None if clusters is None else group_ids(source.item_names[kept], clusters)
+    indices = stratified_split(
+        labels, params.val_fraction, params.test_fraction, seed, official, groups
+    )
     train = long_tail(indices["train"], labels, params.imbalance_ratio, seed)
     positions = {name: kept[indices[name]] for name in SPLITS} | {"train": kept[train]}
-    return SplitPlan(positions, len(indices["train"]) - len(train))
+    return SplitPlan(positions, len(indices["train"]) - len(train), groups is not None)
+
+
+def group_ids(names: np.ndarray, clusters: list[list[str]]) -> np.ndarray:
+    """int (N,): one id per cluster for its members among ``names``, a fresh id for the rest."""
+    ids = np.arange(len(names)) + len(clusters)
+    where = {str(name): i for i, name in enumerate(names)}
+    for number, members in enumerate(clusters):
+        for name in members:
+            if name in where:  # an exact duplicate dropped, or a file excluded since
+                ids[where[name]] = number
+    return ids
+
+
+def read_clusters(path: Path, source: Source) -> list[list[str]]:
+    """The audit stage's near-duplicate clusters (``data/audit/groups.json``) of ``source``."""
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"audit.split_groups is true but {path} does not exist: run `dvc repro` (the audit "
+            "stage writes it), or set audit.split_groups: false"
+        ) from None
+    if found.get("source") != source.name or found.get("items") != len(source):
+        raise ValueError(
+            f"{path} describes {found.get('items')} items of {found.get('source')!r}, not the "
+            f"{len(source)} of {source.name!r} being prepared: run `dvc repro` (audit first)"
+        )
+    return found["clusters"]
+
+
+def clusters_by_split(plan: SplitPlan, names: np.ndarray, clusters: list[list[str]]) -> dict:
+    """How the near-duplicate clusters fell: kept in one split, or across splits (listed)."""
+    split_of = {
+        str(names[p]): name for name, positions in plan.positions.items() for p in positions
+    }
+    across, together = [], 0
+    for members in clusters:
+        placed = {m: split_of[m] for m in members if m in split_of}
+        if len(placed) < 2:
+            continue
+        if len(set(placed.values())) > 1:
+            across.append(placed)
+        else:
+            together += 1
+    return {"grouped": plan.grouped, "kept_together": together, "across_splits": across}

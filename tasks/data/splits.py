@@ -21,13 +21,40 @@ def stratified_split(
     test_fraction: float,
     seed: int,
     official_test: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Indices of train/val/test, each stratified by label.
 
     Where the source publishes a test split it is kept as is, and validation is
     carved from the rest; otherwise test takes ``test_fraction`` of all items and
     val takes ``val_fraction`` of all items.
+
+    ``groups`` (an id per item) keeps every group in one split: the groups'
+    first members are split stratified by their labels, and each other member
+    follows its first. Near-duplicate clusters are small, so the class mix
+    barely moves. A group that a published test split cuts across stays cut
+    (that split is kept as published); its other members still stay together.
     """
+    if groups is not None:
+        ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        if official_test is not None:  # a group's first member outside the test split
+            outside = np.flatnonzero(~official_test)
+            _, first_outside = np.unique(groups[outside], return_index=True)
+            lead = dict(
+                zip(groups[outside][first_outside].tolist(), outside[first_outside], strict=True)
+            )
+            first = np.array([lead.get(g, f) for g, f in zip(ids.tolist(), first, strict=True)])
+        leads = stratified_split(
+            labels[first], val_fraction, test_fraction, seed,
+            None if official_test is None else official_test[first],
+        )  # fmt: skip
+        split_of_group = np.empty(len(first), dtype=object)
+        for name, chosen in leads.items():
+            split_of_group[chosen] = name
+        follows = split_of_group[inverse]
+        if official_test is not None:  # the published test split, exactly
+            follows = np.where(official_test, "test", np.where(follows == "test", "train", follows))
+        return {name: np.flatnonzero(follows == name) for name in ("train", "val", "test")}
     everything = np.arange(len(labels))
     try:
         if official_test is not None:
@@ -90,3 +117,4 @@ class SplitPlan:
 
     positions: dict[str, np.ndarray]
     long_tail_dropped: int
+    grouped: bool = False  # near-duplicate clusters were kept in one split
