@@ -134,11 +134,20 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 
 
+BLOCK_ENTRIES = 2**24  # similarities computed at once: 64 MB of float32, whatever N is
+
+
+def block_rows(count: int) -> int:
+    """Rows of a ``count``-wide similarity block that fit in BLOCK_ENTRIES."""
+    return max(1, BLOCK_ENTRIES // max(count, 1))
+
+
 def similar_pairs(
-    features: np.ndarray, threshold: float, block: int = 2048
+    features: np.ndarray, threshold: float
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(i, j, cosine) of every pair i < j with cosine >= threshold, block by block, so
-    memory stays at ``block`` x N for any N."""
+    memory stays bounded for any N."""
+    block = block_rows(len(features))
     for start in range(0, len(features), block):
         sims = features[start : start + block] @ features.T
         rows, cols = np.nonzero(sims >= threshold)
@@ -275,7 +284,7 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (values - median) / max(mad, 1e-9)
 
 
-def outlier_scores(features: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
+def outlier_scores(features: np.ndarray, k: int) -> np.ndarray:
     """Robust z-score of each image's mean cosine distance to its ``k`` nearest others
     (on the ``centred`` features)."""
     k = min(k, len(features) - 1)
@@ -283,6 +292,7 @@ def outlier_scores(features: np.ndarray, k: int, block: int = 2048) -> np.ndarra
     if k < 1:
         return np.zeros(len(features))
     distances = np.empty(len(features))
+    block = block_rows(len(features))
     for start in range(0, len(features), block):
         sims = features[start : start + block] @ features.T
         sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not itself
