@@ -25,7 +25,8 @@ QUALITY = DATA_QUALITY
 def prepare_flow(seed: int, data: DataParams, audit: AuditParams) -> dict:
     logger = get_run_logger()
     source = t.load_source(data, seed)
-    clusters = t.read_clusters(AUDIT_DIR / "groups.json", source) if audit.split_groups else None
+    # split_groups: false still reads the clusters, to report which ones the split cuts
+    clusters = t.read_clusters(AUDIT_DIR / "groups.json", source, required=audit.split_groups)
     spec = image_spec(data, source, seed)
     if t.content_versioned(data.source) is False:
         logger.warning(
@@ -39,7 +40,7 @@ def prepare_flow(seed: int, data: DataParams, audit: AuditParams) -> dict:
             source, spec, staging, t.worker_count(data.workers), logger.info, data.decode_timeout_s
         )
         selection = t.select(source, decoded, data.min_per_class, t.read_exclude(audit.exclude))
-        plan = t.split(source, selection, data, seed, clusters)
+        plan = t.split(source, selection, data, seed, clusters if audit.split_groups else None)
         baselines = t.write_prepared(PREPARED_DIR, staging, plan, source, spec, seed, logger.info)
     grouping = t.clusters_by_split(plan, source.item_names, clusters or [])
     metrics = t.report(

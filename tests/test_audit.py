@@ -180,9 +180,11 @@ def test_group_ids_and_clusters_file(tmp_path):
     path = tmp_path / "groups.json"
     with pytest.raises(FileNotFoundError, match=r"audit\.split_groups: false"):
         read_clusters(path, source)
+    assert read_clusters(path, source, required=False) is None  # only reported then
     path.write_text(json.dumps({"source": "other", "items": 4, "clusters": []}))
     with pytest.raises(ValueError, match="run `dvc repro`"):
         read_clusters(path, source)
+    assert read_clusters(path, source, required=False) is None
     path.write_text(json.dumps({"source": "folder", "items": 4, "clusters": [["a/1.png"]]}))
     assert read_clusters(path, source) == [["a/1.png"]]
 

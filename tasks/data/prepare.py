@@ -390,7 +390,8 @@ def summary(metrics: dict, source: Source, selection: Selection, quality: Path) 
         f"prepare: {metrics['images']} images of {source.name} ({metrics['num_classes']} "
         f"classes) -> train {metrics['train_size']} / val {metrics['val_size']} / test "
         f"{metrics['test_size']}; {set_aside}; {metrics['duplicates']} duplicates dropped; "
-        f"details in {quality}"
+        f"near-duplicate clusters: {metrics['near_duplicate_clusters_together']} in one split, "
+        f"{metrics['near_duplicate_clusters_across']} across splits; details in {quality}"
     )
 
 
@@ -427,16 +428,24 @@ def group_ids(names: np.ndarray, clusters: list[list[str]]) -> np.ndarray:
     return ids
 
 
-def read_clusters(path: Path, source: Source) -> list[list[str]]:
-    """The audit stage's near-duplicate clusters (``data/audit/groups.json``) of ``source``."""
+def read_clusters(path: Path, source: Source, required: bool = True) -> list[list[str]] | None:
+    """The audit stage's near-duplicate clusters (``data/audit/groups.json``) of ``source``.
+
+    Not ``required`` (``audit.split_groups: false``: they are only reported), a
+    missing or stale file is None instead of an error.
+    """
     try:
         found = json.loads(path.read_text())
     except FileNotFoundError:
+        if not required:
+            return None
         raise FileNotFoundError(
             f"audit.split_groups is true but {path} does not exist: run `dvc repro` (the audit "
             "stage writes it), or set audit.split_groups: false"
         ) from None
     if found.get("source") != source.name or found.get("items") != len(source):
+        if not required:
+            return None
         raise ValueError(
             f"{path} describes {found.get('items')} items of {found.get('source')!r}, not the "
             f"{len(source)} of {source.name!r} being prepared: run `dvc repro` (audit first)"
