@@ -5,7 +5,8 @@
 Each case runs in its own fresh copy of the repository (``benchmarks/workspace.py``)
 with its own server state folder, through the same commands a user types:
 
-- ``hostile-folder``: the prepare stage (``python -m flows.prepare``) on an
+- ``hostile-folder``: the audit and prepare stages (``python -m flows.audit``,
+  then ``python -m flows.prepare``) on an
   ImageFolder holding a FIFO, a socket, a directory symlink loop, symlinks out
   of the folder (to a PNG and to ``/dev/zero``), a link to another class's folder, a dangling and a
   self-referencing link, an empty and a truncated PNG, beside 30 good images;
@@ -112,9 +113,13 @@ def hostile_folder(base: Path) -> dict[str, Any]:
     sock.bind(str(repo / "data/raw/hostile/c/socket.png"))
     env = _env(base / "state", IDLE_S)
     try:
-        # The stage itself: under `dvc repro`, DVC hashes data/raw first and blocks on
-        # the FIFO before prepare starts (the dvc-hashes-a-fifo case below).
-        code, seconds, out = _run(repo, env, sys.executable, "-m", "flows.prepare")
+        # The stages themselves, audit then prepare, as `dvc repro` runs them: under DVC,
+        # DVC hashes data/raw first and blocks on the FIFO before either starts (the
+        # dvc-hashes-a-fifo case below).
+        code, seconds, out = _run(repo, env, sys.executable, "-m", "flows.audit")
+        if code == 0:
+            code, prepare_seconds, out = _run(repo, env, sys.executable, "-m", "flows.prepare")
+            seconds += prepare_seconds
     finally:
         sock.close()
     quality = _read(repo, "reports/data_quality.json") if code == 0 else {}

@@ -6,7 +6,9 @@
 Generates an ImageFolder of synthetic 64x64 RGB JPEGs (10 classes of random
 shapes on random backgrounds, every image distinct) once per size under
 ``--cache`` and runs the real prepare stage (``python -m flows.prepare``) on it
-in a fresh copy of the repository, with ``data.image_size: 64, channels: 3``.
+in a fresh copy of the repository, with ``data.image_size: 64, channels: 3``
+and ``audit.split_groups: false`` (prepare alone, without the audit stage that
+``dvc repro`` runs before it).
 While the stage runs, the memory of its whole process tree (the stage and its
 decode workers) is sampled every 0.1 s. Reported per run:
 
@@ -105,6 +107,7 @@ def run_prepare(repo: Path, env: dict[str, str], source: Path, workers: str) -> 
     params["data"].update(
         source=str(source), image_size=SIZE, channels=3, resize="stretch", workers=workers
     )
+    params["audit"]["split_groups"] = False  # prepare alone: no audit stage before it
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.rmtree(repo / "data" / "prepared", ignore_errors=True)
 

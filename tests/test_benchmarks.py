@@ -161,8 +161,9 @@ def test_suite_smoke_runs_the_pipeline_on_a_small_messy_folder(tmp_path: Path) -
     assert (row["image_size"], row["channels"]) == (16, 3)
     for key in ("teacher_f1_macro", "student_f1_macro", "student_int8_f1_macro"):
         assert 0.0 <= row[key] <= 1.0
-    assert list(row["stage_seconds"]) == ["prepare", "resample", "train", "distill", "quantize",
-                                          "evaluate"]  # fmt: skip
+    assert list(row["stage_seconds"]) == [
+        "audit", "prepare", "resample", "train", "distill", "quantize", "evaluate",
+    ]  # fmt: skip
     assert "| messy-folder | pretrained |" in done.stdout  # the README's table
 
 

@@ -70,7 +70,7 @@ def test_prepare_follows_the_content_of_a_dvc_tracked_image_folder(prefect_api, 
         lock = yaml.safe_load((repo / "dvc.lock").read_text())
         return next(d["md5"] for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")
 
-    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["audit", "prepare"]
     assert prepared_images() == 36
     assert json.loads((repo / "reports/data_quality.json").read_text())["content_versioned"]
     first = raw_md5()
@@ -78,16 +78,16 @@ def test_prepare_follows_the_content_of_a_dvc_tracked_image_folder(prefect_api, 
 
     _image(folder / "class1/1.png", seed=1000)  # edit one image
     assert "data/raw" in _dvc(repo, env, "status", "prepare")
-    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["audit", "prepare"]
     edited = raw_md5()
     assert edited != first
 
     _image(folder / "class2/new.png", seed=2000)  # add one
-    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["audit", "prepare"]
     assert prepared_images() == 37
 
     (folder / "class0/0.png").unlink()  # remove one
-    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["prepare"]
+    assert stages_ran(_dvc(repo, env, "repro", "prepare")) == ["audit", "prepare"]
     assert prepared_images() == 36
     assert raw_md5() not in (first, edited)
     assert stages_ran(_dvc(repo, env, "repro", "prepare")) == []
