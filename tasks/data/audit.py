@@ -66,7 +66,7 @@ IDENTITY_STATS = {1: ChannelStats((0.0,), (1.0,)), 3: ChannelStats((0.0,) * 3, (
 
 TAPS = (9, 12, 17)  # features[i]: the ends of Lite0's stages 4, 5 and 7 (80, 112, 320 channels)
 EMBEDDING_DIM = 512
-MIN_INPUT_SIZE = 64  # below this the deepest stage sees 1x1 maps and its features collapse
+MIN_INPUT_SIZE = 64  # at 32 px the last stage sees 1x1 maps (and the head's output was all zero)
 
 
 class Embedder(torch.nn.Module):
