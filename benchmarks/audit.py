@@ -123,6 +123,14 @@ def plant(folder: Path, seed: int) -> dict[str, Any]:
     return {"images": len(files) + len(pairs), "moved": moved, "pairs": pairs}
 
 
+def rates(found: int, flagged: int, planted: int) -> dict[str, float]:
+    """Precision (of what was flagged) and recall (of what was planted)."""
+    return {
+        "precision": round(found / max(flagged, 1), 3),
+        "recall": round(found / max(planted, 1), 3),
+    }
+
+
 def score(report: dict[str, Any], truth: dict[str, Any], root: str) -> dict[str, Any]:
     """Precision and recall of label issues and near-duplicate pairs against the truth."""
 
@@ -144,8 +152,7 @@ def score(report: dict[str, Any], truth: dict[str, Any], root: str) -> dict[str,
             "planted": len(moved),
             "flagged": len(flagged),
             "found": len(hits),
-            "precision": round(len(hits) / max(len(flagged), 1), 3),
-            "recall": round(len(hits) / max(len(moved), 1), 3),
+            **rates(len(hits), len(flagged), len(moved)),
             "suggested_true_class": right_class,
             "not_checked": report["label_issues_skipped"],
         },
@@ -153,8 +160,7 @@ def score(report: dict[str, Any], truth: dict[str, Any], root: str) -> dict[str,
             "planted_pairs": len(planted),
             "pairs_in_clusters": len(found_pairs),
             "found": len(true_pairs),
-            "precision": round(len(true_pairs) / max(len(found_pairs), 1), 3),
-            "recall": round(len(true_pairs) / max(len(planted), 1), 3),
+            **rates(len(true_pairs), len(found_pairs), len(planted)),
             "clusters": len(clusters),
         },
     }

@@ -137,19 +137,19 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 BLOCK_ENTRIES = 2**24  # similarities computed at once: 64 MB of float32, whatever N is
 
 
-def block_rows(count: int) -> int:
-    """Rows of a ``count``-wide similarity block that fit in BLOCK_ENTRIES."""
-    return max(1, BLOCK_ENTRIES // max(count, 1))
+def similarity_blocks(features: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, cosines of rows start.. against every row), in blocks of at most
+    BLOCK_ENTRIES similarities, so memory stays bounded for any N."""
+    block = max(1, BLOCK_ENTRIES // max(len(features), 1))
+    for start in range(0, len(features), block):
+        yield start, features[start : start + block] @ features.T
 
 
 def similar_pairs(
     features: np.ndarray, threshold: float
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(i, j, cosine) of every pair i < j with cosine >= threshold, block by block, so
-    memory stays bounded for any N."""
-    block = block_rows(len(features))
-    for start in range(0, len(features), block):
-        sims = features[start : start + block] @ features.T
+    """(i, j, cosine) of every pair i < j with cosine >= threshold, block by block."""
+    for start, sims in similarity_blocks(features):
         rows, cols = np.nonzero(sims >= threshold)
         rows_global = rows + start
         upper = cols > rows_global
@@ -292,9 +292,7 @@ def outlier_scores(features: np.ndarray, k: int) -> np.ndarray:
     if k < 1:
         return np.zeros(len(features))
     distances = np.empty(len(features))
-    block = block_rows(len(features))
-    for start in range(0, len(features), block):
-        sims = features[start : start + block] @ features.T
+    for start, sims in similarity_blocks(features):
         sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not itself
         nearest = -np.partition(-sims, k - 1, axis=1)[:, :k]
         distances[start : start + len(sims)] = 1.0 - nearest.mean(axis=1)
