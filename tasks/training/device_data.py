@@ -70,22 +70,9 @@ def affine_theta(angle: torch.Tensor, shear: torch.Tensor, scale: torch.Tensor,
     return torch.cat([inverse, -(inverse @ (2 * shift.float())[:, :, None])], dim=2)
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor``, drawn on the CPU, on ``device`` without waiting for it.
-
-    On CUDA a copy from pageable memory blocks the host until every kernel queued
-    before it has run, so each of a batch's small draws would stall the step; a
-    copy from pinned memory is queued like a kernel (torch's host allocator keeps
-    the pinned block until the copy is done).
-    """
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Resample (N, C, H, W) ``images`` through ``theta``; zero outside, as Affine(fill=0)."""
-    grid = F.affine_grid(to_device(theta, images.device), list(images.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -113,10 +100,10 @@ class TensorAugment:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         a, n, device = self.params, len(images), images.device
         if a.hflip_p > 0:
-            flip = to_device(self._chosen(a.hflip_p, labels), device)
+            flip = self._chosen(a.hflip_p, labels).to(device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if a.vflip_p > 0:
-            flip = to_device(self._chosen(a.vflip_p, labels), device)
+            flip = self._chosen(a.vflip_p, labels).to(device)
             images = torch.where(flip[:, None, None, None], images.flip(-2), images)
         if a.affine_p > 0:
             images = self._affine(images, self._chosen(a.affine_p, labels))
@@ -125,17 +112,17 @@ class TensorAugment:
             alpha = 1 + self._uniform(n, -a.contrast_limit, a.contrast_limit)
             beta = self._uniform(n, -a.brightness_limit, a.brightness_limit)
             alpha, beta = torch.where(chosen, alpha, 1.0), torch.where(chosen, beta, 0.0)
-            images = images * to_device(alpha, device)[:, None, None, None]
-            images = (images + to_device(beta, device)[:, None, None, None]).clamp(0, 1)
+            images = images * alpha.to(device)[:, None, None, None]
+            images = (images + beta.to(device)[:, None, None, None]).clamp(0, 1)
         if a.gamma_p > 0:
             gamma = torch.where(self._chosen(a.gamma_p, labels),
                                 self._uniform(n, a.gamma_min, a.gamma_max), 1.0)  # fmt: skip
-            images = images.clamp_min(0) ** to_device(gamma, device)[:, None, None, None]
+            images = images.clamp_min(0) ** gamma.to(device)[:, None, None, None]
         if a.noise_p > 0:
             chosen = self._chosen(a.noise_p, labels)
             std = torch.where(chosen, self._uniform(n, 0, a.noise_std), 0.0)
             noise = torch.randn(images.shape, generator=self.generator) * std[:, None, None, None]
-            images = (images + to_device(noise, device)).clamp(0, 1)
+            images = (images + noise.to(device)).clamp(0, 1)
         if a.dropout_p > 0:
             images = self._dropout(images, self._chosen(a.dropout_p, labels))
         return images
@@ -166,7 +153,7 @@ class TensorAugment:
             inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
             active = (chosen & (hole < holes))[:, None, None]
             keep[:, 0][inside & active] = 0.0
-        return images * to_device(keep, images.device)
+        return images * keep.to(images.device)
 
 
 class DeviceBatches:
@@ -209,10 +196,9 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        order_on_device = to_device(order, self.images.device)  # one copy an epoch
         for step in range(len(self)):
-            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
-            rows, on_device = order[batch], order_on_device[batch]
+            rows = order[step * self.batch_size : (step + 1) * self.batch_size]
+            on_device = rows.to(self.images.device)
             images = self.images[on_device].float() / 255.0
             labels = self.labels[on_device]
             if self.augment is not None:  # its draws need the labels on the CPU: no sync

@@ -11,7 +11,6 @@ student is only the ``Objective``. The batches come from ``loaders.py`` or
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -100,8 +99,6 @@ def _optimizer(model: nn.Module, params: FitParams, finetune: Finetune) -> torch
 
 
 ONECYCLE_WARMUP = 0.3  # OneCycleLR's pct_start: the share of steps spent raising the lr
-# Steps between two reads of the losses from the device (each read waits for it).
-LOSS_READ_STEPS = 32
 
 
 @dataclass(frozen=True)
@@ -182,14 +179,14 @@ class TrainStep:
     ema: AveragedModel | None = None  # updated from ``model`` after every step
 
     def __call__(self, forward: nn.Module, objective: Objective, images: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The step's loss, still on the device: ``train_epoch`` reads it back and
-        refuses a non-finite one (reading it here would wait for the device every step)."""
+                 labels: torch.Tensor, where: str) -> torch.Tensor:  # fmt: skip
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             loss, _ = objective(forward, images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at {where}: {self.hint}")
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
@@ -199,48 +196,25 @@ class TrainStep:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.detach()
+        return loss
 
 
 def train_epoch(
     step: TrainStep, forward: nn.Module, objective: Objective, loader: DataLoader,
     epoch: int, epochs: int, show: bool = False,
 ) -> tuple[float, int]:  # fmt: skip
-    """One pass over ``loader``: (summed loss, images seen); a progress bar when ``show``.
-
-    The losses stay on the device and are read back every ``LOSS_READ_STEPS`` steps
-    (every step under a progress bar): one wait for the device per read instead of
-    one per step. A non-finite loss fails the fit there, naming its epoch and step;
-    the steps after it in the same read changed only weights that are thrown away.
-    """
+    """One pass over ``loader``: (summed loss, images seen); a progress bar when ``show``."""
     start, seen, loss_sum = time.perf_counter(), 0, 0.0
-    pending: list[tuple[torch.Tensor, int]] = []  # (loss, images) of steps not read yet
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{epochs}", unit="step",
                disable=not show, leave=False)  # fmt: skip
-
-    def read_back(last_step: int) -> None:
-        nonlocal loss_sum
-        values = torch.stack([loss for loss, _ in pending]).float().cpu().tolist()
-        first_step = last_step - len(pending) + 1
-        for offset, (value, (_, images)) in enumerate(zip(values, pending, strict=True)):
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at epoch {epoch}, step "
-                                         f"{first_step + offset}: {step.hint}")  # fmt: skip
-            loss_sum += value * images
-        pending.clear()
-
-    index = 0
     for index, (images, labels) in enumerate(loader, start=1):
-        pending.append((step(forward, objective, images, labels), len(labels)))
+        loss = step(forward, objective, images, labels, f"epoch {epoch}, step {index}")
         seen += len(labels)
-        if len(pending) == LOSS_READ_STEPS or not bar.disable:
-            read_back(index)
+        loss_sum += loss.item() * len(labels)
         if not bar.disable:  # a terminal: no formatting per step otherwise
             bar.update()
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / elapsed:.0f}")
-    if pending:
-        read_back(index)
     bar.close()
     return loss_sum, seen
 
