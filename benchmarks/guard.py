@@ -95,8 +95,9 @@ def judge(data: TrainingData, params: Params, seed: int) -> BaselineCheck:
     )
     result = fit_teacher.fn(data, train, params.augment, seed, log=lambda _: None)
     baselines = trivial_baselines(data.prepared, seed)
-    return check_fit("train", kept_checkpoint(result, data), baselines, train.baseline_margin,
-                     train.significance, allow_weak=True, warn=lambda _: None)  # fmt: skip
+    kept = kept_checkpoint(result, data, train.keep)
+    return check_fit("train", kept, baselines, train.baseline_margin, train.significance,
+                     allow_weak=True, warn=lambda _: None)  # fmt: skip
 
 
 def run_case(name: str, seeds: int, params: Params) -> list[dict[str, Any]]:

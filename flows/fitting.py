@@ -71,9 +71,10 @@ def tracked_fit(
         result = fit_model(on_epoch)
         checked: dict[str, Any] = {}
         if baselines is not None:
+            kept = kept_checkpoint(result, data, params.keep)
             check = check_fit(
-                stage, kept_checkpoint(result, data), baselines, params.baseline_margin,
-                params.significance, params.allow_weak, logger.warning,
+                stage, kept, baselines, params.baseline_margin, params.significance,
+                params.allow_weak, logger.warning,
             )  # fmt: skip
             checked = check.metrics()
             tracking.set_tags(run_id, {"weak_model": str(check.weak).lower()})
@@ -92,12 +93,12 @@ def tracked_fit(
     return summary
 
 
-def kept_checkpoint(result: FitResult, data: TrainingData) -> Selection:
-    """What the guard weighs: the kept epoch's val scores, chosen from every epoch run."""
+def kept_checkpoint(result: FitResult, data: TrainingData, keep: str) -> Selection:
+    """What the guard weighs: the kept epoch's val scores, chosen from every epoch run
+    (``keep: best``) or from none (``keep: last``: the schedule's end, whatever val said)."""
     (kept,) = [record for record in result.history if record.epoch == result.best_epoch]
-    return Selection.of(
-        kept.val_f1_macro, kept.val_accuracy, data.prepared.val.labels, len(result.history)
-    )
+    looks = 1 if keep == "last" else len(result.history)
+    return Selection.of(kept.val_f1_macro, kept.val_accuracy, data.prepared.val.labels, looks)
 
 
 def resumable(stage: str, run_params: dict[str, Any], data: TrainingData, *extra: Any) -> Resume:

@@ -222,6 +222,10 @@ class FitParams(Section):
     class_weight_beta: float = Field(ge=0.0, lt=1.0)  # effective_number's beta
     grad_clip: float = Field(ge=0.0)  # 0 turns clipping off
     patience: int = Field(ge=1)
+    # Which epoch's weights the fit returns: ``best``, the best val macro-F1 (early
+    # stopping after ``patience`` epochs without a better one); ``last``, the end of
+    # the schedule (no early stopping; val is watched, not used to choose).
+    keep: Literal["best", "last"]
     # Validate, select and keep an exponential moving average of the weights whose
     # weight halves every this many epochs (the decay per step follows from the steps
     # per epoch); 0: the raw weights of the best epoch.

@@ -1,13 +1,17 @@
 """The training loop on 8x8 grayscale images, on the CPU: it learns, restores its best
-weights, stops early only when it may, and names the step of a NaN loss."""
+weights (or keeps the schedule's end), stops early only when it may, and names the step
+of a NaN loss."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from flows.fitting import kept_checkpoint
 from tasks.data.datasets import Split
 from tasks.data.pixels import ChannelStats
 from tasks.models import build_model
@@ -149,26 +153,51 @@ def test_the_ema_changes_what_is_judged_and_kept_not_how_the_weights_train(param
     assert _val_loss(averaged.model, val_loader) == pytest.approx(kept.val_loss, abs=1e-5)
 
 
-def test_fit_restores_best_weights_after_getting_worse(params: Params) -> None:
-    """After two epochs the objective turns to gradient ascent, so later epochs get worse."""
-    torch.manual_seed(0)
+def _ascends_after(steps_before: int) -> Objective:
+    """Cross-entropy for ``steps_before`` steps, then gradient ascent: later epochs get worse."""
     steps = 0
-    ascend_after = 2 * 4  # two epochs of 32 images in batches of 8
 
-    def sabotaged(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    def objective(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         nonlocal steps
         steps += 1
         loss, logits = supervised_objective(nn.CrossEntropyLoss())(model, images, labels)
-        return (loss if steps <= ascend_after else -loss), logits
+        return (loss if steps <= steps_before else -loss), logits
 
+    return objective
+
+
+def test_fit_restores_best_weights_after_getting_worse(params: Params) -> None:
+    """After two epochs (of 32 images in batches of 8) the objective turns to ascent."""
+    torch.manual_seed(0)
     fit_params = _fit_params(params, epochs=8, patience=3, lr=0.05)
     model = build_model("cnn", 1, 2, width=4, dropout=0.0)
     result, val_loader = _fit(
-        model, sabotaged, _bright_vs_dark(32, 0), _bright_vs_dark(16, 1), fit_params
+        model, _ascends_after(2 * 4), _bright_vs_dark(32, 0), _bright_vs_dark(16, 1), fit_params
     )
     assert result.best_epoch < len(result.history)
     assert result.history[-1].val_loss > result.best_val_loss
     assert _val_loss(result.model, val_loader) == pytest.approx(result.best_val_loss, abs=1e-5)
+
+
+def test_keep_last_runs_the_whole_schedule_and_returns_its_end(params: Params) -> None:
+    """The same worsening fit with ``keep: last``: no early stop, the last epoch's weights
+    come back although an earlier epoch scored better, and the guard counts one look."""
+    torch.manual_seed(0)
+    fit_params = _fit_params(params, epochs=8, patience=3, lr=0.05, keep="last")
+    model = build_model("cnn", 1, 2, width=4, dropout=0.0)
+    result, val_loader = _fit(
+        model, _ascends_after(2 * 4), _bright_vs_dark(32, 0), _bright_vs_dark(16, 1), fit_params
+    )
+    last = result.history[-1]
+    assert len(result.history) == 8 and not result.stopped_early
+    assert result.best_epoch == 8 and result.best_val_loss == last.val_loss
+    assert min(record.val_loss for record in result.history) < last.val_loss
+    assert _val_loss(result.model, val_loader) == pytest.approx(last.val_loss, abs=1e-5)
+
+    val = SimpleNamespace(prepared=SimpleNamespace(val=_bright_vs_dark(16, 1)))
+    assert kept_checkpoint(result, val, "last").looks == 1
+    assert kept_checkpoint(result, val, "best").looks == 8
+    assert kept_checkpoint(result, val, "last").f1_macro == last.val_f1_macro
 
 
 def _frozen(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):

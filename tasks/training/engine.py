@@ -365,7 +365,8 @@ def fit(
         )  # fmt: skip
         if on_epoch is not None:
             on_epoch(record)
-        state.finish_epoch(record, not frozen, params.patience, budget.may_stop_after(epoch))
+        state.finish_epoch(record, not frozen, params.patience, budget.may_stop_after(epoch),
+                           keep_last=params.keep == "last")  # fmt: skip
         state.seconds = time.perf_counter() - started
         if resume is not None:
             save_state(resume, state)  # every rank: rank 0 gathers their generators and writes

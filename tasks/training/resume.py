@@ -109,12 +109,16 @@ class TrainState:
     ema: Any | None = None  # an AveragedModel of ``model``: then it is what is judged and kept
 
     def finish_epoch(self, record: EpochRecord, counts_for_patience: bool, patience: int,
-                     may_stop: bool) -> None:  # fmt: skip
-        """Book ``record``: a new best keeps its weights, else patience runs down."""
+                     may_stop: bool, keep_last: bool = False) -> None:  # fmt: skip
+        """Book ``record``: a new best keeps its weights, else patience runs down.
+
+        With ``keep_last`` every epoch is kept in turn and patience never runs out:
+        the fit ends with the schedule and returns its last epoch.
+        """
         self.epoch = record.epoch
         self.history.append(record)
         key = (record.val_f1_macro, -record.val_loss)
-        if key > self.best_key:
+        if keep_last or key > self.best_key:
             kept = self.model if self.ema is None else self.ema
             self.best_key, self.best_weights = key, weights_of(kept)
             self.best_epoch, self.best_loss, self.stale = record.epoch, record.val_loss, 0
