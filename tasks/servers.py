@@ -391,6 +391,8 @@ def stop_when_idle(directory: Path, idle: float) -> bool:
     """Wait ``idle`` seconds, then stop the server if no stage has used it since; whether
     it stopped it. What ``lease`` leaves behind (``python -m tasks.servers stop-when-idle``)."""
     time.sleep(idle)
+    if not directory.is_dir():  # its checkout was removed meanwhile: nothing left to stop
+        return False
     with locked(directory):
         last = directory / "last_used"
         used = last.stat().st_mtime if last.exists() else 0.0

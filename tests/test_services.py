@@ -34,6 +34,7 @@ from tasks.servers import (
     state_dir,
     stop_local_server,
     stop_mlflow_server,
+    stop_when_idle,
     up,
 )
 from tasks.tracking import log_results, start_run
@@ -213,6 +214,14 @@ def test_stale_records_are_removed_without_signalling_anyone(tmp_path, monkeypat
     assert down() == []
     assert not (tmp_path / "mlflow/server.json").exists()
     assert not (tmp_path / "prefect/server.json").exists()
+
+
+def test_a_watcher_whose_checkout_was_removed_leaves_nothing_behind(tmp_path):
+    """A stage's idle watcher that wakes after its checkout's state folder was deleted
+    (a benchmark's scratch copy) stops nothing and does not recreate the folder."""
+    gone = tmp_path / "copy" / ".visionpipe" / "prefect"
+    assert stop_when_idle(gone, idle=0.0) is False
+    assert not (tmp_path / "copy").exists()
 
 
 def test_a_reused_pid_is_not_killed(tmp_path, monkeypatch):
