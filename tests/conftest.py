@@ -52,31 +52,10 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(share)
 
 
-# The files that take longest under CI's 3 workers (summed test seconds in a fresh clone,
-# 2026-12-04: 642, 486, 299, 286, 184, 137, 108; every other file under 60), longest first.
-# pytest-xdist hands whole files to workers in collection order (pyproject.toml turns off
-# its reordering by test count, which sent the one-test suite smoke file last), so these
-# start first and the short files fill the gaps: the suite's wall time stays near its sum
-# divided by the workers instead of a long file starting at the end.
-LONGEST_FIRST = (
-    "test_e2e.py",
-    "test_benchmarks.py",
-    "test_benchmark_params.py",
-    "test_server_lifecycle.py",
-    "test_benchmark_suite.py",
-    "test_distributed.py",
-    "test_dvc_data.py",
-)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``slow`` and ``browser`` tests are ``integration`` tests too (outside the fast tier);
-    ``gpu`` tests need CUDA: without it they are skipped, saying so (CI has no GPU). The
-    files of ``LONGEST_FIRST`` run first, in that order; each file's tests keep theirs."""
+    ``gpu`` tests need CUDA: without it they are skipped, saying so (CI has no GPU)."""
     import torch
-
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
 
     skip = pytest.mark.skip(reason="needs a CUDA device; none is present")
     for item in items:

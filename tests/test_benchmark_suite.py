@@ -1,9 +1,8 @@
 """``benchmarks/suite.py --smoke``: the whole pipeline on a small messy folder.
 
-In a file of its own because it is the longest smoke run (3-5 minutes in CI):
+In a file of its own because it is the longest smoke run (about 5 minutes in CI):
 pytest-xdist gives each file to one worker, and beside the other smoke runs of
-``test_benchmarks.py`` it made that worker the last to finish (tests/conftest.py:
-LONGEST_FIRST).
+``test_benchmarks.py`` it made that worker the last to finish.
 """
 
 from __future__ import annotations
