@@ -10,13 +10,16 @@ folder), never over ``benchmarks/results/``.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.machine import RESULTS
-from tests.benchmark_runs import ROOT, run_benchmark
+from benchmarks.machine import RESULTS, RESULTS_ENV
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(
     path.stem
     for path in (ROOT / "benchmarks").glob("*.py")
@@ -24,6 +27,14 @@ SCRIPTS = sorted(
 )
 
 pytestmark = pytest.mark.integration
+
+
+def _run(script: str, *args: str, results: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def _listing() -> dict[str, float]:
@@ -37,7 +48,7 @@ def test_every_script_is_found() -> None:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_prints_the_options_and_does_nothing_else(script: str, tmp_path: Path) -> None:
     before = _listing()
-    done = run_benchmark(script, "--help", results=tmp_path / "results", timeout=120)
+    done = _run(script, "--help", results=tmp_path / "results", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:"), done.stdout[:500]
     assert "--" in done.stdout.split("\n", 1)[1]  # options are listed, not only the usage line
@@ -46,7 +57,7 @@ def test_help_prints_the_options_and_does_nothing_else(script: str, tmp_path: Pa
 
 
 def test_train_throughput_smoke_times_the_committed_teacher_and_student(tmp_path: Path) -> None:
-    done = run_benchmark("train_throughput", "--smoke", results=tmp_path, timeout=600)
+    done = _run("train_throughput", "--smoke", results=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "train_throughput_smoke.json").read_text())
     assert result["train_images"] == 64
@@ -70,7 +81,7 @@ def test_train_throughput_smoke_times_the_committed_teacher_and_student(tmp_path
 
 
 def test_quantize_latency_smoke_times_fp32_and_both_int8_forms(tmp_path: Path) -> None:
-    done = run_benchmark("quantize_latency", "--smoke", results=tmp_path, timeout=300)
+    done = _run("quantize_latency", "--smoke", results=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "quantize_latency_smoke.json").read_text())
     (row,) = result["networks"]
@@ -83,7 +94,7 @@ def test_quantize_latency_smoke_times_fp32_and_both_int8_forms(tmp_path: Path) -
 
 
 def test_prefect_overhead_smoke_times_each_mode(tmp_path: Path) -> None:
-    done = run_benchmark("prefect_overhead", "--smoke", results=tmp_path, timeout=300)
+    done = _run("prefect_overhead", "--smoke", results=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "prefect_overhead_smoke.json").read_text())
     assert result["tasks_per_flow"] == 2
@@ -95,7 +106,7 @@ def test_prefect_overhead_smoke_times_each_mode(tmp_path: Path) -> None:
 
 
 def test_prepare_scale_smoke_runs_prepare_and_fits_a_line(tmp_path: Path) -> None:
-    done = run_benchmark(
+    done = _run(
         "prepare_scale", "--smoke", "--cache", str(tmp_path / "cache"), results=tmp_path,
         timeout=300,
     )  # fmt: skip
@@ -108,7 +119,7 @@ def test_prepare_scale_smoke_runs_prepare_and_fits_a_line(tmp_path: Path) -> Non
 
 
 def test_faults_smoke_runs_the_quickest_cases(tmp_path: Path) -> None:
-    done = run_benchmark("faults", "--smoke", results=tmp_path, timeout=600)
+    done = _run("faults", "--smoke", results=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "faults_smoke.json").read_text())
     assert [row["case"] for row in result["cases"]] == ["hostile-folder", "orphaned-server"]
@@ -117,7 +128,7 @@ def test_faults_smoke_runs_the_quickest_cases(tmp_path: Path) -> None:
 
 
 def test_imbalance_smoke_scores_each_method(tmp_path: Path) -> None:
-    done = run_benchmark("imbalance", "--smoke", results=tmp_path, timeout=600)
+    done = _run("imbalance", "--smoke", results=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "imbalance_digits_rho5_smoke.json").read_text())
     assert (result["seeds"], result["imbalance_ratio"]) == ([0], 5.0)
@@ -130,16 +141,34 @@ def test_imbalance_smoke_scores_each_method(tmp_path: Path) -> None:
 
 def test_messy_folder_writes_the_long_tailed_folder_it_prints(tmp_path: Path) -> None:
     out = tmp_path / "messy"
-    done = run_benchmark("messy_folder", str(out), "--largest", "6", "--smallest", "2",
-                         results=tmp_path, timeout=120)  # fmt: skip
+    done = _run("messy_folder", str(out), "--largest", "6", "--smallest", "2", results=tmp_path,
+                timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     counts = {folder.name: len(list(folder.iterdir())) for folder in sorted(out.iterdir())}
     assert len(counts) == 10 and max(counts.values()) == 6 and min(counts.values()) == 2
     assert f"{sum(counts.values())} images in 10 classes" in done.stdout
 
 
+@pytest.mark.slow
+def test_suite_smoke_runs_the_pipeline_on_a_small_messy_folder(tmp_path: Path) -> None:
+    done = _run("suite", "--smoke", results=tmp_path, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (written,) = tmp_path.glob("suite_*_smoke.json")
+    result = json.loads(written.read_text())
+    assert result["complete"]
+    (row,) = result["runs"]
+    assert (row["dataset"], row["pretrained"], row["status"]) == ("messy-folder", True, "ok"), row
+    assert (row["image_size"], row["channels"]) == (16, 3)
+    for key in ("teacher_f1_macro", "student_f1_macro", "student_int8_f1_macro"):
+        assert 0.0 <= row[key] <= 1.0
+    assert list(row["stage_seconds"]) == [
+        "audit", "prepare", "resample", "train", "distill", "quantize", "evaluate",
+    ]  # fmt: skip
+    assert "| messy-folder | pretrained |" in done.stdout  # the README's table
+
+
 def test_audit_smoke_plants_errors_and_scores_what_the_stage_found(tmp_path: Path) -> None:
-    done = run_benchmark(
+    done = _run(
         "audit", "--smoke", "--only", "messy-folder", "--seeds", "1",
         results=tmp_path, timeout=600,
     )  # fmt: skip
