@@ -356,6 +356,10 @@ def test_the_audit_flow_then_prepare_keeps_copies_together_and_drops_excluded_fi
     from tasks.layout import AUDIT_DIR, AUDIT_GALLERY_DIR, AUDIT_REPORT
 
     monkeypatch.chdir(tmp_path)
+    # Its own store: an earlier test in this worker may have exported the URL of an
+    # MLflow server it has since stopped (seen when pytest-xdist ordered the files
+    # differently: "Connection refused").
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root = tmp_path / "data/raw/shapes"
     build_shapes(root, seed=5, largest=12, smallest=12)
     rng = np.random.default_rng(0)
