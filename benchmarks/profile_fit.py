@@ -1,7 +1,7 @@
 """Where a training epoch's time goes: ``torch.profiler`` over the teacher's or the student's fit.
 
     python benchmarks/profile_fit.py [--stage train|distill] [--max-images 5120] [--top 15]
-                                     [--repo PATH] [--smoke]
+                                     [--repo PATH] [--warmup N] [--smoke]
 
 After ``dvc repro prepare resample`` (and ``train``, for ``--stage distill``):
 in a copy ``benchmarks/pipeline.py --keep`` left, it profiles that recipe. Runs
@@ -13,6 +13,9 @@ reports the operators with the most self time, and the shares of the epoch
 spent in convolutions (forward and backward), in the batched augmentation's
 ops (``grid_sampler``, ``affine_grid``), in the optimizer step and in the
 rest. A fit whose time is convolutions has nothing a bare loop would not pay.
+On a GPU one unprofiled epoch goes first (``--warmup``): the first epoch there
+is cuDNN's autotuning and CUDA's lazy module loading, not the fit's steady state,
+and the top operators name where the GPU itself was busy as well.
 Writes benchmarks/results/profile_<stage>_<device>.json.
 """
 
@@ -63,6 +66,13 @@ def main() -> None:
         "--repo", type=Path, default=ROOT, help="a checkout where the stages before it have run"
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="unprofiled epochs first (default: 1 on a GPU, where the first epoch pays for "
+        "cuDNN's autotuning and CUDA's lazy loading, 0 on a CPU)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true",
         help="64 images: does the script run? (profile_<stage>_<device>_smoke.json)",
     )  # fmt: skip
@@ -88,6 +98,9 @@ def main() -> None:
         teacher = load_teacher.fn(TEACHER)
         return fit_student.fn(data, teacher, fit_params, params.augment, params.seed, log=quiet)
 
+    warmup = args.warmup if args.warmup is not None else int(torch.cuda.is_available())
+    for _ in range(warmup):
+        fit_once()
     with profile(activities=activities) as prof:
         result = fit_once()
     events = prof.key_averages()
@@ -109,6 +122,22 @@ def main() -> None:
     for row in rows_out:
         print(f"{row['self_cpu_share']:7.1%}  {row['self_cpu_ms']:9.1f} ms  {row['op']}")
     print({group: f"{share:.1%}" for group, share in sorted(shares.items())})
+    device_rows: list[dict] = []
+    if torch.cuda.is_available():  # where the GPU's own time went, beside the host's
+        device_total = sum(event.self_device_time_total for event in events) or 1.0
+        by_device = sorted(events, key=lambda event: event.self_device_time_total, reverse=True)
+        device_rows = [
+            {
+                "op": event.key,
+                "self_device_share": round(event.self_device_time_total / device_total, 4),
+                "self_device_ms": round(event.self_device_time_total / 1000, 1),
+                "calls": event.count,
+            }
+            for event in by_device[: args.top]
+        ]
+        print(f"GPU busy {device_total / 1e6:.2f} s of the epoch's kernels:")
+        for row in device_rows:
+            print(f"{row['self_device_share']:7.1%}  {row['self_device_ms']:9.1f} ms  {row['op']}")
     device = "gpu" if torch.cuda.is_available() else "cpu"
     path = write_result(
         result_name(f"profile_{args.stage}_{device}.json", args.smoke),
@@ -117,10 +146,12 @@ def main() -> None:
             "machine": describe_machine(),
             "stage": args.stage,
             "train_images": len(data.train),
+            "warmup_epochs": warmup,
             "images_per_second": result.history[0].images_per_second,
             "params": fit_params.model_dump(mode="json"),
             "self_cpu_share_by_group": {k: round(v, 4) for k, v in sorted(shares.items())},
             "top_ops": rows_out,
+            "top_device_ops": device_rows,
         },
     )
     print(f"wrote {path}")

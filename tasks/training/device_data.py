@@ -66,7 +66,10 @@ def affine_theta(angle: torch.Tensor, shear: torch.Tensor, scale: torch.Tensor,
     skew = torch.stack([torch.stack([one, -tan[:, 0]], -1), torch.stack([-tan[:, 1], one], -1)], -2)
     forward = skew @ rotate * scale.float()[:, None, None]
     # affine_grid maps each output pixel to where it samples the input: the inverse map.
-    inverse = torch.linalg.inv(forward)
+    # A 2x2 inverse in closed form: torch.linalg.inv's batched LU cost 1.3 ms a batch of 256.
+    (a, b), (c, d) = forward[:, 0].unbind(-1), forward[:, 1].unbind(-1)
+    inverse = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2)
+    inverse = inverse / (a * d - b * c)[:, None, None]
     return torch.cat([inverse, -(inverse @ (2 * shift.float())[:, :, None])], dim=2)
 
 
@@ -139,21 +142,30 @@ class TensorAugment:
         return warp(images, torch.where(chosen[:, None, None], theta, identity))
 
     def _dropout(self, images: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Up to ``dropout_holes`` zeroed rectangles per chosen image (CoarseDropout)."""
-        a, (n, _, height, width) = self.params, images.shape
-        keep = torch.ones(n, 1, height, width)
-        rows, cols = torch.arange(height)[None, :, None], torch.arange(width)[None, None, :]
+        """Up to ``dropout_holes`` zeroed rectangles per chosen image (CoarseDropout).
+
+        The rectangles are drawn on the CPU (n numbers each), the (n, H, W) mask is
+        built where the images are: on a GPU, building it on the CPU was a quarter of
+        a step's host time.
+        """
+        a, (n, _, height, width), device = self.params, images.shape, images.device
         holes = torch.randint(1, a.dropout_holes + 1, (n,), generator=self.generator)
+        boxes = []  # per hole: (n, 4) top, bottom, left, right; empty where no hole
         for hole in range(a.dropout_holes):
             h = (self._uniform(n, 0.05, a.dropout_size_frac) * height).round().clamp_min(1)
             w = (self._uniform(n, 0.05, a.dropout_size_frac) * width).round().clamp_min(1)
             top = (self._uniform(n, 0, 1) * (height - h + 1)).floor()
             left = (self._uniform(n, 0, 1) * (width - w + 1)).floor()
-            top, left, h, w = (v[:, None, None] for v in (top, left, h, w))
-            inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-            active = (chosen & (hole < holes))[:, None, None]
-            keep[:, 0][inside & active] = 0.0
-        return images * keep.to(images.device)
+            active = chosen & (hole < holes)
+            h, w = torch.where(active, h, 0.0), torch.where(active, w, 0.0)
+            boxes.append(torch.stack([top, top + h, left, left + w], -1))
+        top, bottom, left, right = torch.stack(boxes, 1).to(device).unbind(-1)  # (n, holes)
+        rows = torch.arange(height, device=device, dtype=top.dtype)
+        cols = torch.arange(width, device=device, dtype=top.dtype)
+        in_rows = (rows >= top[..., None]) & (rows < bottom[..., None])  # (n, holes, H)
+        in_cols = (cols >= left[..., None]) & (cols < right[..., None])  # (n, holes, W)
+        inside = (in_rows[..., :, None] & in_cols[..., None, :]).any(1, keepdim=True)
+        return images.masked_fill(inside, 0.0)
 
 
 class DeviceBatches:
