@@ -2,9 +2,9 @@
 to end, each checked for the shape of the result file it writes.
 
 A committed measurement script that crashes is a broken promise: these run the scripts
-as a user does (``python benchmarks/NAME.py``), in a subprocess, so they are in the
-``integration`` tier. Smoke runs write into ``$VISIONPIPE_BENCHMARK_RESULTS`` (a temporary
-folder), never over ``benchmarks/results/``.
+as a user does (``python benchmarks/NAME.py``), in a subprocess (``--help`` for all of them
+in one), so they are in the ``integration`` tier. Smoke runs write into
+``$VISIONPIPE_BENCHMARK_RESULTS`` (a temporary folder), never over ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -37,23 +37,59 @@ def _run(script: str, *args: str, results: Path, timeout: float) -> subprocess.C
     )  # fmt: skip
 
 
-def _listing() -> dict[str, float]:
-    return {str(p): p.stat().st_mtime for p in RESULTS.iterdir()}
-
-
 def test_every_script_is_found() -> None:
     assert {"faults", "train_throughput", "pipeline", "suite", "serve_load"} <= set(SCRIPTS)
 
 
+# Every script's ``--help`` in one interpreter, each run as ``python benchmarks/NAME.py --help``
+# would run it (runpy, as __main__): one start-up of torch and MLflow instead of one per script.
+# What each left behind is checked after each one, so a script that writes is named.
+_HELP_DRIVER = """
+import contextlib, io, json, os, runpy, sys, traceback
+results, listing = os.environ["VISIONPIPE_BENCHMARK_RESULTS"], sys.argv[1]
+def files():
+    return sorted((name, os.stat(os.path.join(listing, name)).st_mtime)
+                  for name in os.listdir(listing))
+answers = {}
+for script in sys.argv[2:]:
+    before, stdout, stderr = files(), io.StringIO(), io.StringIO()
+    sys.argv = [f"benchmarks/{script}.py", "--help"]
+    code = "no exit"
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(f"benchmarks/{script}.py", run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            code = traceback.format_exc()
+    answers[script] = {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+                       "wrote_results": os.path.exists(results), "listing_same": files() == before}
+print(json.dumps(answers))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    results = tmp_path_factory.mktemp("help") / "results"
+    env = {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _HELP_DRIVER, str(RESULTS), *SCRIPTS],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_prints_the_options_and_does_nothing_else(script: str, tmp_path: Path) -> None:
-    before = _listing()
-    done = _run(script, "--help", results=tmp_path / "results", timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("usage:"), done.stdout[:500]
-    assert "--" in done.stdout.split("\n", 1)[1]  # options are listed, not only the usage line
-    assert not (tmp_path / "results").exists()
-    assert _listing() == before
+def test_help_prints_the_options_and_does_nothing_else(
+    script: str, help_answers: dict[str, dict]
+) -> None:
+    answer = help_answers[script]
+    assert answer["code"] == 0, (answer["code"], answer["stderr"][-2000:])
+    assert answer["stdout"].startswith("usage:"), answer["stdout"][:500]
+    assert "--" in answer["stdout"].split("\n", 1)[1]  # options are listed, not the usage only
+    assert not answer["wrote_results"]
+    assert answer["listing_same"]
 
 
 def test_train_throughput_smoke_times_the_committed_teacher_and_student(tmp_path: Path) -> None:
