@@ -119,20 +119,46 @@ def augment_artifacts(
         i for c in range(data.prepared.num_classes) for i in np.flatnonzero(labels == c)[:per_class]
     ]
     draws = 6
-    figure = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(rows)))
-    axes = figure.subplots(len(rows), draws + 1, squeeze=False)
-    for r, index in enumerate(rows):
+    cells = []  # per row: the stored image, then its draws
+    for index in rows:
         image = np.asarray(data.train.images[index])
-        label = int(labels[index])
-        shown = [image] + [pipeline(image, label) for _ in range(draws)]
-        for column, picture in enumerate(shown):
-            axis = axes[r, column]
-            axis.imshow(picture.squeeze(), cmap="gray" if picture.shape[-1] == 1 else None)
-            axis.set_xticks([])
-            axis.set_yticks([])
-        axes[r, 0].set_ylabel(data.prepared.classes[label], fontsize=7)
-    axes[0, 0].set_title("stored", fontsize=7)
+        cells.append([image] + [pipeline(image, int(labels[index])) for _ in range(draws)])
+    mosaic = _mosaic(cells)
+    # One image in one axis: a subplot per picture (140 for digits) took seconds to lay out.
+    height, width = mosaic.shape[0] / len(rows), mosaic.shape[1] / (draws + 1)
+    figure = Figure(figsize=(1.1 * (draws + 1), 1.1 * len(rows)))
+    axis = figure.add_subplot()
+    grey = mosaic.shape[-1] == 1
+    axis.imshow(mosaic[..., 0] if grey else mosaic, cmap="gray" if grey else None,
+                vmin=0, vmax=255, interpolation="nearest")  # fmt: skip
+    axis.set_xticks([width / 2], ["stored"], fontsize=7)
+    axis.xaxis.tick_top()
+    axis.set_yticks(
+        [height * (r + 0.5) for r in range(len(rows))],
+        [data.prepared.classes[int(labels[index])] for index in rows],
+        fontsize=7,
+    )
+    axis.tick_params(length=0)
     figure.tight_layout(pad=0.2)
     grid = out_dir / "augment_grid.png"
     figure.savefig(grid, dpi=80)
     return [spec, grid]
+
+
+def _mosaic(cells: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """Rows of HWC uint8 images tiled into one image, ``gap`` white pixels between them.
+
+    Each tile is as large as the largest image (an augmentation may change the size);
+    smaller ones sit in its top-left corner.
+    """
+    height = max(image.shape[0] for row in cells for image in row)
+    width = max(image.shape[1] for row in cells for image in row)
+    channels = cells[0][0].shape[2]
+    step_y, step_x = height + gap, width + gap
+    mosaic = np.full((len(cells) * step_y - gap, len(cells[0]) * step_x - gap, channels), 255,
+                     dtype=np.uint8)  # fmt: skip
+    for r, row in enumerate(cells):
+        for c, image in enumerate(row):
+            y, x = r * step_y, c * step_x
+            mosaic[y : y + image.shape[0], x : x + image.shape[1]] = image
+    return mosaic
