@@ -17,7 +17,7 @@ from prefect import get_run_logger
 
 from tasks import tracking
 from tasks.data.baselines import Selection, check_fit
-from tasks.params import AugmentParams, FitParams
+from tasks.params import AugmentParams, FitParams, Keep
 from tasks.training.engine import EpochRecord, FitResult
 from tasks.training.inputs import TrainingData
 from tasks.training.outputs import augment_artifacts, describe_epoch, write_model
@@ -93,7 +93,7 @@ def tracked_fit(
     return summary
 
 
-def kept_checkpoint(result: FitResult, data: TrainingData, keep: str) -> Selection:
+def kept_checkpoint(result: FitResult, data: TrainingData, keep: Keep) -> Selection:
     """What the guard weighs: the kept epoch's val scores, chosen from every epoch run
     (``keep: best``) or from none (``keep: last``: the schedule's end, whatever val said)."""
     (kept,) = [record for record in result.history if record.epoch == result.best_epoch]

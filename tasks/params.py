@@ -194,6 +194,9 @@ class AugmentParams(Section):
         return value
 
 
+Keep = Literal["best", "last"]  # which epoch a fit returns (docs/training.md)
+
+
 class FitParams(Section):
     """What a supervised fit needs; the teacher and the student both have it."""
 
@@ -225,7 +228,7 @@ class FitParams(Section):
     # Which epoch's weights the fit returns: ``best``, the best val macro-F1 (early
     # stopping after ``patience`` epochs without a better one); ``last``, the end of
     # the schedule (no early stopping; val is watched, not used to choose).
-    keep: Literal["best", "last"]
+    keep: Keep
     # Validate, select and keep an exponential moving average of the weights whose
     # weight halves every this many epochs (the decay per step follows from the steps
     # per epoch); 0: the raw weights of the best epoch.
