@@ -114,6 +114,12 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "teacher_passes_per_image": metrics["distill"].get("teacher_passes_per_image"),
         # ptq or qat: QAT fine-tunes the student on the labels, so int8 may beat fp32
         "quantize_method_used": metrics.get("quantize", {}).get("method_used"),
+        # the student budget (evaluate.student_budget), as the evaluate stage judged it
+        "student_int8_bytes": evaluate["student_int8"].get("size_bytes"),
+        "student_budget": {
+            key: evaluate["student_int8"].get("targets", {}).get(key)
+            for key in ("int8_bytes", "latency_ratio_b1_vs_teacher")
+        },
     }
 
 

@@ -34,7 +34,16 @@ def test_a_refused_run_is_a_row_that_says_why():
         "evaluate": {
             "teacher": {"f1_macro": 0.9, "accuracy": 0.91},
             "student": {"f1_macro": 0.8, "accuracy": 0.81},
-            "student_int8": {"f1_macro": 0.79, "accuracy": 0.8},
+            "student_int8": {
+                "f1_macro": 0.79,
+                "accuracy": 0.8,
+                "size_bytes": 120_000,
+                "targets": {
+                    "int8_bytes": {"value": 120_000, "target": 1_000_000, "met": True},
+                    "latency_ratio_b1_vs_teacher": {"value": 0.4, "target": 0.333, "met": False},
+                    "size_ratio": {"value": 0.35, "target": 0.3, "met": False},
+                },
+            },
             "baselines": {"linear": {"f1_macro": 0.3, "accuracy": 0.4}},
         },
         "distill": {"kd_gain": 0.05, "params": 88394, "epochs_run": 20, "best_val_f1_macro": 0.85},
@@ -47,6 +56,10 @@ def test_a_refused_run_is_a_row_that_says_why():
                "reason": "WeakModelError: train: the best val macro-F1 0.08 ...",
                "wall_seconds": 80.0}  # fmt: skip
     assert (ok["teacher_val_f1_macro"], ok["student_val_f1_macro"]) == (0.95, 0.85)
+    assert ok["student_int8_bytes"] == 120_000  # the student budget, as evaluate judged it
+    assert {key: target["met"] for key, target in ok["student_budget"].items()} == {
+        "int8_bytes": True, "latency_ratio_b1_vs_teacher": False,
+    }  # fmt: skip
     rows = table([ok, refused]).splitlines()
     assert rows[2] == (
         "| messy-folder | pretrained | 0.900 | 0.800 | 0.790 | +0.110 | +0.050 | 0.300 | 120 |"
