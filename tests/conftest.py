@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -109,11 +109,8 @@ def _guard(item: pytest.Item) -> ExitStack:
     return stack
 
 
-@pytest.fixture(autouse=True)
-def _tracking_uri_left_as_found() -> Iterator[None]:
-    """Each test leaves MLflow's tracking URI as it found it: ``mlflow.set_tracking_uri``
-    keeps a process-wide URI and exports ``MLFLOW_TRACKING_URI``, and under pytest-xdist
-    one worker runs many files, so one test's store must not become the next file's."""
+@contextmanager
+def _tracking_uri_restored() -> Iterator[None]:
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     mlflow = sys.modules.get("mlflow")
@@ -123,6 +120,25 @@ def _tracking_uri_left_as_found() -> Iterator[None]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_left_as_found() -> Iterator[None]:
+    """Each test leaves MLflow's tracking URI as it found it: ``mlflow.set_tracking_uri``
+    keeps a process-wide URI and exports ``MLFLOW_TRACKING_URI``, and under pytest-xdist
+    one worker runs many files, so one test's store must not become the next file's."""
+    with _tracking_uri_restored():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tracking_uri_left_as_found_by_the_module() -> Iterator[None]:
+    """The same for a module's own fixtures: one that points MLflow at the module's server
+    (``tests/test_e2e.py``) runs before a test's fixture reads the URI, so only this
+    one, set up before them and torn down after, sees what the module found. Without it
+    the next file on that worker inherited the URL of a server stopped at teardown."""
+    with _tracking_uri_restored():
+        yield
 
 
 # --- unit-test fixtures ---
