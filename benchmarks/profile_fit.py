@@ -57,6 +57,28 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def top_ops(events: list, kind: str, top: int) -> list[dict]:
+    """The ``top`` operators by self time on ``kind`` ("cpu": the host, "device": the GPU),
+    printed and returned as rows: ``self_<kind>_share`` of that total, ``self_<kind>_ms``."""
+
+    def spent(event) -> float:
+        return getattr(event, f"self_{kind}_time_total")
+
+    total = sum(spent(event) for event in events) or 1.0
+    rows = [
+        {
+            "op": event.key,
+            f"self_{kind}_share": round(spent(event) / total, 4),
+            f"self_{kind}_ms": round(spent(event) / 1000, 1),
+            "calls": event.count,
+        }
+        for event in sorted(events, key=spent, reverse=True)[:top]
+    ]
+    for row in rows:
+        print(f"{row[f'self_{kind}_share']:7.1%}  {row[f'self_{kind}_ms']:9.1f} ms  {row['op']}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=["train", "distill"], default="train")
@@ -109,35 +131,13 @@ def main() -> None:
     for event in events:
         group = group_of(event.key)
         shares[group] = shares.get(group, 0.0) + event.self_cpu_time_total / total
-    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[: args.top]
-    rows_out = [
-        {
-            "op": event.key,
-            "self_cpu_share": round(event.self_cpu_time_total / total, 4),
-            "self_cpu_ms": round(event.self_cpu_time_total / 1000, 1),
-            "calls": event.count,
-        }
-        for event in top
-    ]
-    for row in rows_out:
-        print(f"{row['self_cpu_share']:7.1%}  {row['self_cpu_ms']:9.1f} ms  {row['op']}")
+    rows_out = top_ops(events, "cpu", args.top)
     print({group: f"{share:.1%}" for group, share in sorted(shares.items())})
     device_rows: list[dict] = []
     if torch.cuda.is_available():  # where the GPU's own time went, beside the host's
-        device_total = sum(event.self_device_time_total for event in events) or 1.0
-        by_device = sorted(events, key=lambda event: event.self_device_time_total, reverse=True)
-        device_rows = [
-            {
-                "op": event.key,
-                "self_device_share": round(event.self_device_time_total / device_total, 4),
-                "self_device_ms": round(event.self_device_time_total / 1000, 1),
-                "calls": event.count,
-            }
-            for event in by_device[: args.top]
-        ]
-        print(f"GPU busy {device_total / 1e6:.2f} s of the epoch's kernels:")
-        for row in device_rows:
-            print(f"{row['self_device_share']:7.1%}  {row['self_device_ms']:9.1f} ms  {row['op']}")
+        busy = sum(event.self_device_time_total for event in events)
+        print(f"GPU busy {busy / 1e6:.2f} s of the epoch's kernels:")
+        device_rows = top_ops(events, "device", args.top)
     device = "gpu" if torch.cuda.is_available() else "cpu"
     path = write_result(
         result_name(f"profile_{args.stage}_{device}.json", args.smoke),
