@@ -29,11 +29,15 @@ SCRIPTS = sorted(
 pytestmark = pytest.mark.integration
 
 
+def _env(results: Path) -> dict[str, str]:
+    """A script's environment: its results into ``results``, one thread per process."""
+    return {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
+
+
 def _run(script: str, *args: str, results: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, f"benchmarks/{script}.py", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env=_env(results), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -71,10 +75,9 @@ print(json.dumps(answers))
 @pytest.fixture(scope="module")
 def help_answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     results = tmp_path_factory.mktemp("help") / "results"
-    env = {**os.environ, RESULTS_ENV: str(results), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", _HELP_DRIVER, str(RESULTS), *SCRIPTS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=_env(results), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
