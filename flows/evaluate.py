@@ -27,6 +27,7 @@ from tasks.layout import (
     STUDENT_FP32_ONNX,
     STUDENT_INT8,
     TEACHER,
+    TEACHER_ONNX,
     metrics_path,
 )
 from tasks.params import EvaluateParams, MlflowParams
@@ -39,7 +40,7 @@ def evaluate_flow(seed: int, evaluate: EvaluateParams, mlflow: MlflowParams) -> 
     logger = get_run_logger()
     prepared = load_prepared(PREPARED_DIR)
     variants = load_variants(
-        TEACHER, STUDENT, STUDENT_FP32_ONNX, STUDENT_INT8, evaluate.num_threads
+        (TEACHER, TEACHER_ONNX), (STUDENT, STUDENT_FP32_ONNX), STUDENT_INT8, evaluate.num_threads
     )
     sizes = (STUDENT_FP32_ONNX.stat().st_size, STUDENT_INT8.stat().st_size)
     scored = score_variants(variants, prepared, evaluate, seed, sizes, PREPARED_DIR, logger)

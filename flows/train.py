@@ -1,4 +1,4 @@
-"""train: fit the teacher CNN into models/teacher.pt, tracked as an MLflow run.
+"""train: fit the teacher CNN into models/teacher.pt (and models/teacher.onnx), tracked in MLflow.
 
 Run: ``dvc repro train`` (or ``python -m flows.train``).
 """
@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from flows.fitting import resumable, tracked_fit
 from flows.prefect_api import stage_main
 from tasks.data.baselines import read_baselines
-from tasks.layout import PREPARED_DIR, TEACHER, curve_path, metrics_path
+from tasks.layout import PREPARED_DIR, TEACHER, TEACHER_ONNX, curve_path, metrics_path
 from tasks.params import AugmentParams, MlflowParams, TrainParams
 from tasks.training import train as t
 from tasks.training.inputs import load_training_data
@@ -22,7 +22,7 @@ def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: Ml
     run_params = run_parameters(seed, train, augment)
     resume = resumable("train", run_params, data)
     log = get_run_logger().info
-    return tracked_fit(
+    summary = tracked_fit(
         lambda on_epoch: t.fit_teacher(data, train, augment, seed, on_epoch, resume, log),
         stage="train",
         variant="teacher",
@@ -35,6 +35,8 @@ def train_flow(seed: int, train: TrainParams, augment: AugmentParams, mlflow: Ml
         seed=seed,
         baselines=read_baselines(PREPARED_DIR),
     )
+    t.export_teacher(TEACHER, TEACHER_ONNX)
+    return summary
 
 
 def run_parameters(seed: int, train: TrainParams, augment: AugmentParams) -> dict:

@@ -10,6 +10,8 @@ AUDIT_GALLERY_DIR = Path("reports/audit")
 PREPARED_DIR = Path("data/prepared")
 RESAMPLED_DIR = Path("data/resampled")
 TEACHER = Path("models/teacher.pt")
+# The teacher in ONNX, exported once by train: evaluate times it, the registry registers it.
+TEACHER_ONNX = Path("models/teacher.onnx")
 STUDENT = Path("models/student.pt")
 STUDENT_FP32_ONNX = Path("models/student.onnx")
 STUDENT_INT8 = Path("models/student_int8.onnx")

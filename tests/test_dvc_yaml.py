@@ -157,9 +157,10 @@ def test_declared_outputs_match_the_code_layout():
             for entry in stage.get(kind, []):
                 outs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
     expected = {
-        layout.PREPARED_DIR, layout.RESAMPLED_DIR, layout.TEACHER, layout.STUDENT,
-        layout.STUDENT_FP32_ONNX, layout.STUDENT_INT8, layout.DATA_QUALITY, layout.CONFUSION_DIR,
-        layout.EVALUATION_DIR, layout.AUDIT_DIR, layout.AUDIT_REPORT, layout.AUDIT_GALLERY_DIR,
+        layout.PREPARED_DIR, layout.RESAMPLED_DIR, layout.TEACHER, layout.TEACHER_ONNX,
+        layout.STUDENT, layout.STUDENT_FP32_ONNX, layout.STUDENT_INT8, layout.DATA_QUALITY,
+        layout.CONFUSION_DIR, layout.EVALUATION_DIR, layout.AUDIT_DIR, layout.AUDIT_REPORT,
+        layout.AUDIT_GALLERY_DIR,
         *(layout.metrics_path(s) for s in STAGES),
         layout.curve_path("train"), layout.curve_path("distill"),
     }  # fmt: skip

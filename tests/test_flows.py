@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
@@ -315,7 +317,7 @@ def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
 
     from flows.train import train_flow
     from tasks.data.baselines import WeakModelError, trivial_baselines, write_baselines
-    from tasks.layout import TEACHER
+    from tasks.layout import TEACHER, TEACHER_ONNX
 
     none = ResampleParams(
         strategy="none", sampling_strategy="auto", k_neighbors=2, space="pixels",
@@ -331,7 +333,8 @@ def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
     assert state.is_failed()
     with pytest.raises(WeakModelError, match=r"does not beat the (linear|majority) baseline"):
         state.result()
-    assert not TEACHER.exists() and not metrics_path("train").exists()  # nothing shipped
+    shipped = (TEACHER, TEACHER_ONNX, metrics_path("train"))
+    assert not any(path.exists() for path in shipped)  # nothing shipped
 
     lenient = params.train.model_copy(update={**tiny, "allow_weak": True})
     state = train_flow(seed=0, train=lenient, augment=params.augment, mlflow=params.mlflow,
@@ -341,6 +344,11 @@ def test_train_refuses_a_model_that_learned_nothing_unless_allowed(
     assert metrics["weak"] is True and metrics["baseline"] in ("linear", "majority")
     assert metrics["required_val_f1_macro"] > metrics["best_val_f1_macro"]
     assert TEACHER.is_file()
+    # the teacher in ONNX, as the registry gets it: its classes and its variant named
+    teacher = onnx.load(TEACHER_ONNX)
+    meta = {entry.key: entry.value for entry in teacher.metadata_props}
+    assert json.loads(meta["variant"]) == "teacher" and json.loads(meta["classes"])
+    assert teacher.graph.input[0].name == "images"
     mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")
     tags = {r.info.status: r.data.tags.get("weak_model") for r in runs}

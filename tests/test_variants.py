@@ -12,17 +12,21 @@ from tasks.data.pixels import normalise
 from tasks.evaluation import variants
 from tasks.evaluation.results import ORT_FP32, TORCH_EAGER
 from tasks.evaluation.variants import Variant, measure_variants_latency
+from tasks.export.onnx_io import export_onnx
+from tasks.inference import onnx_session
 from tasks.models import build_model
 from tests.evaluations import LATENCY_KEYS
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-def test_measure_variants_latency_times_torch_and_onnxruntime(tiny_prepared, params) -> None:
-    """A tiny cnn in PyTorch eager and in ONNX Runtime (exported on the fly, as the teacher
-    is); the 20 test images are fewer than 64, so the batch repeats them."""
+def test_measure_variants_latency_times_torch_and_onnxruntime(
+    tiny_prepared, params, tmp_path: Path
+) -> None:
+    """A tiny cnn in PyTorch eager and in ONNX Runtime; the 20 test images are fewer than 64,
+    so the batch repeats them."""
     torch.manual_seed(0)
     model = build_model("cnn", 1, 10, width=4, dropout=0.0).eval()
-    session = variants._teacher_session(model, (1, 8, 8), threads=1)  # its folder is gone
+    session = onnx_session(export_onnx(model, (1, 8, 8), tmp_path / "cnn.onnx", {}), threads=1)
     fp32 = Variant(
         name="student",
         predict=variants._torch_predict(model),

@@ -1,7 +1,7 @@
 """The three variants, each ready to predict in every runtime it can ship in, and their timing.
 
 ``load_variants`` builds the teacher and student from their checkpoints (PyTorch
-eager, and ONNX Runtime fp32 from an export) and the int8 student from its
+eager) and their fp32 ONNX exports (ONNX Runtime), and the int8 student from its
 ONNX file; ``measure_variants_latency`` times every runtime of every variant
 back to back in one process (``tasks/evaluation/latency.py``). Used by the
 evaluate stage.
@@ -10,7 +10,6 @@ evaluate stage.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from tasks.evaluation.results import (
     ORT_INT8,
     TORCH_EAGER,
 )
-from tasks.export.onnx_io import export_onnx, torch_logits
+from tasks.export.onnx_io import torch_logits
 from tasks.inference import onnx_logits, onnx_session
 from tasks.models import count_params
 from tasks.orchestration import stage_task
@@ -72,37 +71,22 @@ def _onnx_predict(session: ort.InferenceSession) -> Predict:
     return lambda x: onnx_logits(session, x, batch_size=len(x))
 
 
-def _teacher_session(
-    model: torch.nn.Module, input_shape: tuple[int, int, int], threads: int
-) -> ort.InferenceSession:
-    """An ONNX Runtime session of ``model``, exported on the fly: only to time it.
-
-    The quantize stage exports the student, not the teacher; this file is not an
-    artifact, so it lives in a temporary folder (the session keeps the graph in memory).
-    """
-    with tempfile.TemporaryDirectory() as scratch:
-        return onnx_session(export_onnx(model, input_shape, Path(scratch) / "t.onnx", {}), threads)
-
-
 @stage_task(name="load-variants")
 def load_variants(
-    teacher: Path, student: Path, student_fp32_onnx: Path, student_int8: Path, threads: int
+    teacher: tuple[Path, Path], student: tuple[Path, Path], student_int8: Path, threads: int
 ) -> list[Variant]:
     """The three variants, each ready to predict on normalised images in each of its runtimes.
 
-    ``student_fp32_onnx`` is the quantize stage's fp32 export of the student
-    (what the int8 model was made from); the teacher is exported here.
+    ``teacher`` and ``student`` are each a checkpoint and its fp32 ONNX export (the
+    train stage's ``models/teacher.onnx``; the quantize stage's ``models/student.onnx``,
+    what the int8 model was made from).
     """
     torch.set_num_threads(threads)
     variants = []
-    for name, path in (("teacher", teacher), ("student", student)):
+    for name, (path, onnx_path) in (("teacher", teacher), ("student", student)):
         checkpoint = load_checkpoint(path)
         model = checkpoint.build()
-        if name == "student":
-            session = onnx_session(student_fp32_onnx, threads)
-        else:
-            shape = (checkpoint.in_channels, checkpoint.image_size, checkpoint.image_size)
-            session = _teacher_session(model, shape, threads)
+        session = onnx_session(onnx_path, threads)
         eager = _torch_predict(model)
         variants.append(
             Variant(

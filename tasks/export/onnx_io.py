@@ -3,9 +3,10 @@
 ``export_onnx`` writes a model with a dynamic batch and the metadata a file
 needs to describe itself (classes, preprocessing, params: ``model_metadata``),
 stripped of the exporter's debug information (``finalise_onnx``);
+``export_checkpoint`` does so for a checkpoint's network;
 ``torch_logits`` runs images through a PyTorch model the way
 ``tasks/inference.py``'s ``onnx_logits`` runs them through a file. Used by the
-quantize and evaluate stages, ``visionpipe predict`` and the MLflow registry;
+train (the teacher), quantize and evaluate stages, ``visionpipe predict`` and the MLflow registry;
 nothing here trains or quantizes.
 """
 
@@ -157,6 +158,13 @@ def export_onnx(
         )
         finalise_onnx(tmp, metadata)
     return path
+
+
+def export_checkpoint(checkpoint: Checkpoint, path: Path, **extra: object) -> Path:
+    """The network ``checkpoint`` describes, exported with its metadata (``model_metadata``)."""
+    return export_onnx(
+        checkpoint.build(), input_shape(checkpoint), path, model_metadata(checkpoint, **extra)
+    )
 
 
 def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -54,6 +54,7 @@ from tasks.data.datasets import Split
 from tasks.data.pixels import normalise
 from tasks.export.onnx_io import (
     INPUT_NAME,
+    export_checkpoint,
     export_onnx,
     finalise_onnx,
     input_shape,
@@ -155,9 +156,7 @@ def calibration_set(train: Split, checkpoint: Checkpoint, size: int, seed: int) 
 
 @stage_task(name="export-onnx")
 def export_student(checkpoint: Checkpoint, path: Path) -> Path:
-    return export_onnx(
-        checkpoint.build(), input_shape(checkpoint), path, model_metadata(checkpoint)
-    )
+    return export_checkpoint(checkpoint, path)
 
 
 @stage_task(name="quantization-aware-training")

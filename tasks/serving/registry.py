@@ -61,9 +61,9 @@ from tasks.checkpoints import load_checkpoint
 from tasks.data.datasets import Split
 from tasks.data.images import ImageSpec
 from tasks.data.pixels import ChannelStats, normalise
-from tasks.export.onnx_io import INPUT_NAME, OUTPUT_NAME, export_onnx, input_shape, model_metadata
+from tasks.export.onnx_io import INPUT_NAME, OUTPUT_NAME, export_checkpoint
 from tasks.inference import onnx_logits, onnx_session
-from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER
+from tasks.layout import STUDENT_FP32_ONNX, STUDENT_INT8, TEACHER_ONNX
 from tasks.metrics import f1_macro
 from tasks.params import PromoteParams
 from tasks.serving.predict import file_md5
@@ -74,7 +74,7 @@ CHAMPION = "champion"
 CHALLENGER = "student_int8"
 # The file DVC tracks for each variant: what source_md5 hashes.
 VARIANT_FILES: dict[str, Path] = {
-    "teacher": TEACHER,
+    "teacher": TEACHER_ONNX,
     "student": STUDENT_FP32_ONNX,
     "student_int8": STUDENT_INT8,
 }
@@ -102,16 +102,10 @@ def champion_uri(variant: str = CHALLENGER) -> str:
 
 
 def onnx_file(variant: str, path: Path, scratch: Path) -> Path:
-    """The ONNX file registered for ``variant``: the teacher is exported from its checkpoint."""
+    """The ONNX file registered for ``variant``: ``path`` itself, or exported from a checkpoint."""
     if path.suffix == ".onnx":
         return path
-    checkpoint = load_checkpoint(path)
-    return export_onnx(
-        checkpoint.build(),
-        input_shape(checkpoint),
-        scratch / f"{variant}.onnx",
-        model_metadata(checkpoint, variant=variant),
-    )
+    return export_checkpoint(load_checkpoint(path), scratch / f"{variant}.onnx", variant=variant)
 
 
 def describe(model: onnx.ModelProto) -> dict[str, Any]:
