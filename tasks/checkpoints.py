@@ -16,6 +16,7 @@ from torch import nn
 
 from tasks.artifacts import atomic_path
 from tasks.data.pixels import ChannelStats
+from tasks.efficientnet import TRUNK_BLOCKS
 from tasks.models import InputView, build_model
 
 
@@ -41,6 +42,8 @@ class Checkpoint:
     # The resolution a PRETRAINED network runs at (its first layer resizes to it);
     # None: the stored image size.
     input_size: int | None = None
+    # efficientnet_lite0_trunk's depth (checkpoints from before it was a param: 6)
+    trunk_blocks: int = TRUNK_BLOCKS
 
     def build(self) -> nn.Module:
         """The network with these weights, in eval mode."""
@@ -52,6 +55,7 @@ class Checkpoint:
             self.dropout,
             self.width_multiplier,
             view=InputView(self.stats, self.input_size) if self.input_size else None,
+            trunk_blocks=self.trunk_blocks,
         )
         model.load_state_dict(self.state_dict)
         return model.eval()

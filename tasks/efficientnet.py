@@ -184,7 +184,7 @@ def input_size_of(model: nn.Module) -> int | None:
     return first.size if isinstance(first, PretrainedInput) else None
 
 
-TRUNK_BLOCKS = 6  # a trunk student: the stem and the first 6 blocks (to 80 channels, 88K params)
+TRUNK_BLOCKS = 6  # a trunk student's default depth: the stem and the first 6 blocks (80 channels)
 
 
 def lite0_features(

@@ -9,7 +9,8 @@ works without changing the head.
 
 ``width`` is the first stage's channel count and ``width_multiplier`` scales
 every layer (MobileNet's alpha): the knob that trades accuracy for size
-without changing the architecture's shape.
+without changing the architecture's shape. ``trunk_blocks`` is the trunk
+student's depth: how many of Lite0's 16 MBConv blocks it keeps.
 
 Every conv is followed by BatchNorm inside one ``nn.Sequential`` (conv, BN,
 ReLU): the pattern ``tasks/export/quantize.py`` folds before quantizing.
@@ -141,12 +142,16 @@ MODELS: dict[str, Callable[[int, int, int, float], Classifier]] = {
 
 
 def efficientnet_lite0(
-    in_channels: int, num_classes: int, dropout: float, view: InputView
+    in_channels: int,
+    num_classes: int,
+    dropout: float,
+    view: InputView,
+    trunk_blocks: int = TRUNK_BLOCKS,
 ) -> Classifier:
     """EfficientNet-Lite0 (``tasks/efficientnet.py``), seeing ``view.size`` px in 3 channels.
 
-    Its architecture is fixed (the ImageNet weights' shape): ``width`` and
-    ``width_multiplier`` do not apply. ``in_channels`` 1 is replicated to 3.
+    Its architecture is fixed (the ImageNet weights' shape): ``width``,
+    ``width_multiplier`` and ``trunk_blocks`` do not apply. ``in_channels`` 1 is replicated to 3.
     """
     if len(view.stats.mean) != in_channels:
         raise ValueError(f"{len(view.stats.mean)} channel statistics for {in_channels} channels")
@@ -158,14 +163,19 @@ def efficientnet_lite0(
 
 
 def efficientnet_lite0_trunk(
-    in_channels: int, num_classes: int, dropout: float, view: InputView
+    in_channels: int,
+    num_classes: int,
+    dropout: float,
+    view: InputView,
+    trunk_blocks: int = TRUNK_BLOCKS,
 ) -> Classifier:
-    """EfficientNet-Lite0's stem and first ``TRUNK_BLOCKS`` blocks, then a new head: 88K
-    parameters that start from ImageNet features. A student for data on which
-    small networks from random weights learn nothing (README: the student)."""
+    """EfficientNet-Lite0's stem and first ``trunk_blocks`` blocks, then a new head (6
+    blocks, the default: 88K parameters) that start from ImageNet features. A student
+    for data on which small networks from random weights learn nothing (README: the
+    student)."""
     if len(view.stats.mean) != in_channels:
         raise ValueError(f"{len(view.stats.mean)} channel statistics for {in_channels} channels")
-    features = lite0_features(view.stats, view.size, blocks=TRUNK_BLOCKS)
+    features = lite0_features(view.stats, view.size, blocks=trunk_blocks)
     model = Classifier(features, features_channels(features), num_classes, dropout)
     return model.to(memory_format=torch.channels_last)
 
@@ -180,7 +190,7 @@ class InputView:
 
 
 # Networks with ImageNet weights: fixed architectures that take an InputView.
-PRETRAINED: dict[str, Callable[[int, int, float, InputView], Classifier]] = {
+PRETRAINED: dict[str, Callable[[int, int, float, InputView, int], Classifier]] = {
     "efficientnet_lite0": efficientnet_lite0,
     "efficientnet_lite0_trunk": efficientnet_lite0_trunk,
 }
@@ -194,17 +204,19 @@ def build_model(
     dropout: float,
     width_multiplier: float = 1.0,
     view: InputView | None = None,
+    trunk_blocks: int = TRUNK_BLOCKS,
 ) -> Classifier:
     """The network ``name`` (a key of MODELS or PRETRAINED), freshly initialised.
 
     ``width_multiplier`` scales the base ``width`` and so every layer after it.
-    A PRETRAINED network needs ``view`` and ignores both widths; its ImageNet
+    A PRETRAINED network needs ``view`` and ignores both widths (the trunk takes
+    ``trunk_blocks``); its ImageNet
     weights are loaded by ``tasks.efficientnet.load_imagenet_weights``.
     """
     if name in PRETRAINED:
         if view is None:
             raise ValueError(f"model {name!r} needs an InputView (its input statistics and size)")
-        return PRETRAINED[name](in_channels, num_classes, dropout, view)
+        return PRETRAINED[name](in_channels, num_classes, dropout, view, trunk_blocks)
     if name not in MODELS:
         valid = ", ".join([*MODELS, *PRETRAINED])
         raise ValueError(f"unknown model {name!r}; valid choices: {valid}")

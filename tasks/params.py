@@ -212,6 +212,8 @@ class FitParams(Section):
     input_size: Annotated[int, Field(ge=32, le=512)] | Literal["auto"]
     width: int = Field(ge=1)
     width_multiplier: float = Field(gt=0.0, le=8.0)  # scales every layer (MobileNet's alpha)
+    # efficientnet_lite0_trunk: how many of Lite0's 16 MBConv blocks it keeps (its depth)
+    trunk_blocks: int = Field(ge=1, le=16)
     dropout: float = Field(ge=0.0, lt=1.0)
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)

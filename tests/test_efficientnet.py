@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_sample_images
 from torch import nn
 
+from tasks.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from tasks.data.pixels import ChannelStats
 from tasks.efficientnet import (
     DepthwiseConv2d,
@@ -133,6 +134,32 @@ def test_the_trunk_student_is_the_first_blocks_of_imagenets_network_under_100k_p
     torch.save({k: v for k, v in raw.items() if not k.startswith("_blocks.2.")}, partial)
     with pytest.raises(WeightsError, match=r"distill\.pretrained: .* lacks 18 of"):
         load_imagenet_weights(trunk, partial, section="distill")
+
+
+@pytest.mark.parametrize(("blocks", "channels", "params"), [(4, 40, 29_387), (8, 80, 254_227)])
+def test_trunk_blocks_sets_the_students_depth_and_a_checkpoint_rebuilds_it(
+    tmp_path, blocks: int, channels: int, params: int
+):
+    """``trunk_blocks`` (distill.trunk_blocks): shallower or deeper than the default 6,
+    ImageNet weights for every block kept, and the checkpoint rebuilds the same depth."""
+    trunk = build_model(
+        "efficientnet_lite0_trunk", 1, 3, 0, 0.1, view=InputView(UNIT_GRAY, 32), trunk_blocks=blocks
+    )
+    load_imagenet_weights(trunk, packaged_weights().path, section="distill")
+    assert len(trunk.features) == 2 + blocks and trunk.head[2].in_features == channels
+    assert count_params(trunk) == params
+    saved = save_checkpoint(
+        tmp_path / "student.pt",
+        Checkpoint(
+            model_name="efficientnet_lite0_trunk", width=0, dropout=0.1, in_channels=1,
+            image_size=16, classes=("a", "b", "c"), stats=UNIT_GRAY, params={}, metrics={},
+            state_dict=trunk.state_dict(), input_size=32, trunk_blocks=blocks,
+        ),
+    )  # fmt: skip
+    rebuilt = load_checkpoint(saved).build()
+    images = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), trunk.eval()(images))
 
 
 def test_the_input_view_undoes_the_data_standardisation_and_replicates_grayscale():

@@ -196,6 +196,7 @@ def network_for(
         params.dropout,
         params.width_multiplier,
         view=pretrained_view(data, params),
+        trunk_blocks=params.trunk_blocks,
     )
     if params.pretrained:
         section = params.SECTION

@@ -73,6 +73,7 @@ def write_model(
             model_name=params.model,
             width=params.width,
             width_multiplier=params.width_multiplier,
+            trunk_blocks=params.trunk_blocks,
             dropout=params.dropout,
             in_channels=channels,
             image_size=height,
