@@ -163,7 +163,8 @@ def run_pipeline(
 
     ``setup(repo)`` runs in the copy before the overrides are applied (to write
     a dataset into it, say). Raises ``StageFailed`` naming the stage that failed.
-    Returns the per-stage times, the no-op rerun and every stage's metrics.
+    Returns the per-stage times, the no-op rerun and every stage's metrics (with
+    ``keep``, ``kept``: the copy's path, left for the caller to remove).
     """
     scratch = Path(tempfile.mkdtemp(prefix="visionpipe-bench-"))
     repo = fresh_copy(scratch / "repo", "benchmark copy")
@@ -209,6 +210,7 @@ def run_pipeline(
         "noop_repro_seconds": round(noop_seconds, 2),
         "noop_repro_ran": ran,
         "metrics": metrics,
+        **({"kept": str(repo)} if keep else {}),
     }
 
 

@@ -136,8 +136,14 @@ def parse_settings(settings: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def run_one(
-    name: str, pretrained: bool, smoke: bool = False, settings: dict[str, Any] | None = None
+    name: str,
+    pretrained: bool,
+    smoke: bool = False,
+    settings: dict[str, Any] | None = None,
+    keep: bool = False,
 ) -> dict[str, Any]:
+    """One dataset through the whole pipeline: the table's row (``keep``: and ``kept``, the
+    copy's path, as ``run_pipeline`` returns it)."""
     data, setup = DATASETS[name]
     overrides: dict[str, Any] = {"data": dict(data)} if data else {}
     if not pretrained:
@@ -149,7 +155,7 @@ def run_one(
             setup = _small_messy
     started = time.perf_counter()
     try:
-        run = run_pipeline(overrides, setup, log=lambda line: print(f"  {line}", flush=True))
+        run = run_pipeline(overrides, setup, keep, log=lambda line: print(f"  {line}", flush=True))
     except StageFailed as failed:
         reason = next(
             (line.strip() for line in failed.output.splitlines() if "Error:" in line),
@@ -168,6 +174,7 @@ def run_one(
         "wall_seconds": round(time.perf_counter() - started, 1),
         "noop_repro_seconds": run["noop_repro_seconds"],
         "overrides": overrides,
+        **({"kept": run["kept"]} if keep else {}),
     }
 
 

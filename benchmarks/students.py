@@ -1,0 +1,176 @@
+"""Which student: trunk depths and input sizes distilled from one teacher, through the real stages.
+
+    python benchmarks/students.py --dataset NAME [--blocks 4 5 6 7 8] [--input-sizes auto 64]
+                                  [--set SECTION.KEY=VALUE ...] [--out FILE]
+    python benchmarks/students.py --repo PATH --smoke  # a checkout where dvc repro has run
+
+With ``--dataset`` (one of ``benchmarks/suite.py``'s), runs the whole pipeline
+once in a fresh copy on the committed defaults (``benchmarks/pipeline.py``),
+then for each candidate sets ``distill.trunk_blocks`` and ``distill.input_size``
+in that copy's params.yaml and runs ``dvc repro``: the teacher is not retrained,
+only distill, quantize and evaluate run again. Every candidate is measured by
+the same evaluate stage that judges the shipped student: test macro-F1 of the
+fp32 and int8 student, the int8 file's size and its single-image latency
+against the teacher's fastest fp32 runtime timed in the same run (the
+``evaluate.student_budget`` verdict). ``distill.compare_scratch`` is off for
+every candidate (the scratch twin would double each distill; ``kd_gain`` is
+measured by the suite). The winner is the candidate with the best int8 val
+macro-F1 (the quantize stage's, never test) among those within the budget.
+
+``--repo`` works on a copy of an existing checkout instead (its outputs and DVC
+cache included), so the checkout itself is left as it was; ``--smoke`` tries
+one candidate, ``trunk_blocks: 4``. Writes ``benchmarks/results/students_<name>_<device>.json``
+and prints the table for ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
+from benchmarks.pipeline import apply_overrides, dvc, stages_ran  # noqa: E402
+from benchmarks.suite import DATASETS, parse_settings, run_one  # noqa: E402
+from benchmarks.workspace import copy_env  # noqa: E402
+from tasks.servers import stop_local_server  # noqa: E402
+
+RERUN = ["distill", "quantize", "evaluate"]  # what a distill param reaches
+
+
+def measure(repo: Path, env: dict[str, str], blocks: int, input_size: int | str) -> dict[str, Any]:
+    """One candidate: its distill params set, ``dvc repro``, the stages' verdicts read back."""
+    apply_overrides(
+        repo,
+        {"distill": {"trunk_blocks": blocks, "input_size": input_size, "compare_scratch": False}},
+    )
+    started = time.perf_counter()
+    seconds, output = dvc(repo, env, "repro")
+    ran = stages_ran(output)
+    metrics = {
+        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text())
+        for stage in ("distill", "quantize", "evaluate")
+    }
+    evaluate, quantize = metrics["evaluate"], metrics["quantize"]
+    int8, teacher = evaluate["student_int8"], evaluate["teacher"]
+    targets = int8.get("targets", {})
+    return {
+        "trunk_blocks": blocks,
+        "input_size": input_size,
+        "stages_ran": ran,
+        "student_params": metrics["distill"]["params"],
+        "student_val_f1_macro": metrics["distill"]["best_val_f1_macro"],
+        "int8_val_f1_macro": quantize["val_f1_macro_int8"],
+        "quantize_method_used": quantize.get("method_used"),
+        "teacher_f1_macro": teacher["f1_macro"],
+        "student_f1_macro": evaluate["student"]["f1_macro"],
+        "student_int8_f1_macro": int8["f1_macro"],
+        "student_int8_f1_macro_ci": int8.get("f1_macro_ci"),
+        "student_int8_accuracy": int8["accuracy"],
+        "gap": teacher["f1_macro"] - int8["f1_macro"],
+        "int8_bytes": int8.get("size_bytes"),
+        "int8_latency_ms_b1": int8.get("latency_ms_b1"),
+        "latency_ratio_b1_vs_teacher": targets.get("latency_ratio_b1_vs_teacher", {}).get("value"),
+        "within_budget": all(
+            targets.get(key, {}).get("met", False)
+            for key in ("int8_bytes", "latency_ratio_b1_vs_teacher")
+        ),
+        "repro_seconds": round(seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def winner(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best int8 val macro-F1 within the budget (test is only reported, never chosen on)."""
+    within = [row for row in rows if row["within_budget"]]
+    return max(within, key=lambda row: row["int8_val_f1_macro"], default=None)
+
+
+def table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
+    lines = [
+        "| trunk blocks | input px | params | int8 val F1 | fp32 test F1 | int8 test F1 [interval] "
+        "| int8 acc | gap to teacher | int8 KB | b1 latency / teacher's | within budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        low, high = r["student_int8_f1_macro_ci"] or (float("nan"), float("nan"))
+        mark = " (chosen)" if r is chosen else ""
+        ratio = r["latency_ratio_b1_vs_teacher"]
+        lines.append(
+            f"| {r['trunk_blocks']}{mark} | {r['input_size']} | {r['student_params']:,} "
+            f"| {r['int8_val_f1_macro']:.3f} | {r['student_f1_macro']:.3f} "
+            f"| {r['student_int8_f1_macro']:.3f} [{low:.3f}, {high:.3f}] "
+            f"| {r['student_int8_accuracy']:.3f} | {r['gap']:+.3f} | {r['int8_bytes'] / 1000:.0f} "
+            f"| {'—' if ratio is None else f'{ratio:.2f}'} "
+            f"| {'yes' if r['within_budget'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", choices=list(DATASETS), help="a fresh copy on this dataset")
+    where.add_argument("--repo", type=Path, help="a copy of this checkout, where dvc repro ran")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[4, 5, 6, 7, 8])
+    parser.add_argument("--input-sizes", nargs="+", default=["auto"], help="px, or auto")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+        help="params for the first run (a YAML value), as benchmarks/suite.py's --set",
+    )  # fmt: skip
+    parser.add_argument("--out", help="result file name (default students_<name>_<device>.json)")
+    parser.add_argument("--smoke", action="store_true", help="one candidate: trunk_blocks 4")
+    args = parser.parse_args()
+    sizes = [size if size == "auto" else int(size) for size in args.input_sizes]
+    candidates = [(4, "auto")] if args.smoke else [(b, s) for b in args.blocks for s in sizes]
+
+    if args.repo is not None:
+        name, first = args.repo.resolve().name, None
+        scratch = Path(tempfile.mkdtemp(prefix="visionpipe-students-"))
+        repo = scratch / "repo"
+        shutil.copytree(args.repo, repo, symlinks=True)
+    else:
+        name = args.dataset
+        first = run_one(name, True, args.smoke, parse_settings(args.set), keep=True)
+        if first["status"] != "ok":
+            raise SystemExit(f"the first run failed: {first['status']}: {first['reason']}")
+        repo = Path(first.pop("kept"))  # in run_pipeline's folder, beside its server state
+        scratch = repo.parent
+    try:
+        state = scratch / "state"
+        env = copy_env(state)
+        rows = []
+        try:
+            for blocks, size in candidates:
+                print(f"trunk_blocks {blocks}, input_size {size} ...", flush=True)
+                rows.append(measure(repo, env, blocks, size))
+                print(f"  {json.dumps(rows[-1])}", flush=True)
+        finally:
+            stop_local_server(state)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    chosen = winner(rows)
+    print(table(rows, chosen))
+    device = "gpu" if describe_machine()["gpu"] else "cpu"
+    result = {
+        "command": " ".join(["python", "benchmarks/students.py", *sys.argv[1:]]),
+        "machine": describe_machine(),
+        "dataset": name,
+        "first_run": first,
+        "candidates": rows,
+        "chosen": chosen and {key: chosen[key] for key in ("trunk_blocks", "input_size")},
+    }
+    out = args.out or result_name(f"students_{name}_{device}.json", args.smoke)
+    print(f"wrote {write_result(out, result)}")
+
+
+if __name__ == "__main__":
+    main()
