@@ -562,6 +562,24 @@ def test_teacher_views_benchmark_smoke_on_the_pipelines_teacher(pipeline, tmp_pa
     assert median["per_batch"]["wall_vs_per_batch"] == 1.0
 
 
+def test_students_benchmark_smoke_on_a_copy_of_the_pipeline(pipeline, tmp_path) -> None:
+    """One candidate student (4 trunk blocks) through the real distill, quantize and evaluate
+    stages, in a copy: the checkout itself is left as it was."""
+    repo, _, _ = pipeline
+    before = (repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()
+    result = _benchmark_smoke("students", repo, tmp_path)
+    (row,) = result["candidates"]
+    assert (row["trunk_blocks"], row["input_size"]) == (4, "auto")
+    assert row["stages_ran"] == ["distill", "quantize", "evaluate"]  # the teacher is reused
+    default = json.loads((repo / "metrics/distill.json").read_text())["params"]
+    assert 0 < row["student_params"] < default  # shallower than the default 6 blocks
+    assert row["gap"] == pytest.approx(row["teacher_f1_macro"] - row["student_int8_f1_macro"])
+    assert row["int8_bytes"] > 0 and row["latency_ratio_b1_vs_teacher"] > 0
+    assert result["chosen"] == ({"trunk_blocks": 4, "input_size": "auto"}
+                                if row["within_budget"] else None)  # fmt: skip
+    assert ((repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()) == before
+
+
 @pytest.mark.parametrize("server", ["serve-model", "mlflow"])
 def test_serve_load_benchmark_smoke_on_the_pipelines_int8_student(pipeline, tmp_path, server):
     repo, _, _ = pipeline
