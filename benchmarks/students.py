@@ -154,7 +154,8 @@ def main() -> None:
                 rows.append(measure(repo, env, blocks, size))
                 print(f"  {json.dumps(rows[-1])}", flush=True)
         finally:
-            stop_local_server(state)
+            # the stages started the copy's own Prefect server (VISIONPIPE_HOME=state)
+            server_stopped = stop_local_server(state / "prefect")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     chosen = winner(rows)
@@ -166,6 +167,7 @@ def main() -> None:
         "dataset": name,
         "first_run": first,
         "candidates": rows,
+        "server_stopped": server_stopped,
         "chosen": chosen and {key: chosen[key] for key in ("trunk_blocks", "input_size")},
     }
     out = args.out or result_name(f"students_{name}_{device}.json", args.smoke)

@@ -578,6 +578,7 @@ def test_students_benchmark_smoke_on_a_copy_of_the_pipeline(pipeline, tmp_path) 
     assert result["chosen"] == ({"trunk_blocks": 4, "input_size": "auto"}
                                 if row["within_budget"] else None)  # fmt: skip
     assert ((repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()) == before
+    assert result["server_stopped"]  # the copy's Prefect server, not left running
 
 
 @pytest.mark.parametrize("server", ["serve-model", "mlflow"])
