@@ -30,7 +30,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,53 +37,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
-from benchmarks.pipeline import apply_overrides, dvc, stages_ran  # noqa: E402
-from benchmarks.suite import DATASETS, parse_settings, run_one  # noqa: E402
+from benchmarks.pipeline import STAGES, apply_overrides, dvc, stages_ran  # noqa: E402
+from benchmarks.suite import DATASETS, parse_settings, run_one, summarise  # noqa: E402
 from benchmarks.workspace import copy_env  # noqa: E402
 from tasks.servers import stop_local_server  # noqa: E402
 
-RERUN = ["distill", "quantize", "evaluate"]  # what a distill param reaches
-
 
 def measure(repo: Path, env: dict[str, str], blocks: int, input_size: int | str) -> dict[str, Any]:
-    """One candidate: its distill params set, ``dvc repro``, the stages' verdicts read back."""
+    """One candidate: its distill params set, ``dvc repro``, then the suite's row of the
+    stages' metrics (``suite.summarise``) and the budget verdict for choosing."""
     apply_overrides(
         repo,
         {"distill": {"trunk_blocks": blocks, "input_size": input_size, "compare_scratch": False}},
     )
-    started = time.perf_counter()
     seconds, output = dvc(repo, env, "repro")
-    ran = stages_ran(output)
     metrics = {
-        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text())
-        for stage in ("distill", "quantize", "evaluate")
+        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
     }
-    evaluate, quantize = metrics["evaluate"], metrics["quantize"]
-    int8, teacher = evaluate["student_int8"], evaluate["teacher"]
-    targets = int8.get("targets", {})
+    row = summarise(metrics)
+    budget = row["student_budget"]
+    ratio = budget["latency_ratio_b1_vs_teacher"]
     return {
         "trunk_blocks": blocks,
         "input_size": input_size,
-        "stages_ran": ran,
-        "student_params": metrics["distill"]["params"],
-        "student_val_f1_macro": metrics["distill"]["best_val_f1_macro"],
-        "int8_val_f1_macro": quantize["val_f1_macro_int8"],
-        "quantize_method_used": quantize.get("method_used"),
-        "teacher_f1_macro": teacher["f1_macro"],
-        "student_f1_macro": evaluate["student"]["f1_macro"],
-        "student_int8_f1_macro": int8["f1_macro"],
-        "student_int8_f1_macro_ci": int8.get("f1_macro_ci"),
-        "student_int8_accuracy": int8["accuracy"],
-        "gap": teacher["f1_macro"] - int8["f1_macro"],
-        "int8_bytes": int8.get("size_bytes"),
-        "int8_latency_ms_b1": int8.get("latency_ms_b1"),
-        "latency_ratio_b1_vs_teacher": targets.get("latency_ratio_b1_vs_teacher", {}).get("value"),
-        "within_budget": all(
-            targets.get(key, {}).get("met", False)
-            for key in ("int8_bytes", "latency_ratio_b1_vs_teacher")
-        ),
+        "stages_ran": stages_ran(output),
+        **row,
+        "int8_val_f1_macro": metrics["quantize"]["val_f1_macro_int8"],
+        "gap": row["teacher_f1_macro"] - row["student_int8_f1_macro"],
+        "int8_latency_ms_b1": metrics["evaluate"]["student_int8"].get("latency_ms_b1"),
+        "latency_ratio_b1_vs_teacher": ratio and ratio["value"],
+        "within_budget": all(target and target["met"] for target in budget.values()),
         "repro_seconds": round(seconds, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
 
 
@@ -108,7 +91,8 @@ def table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
             f"| {r['trunk_blocks']}{mark} | {r['input_size']} | {r['student_params']:,} "
             f"| {r['int8_val_f1_macro']:.3f} | {r['student_f1_macro']:.3f} "
             f"| {r['student_int8_f1_macro']:.3f} [{low:.3f}, {high:.3f}] "
-            f"| {r['student_int8_accuracy']:.3f} | {r['gap']:+.3f} | {r['int8_bytes'] / 1000:.0f} "
+            f"| {r['student_int8_accuracy']:.3f} | {r['gap']:+.3f} "
+            f"| {r['student_int8_bytes'] / 1000:.0f} "
             f"| {'—' if ratio is None else f'{ratio:.2f}'} "
             f"| {'yes' if r['within_budget'] else 'no'} |"
         )

@@ -574,7 +574,7 @@ def test_students_benchmark_smoke_on_a_copy_of_the_pipeline(pipeline, tmp_path) 
     default = json.loads((repo / "metrics/distill.json").read_text())["params"]
     assert 0 < row["student_params"] < default  # shallower than the default 6 blocks
     assert row["gap"] == pytest.approx(row["teacher_f1_macro"] - row["student_int8_f1_macro"])
-    assert row["int8_bytes"] > 0 and row["latency_ratio_b1_vs_teacher"] > 0
+    assert row["student_int8_bytes"] > 0 and row["latency_ratio_b1_vs_teacher"] > 0
     assert result["chosen"] == ({"trunk_blocks": 4, "input_size": "auto"}
                                 if row["within_budget"] else None)  # fmt: skip
     assert ((repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()) == before
