@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.pipeline import STAGES, apply_overrides, dvc, stages_ran  # noqa: E402
-from benchmarks.suite import DATASETS, parse_settings, run_one, summarise  # noqa: E402
-from benchmarks.workspace import copy_env  # noqa: E402
-from tasks.servers import stop_local_server  # noqa: E402
+from benchmarks.suite import DATASETS, parse_settings, pipeline_copy, summarise  # noqa: E402
 
 
 def measure(repo: Path, env: dict[str, str], blocks: int, input_size: int | str) -> dict[str, Any]:
@@ -116,32 +112,13 @@ def main() -> None:
     sizes = [size if size == "auto" else int(size) for size in args.input_sizes]
     candidates = [(4, "auto")] if args.smoke else [(b, s) for b in args.blocks for s in sizes]
 
-    if args.repo is not None:
-        name, first = args.repo.resolve().name, None
-        scratch = Path(tempfile.mkdtemp(prefix="visionpipe-students-"))
-        repo = scratch / "repo"
-        shutil.copytree(args.repo, repo, symlinks=True)
-    else:
-        name = args.dataset
-        first = run_one(name, True, args.smoke, parse_settings(args.set), keep=True)
-        if first["status"] != "ok":
-            raise SystemExit(f"the first run failed: {first['status']}: {first['reason']}")
-        repo = Path(first.pop("kept"))  # in run_pipeline's folder, beside its server state
-        scratch = repo.parent
-    try:
-        state = scratch / "state"
-        env = copy_env(state)
+    with pipeline_copy(args.dataset, args.repo, args.smoke, parse_settings(args.set)) as copy:
         rows = []
-        try:
-            for blocks, size in candidates:
-                print(f"trunk_blocks {blocks}, input_size {size} ...", flush=True)
-                rows.append(measure(repo, env, blocks, size))
-                print(f"  {json.dumps(rows[-1])}", flush=True)
-        finally:
-            # the stages started the copy's own Prefect server (VISIONPIPE_HOME=state)
-            server_stopped = stop_local_server(state / "prefect")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        for blocks, size in candidates:
+            print(f"trunk_blocks {blocks}, input_size {size} ...", flush=True)
+            rows.append(measure(copy.repo, copy.env, blocks, size))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+    name, first, server_stopped = copy.name, copy.first, copy.server_stopped
     chosen = winner(rows)
     print(table(rows, chosen))
     device = "gpu" if describe_machine()["gpu"] else "cpu"

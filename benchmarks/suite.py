@@ -34,8 +34,13 @@ see 32 px), into ``suite_<device>_smoke.json``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,8 @@ from benchmarks.machine import describe_machine, result_name, write_result  # no
 from benchmarks.messy_folder import build as build_messy_folder  # noqa: E402
 from benchmarks.pipeline import SMOKE, StageFailed, merge_overrides, run_pipeline  # noqa: E402
 from benchmarks.wesnoth_units import build as build_wesnoth_units  # noqa: E402
+from benchmarks.workspace import copy_env  # noqa: E402
+from tasks.servers import stop_local_server  # noqa: E402
 
 MESSY = "data/raw/messy"
 WESNOTH = "data/raw/wesnoth"
@@ -176,6 +183,48 @@ def run_one(
         "overrides": overrides,
         **({"kept": run["kept"]} if keep else {}),
     }
+
+
+@dataclass
+class PipelineCopy:
+    """A pipeline where ``dvc repro`` has run, to try students in: its name, the first run's
+    row (None for a copy of a checkout), the repository and the environment its stages
+    run in; ``server_stopped`` once it is closed."""
+
+    name: str
+    first: dict[str, Any] | None
+    repo: Path
+    env: dict[str, str]
+    server_stopped: bool = field(default=False)
+
+
+@contextmanager
+def pipeline_copy(
+    dataset: str | None, checkout: Path | None, smoke: bool, settings: dict[str, Any]
+) -> Iterator[PipelineCopy]:
+    """With ``dataset``, the whole pipeline run once in a fresh copy (``run_one``, kept); with
+    ``checkout``, a copy of it (outputs and DVC cache included), so the checkout is left as it
+    was. On exit the copy's own Prefect server is stopped and the copy deleted."""
+    if checkout is not None:
+        name, first = checkout.resolve().name, None
+        scratch = Path(tempfile.mkdtemp(prefix="visionpipe-copy-"))
+        repo = scratch / "repo"
+        shutil.copytree(checkout, repo, symlinks=True)
+    else:
+        name = dataset
+        first = run_one(name, True, smoke, settings, keep=True)
+        if first["status"] != "ok":
+            raise SystemExit(f"the first run failed: {first['status']}: {first['reason']}")
+        repo = Path(first.pop("kept"))  # in run_pipeline's folder, beside its server state
+        scratch = repo.parent
+    state = scratch / "state"
+    copy = PipelineCopy(name, first, repo, copy_env(state))
+    try:
+        yield copy
+    finally:
+        # the stages started the copy's own Prefect server (VISIONPIPE_HOME=state)
+        copy.server_stopped = stop_local_server(state / "prefect")
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
