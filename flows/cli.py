@@ -12,6 +12,8 @@
     visionpipe serve-model   serve a model over HTTP: POST image files, get labels
     visionpipe serve-deployment  run the scheduled retrain deployment here (Ctrl-C stops)
     visionpipe deploy   put the retrain deployment on a Prefect work pool (for `prefect worker`)
+    visionpipe tune     search students within a size and latency budget (flows/tune.py);
+                        queue the winner as a DVC experiment
 
 The pipeline itself runs with ``dvc repro`` (DVC decides what is stale).
 """
@@ -252,6 +254,57 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from flows.prefect_api import run_stage
+    from flows.tune import tune_flow
+    from tasks.tuning import BudgetError, kb
+
+    try:
+        params = load_params()
+    except ParamsError as exc:
+        print(f"visionpipe: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_stage(
+            tune_flow, seed=params.seed, distill=params.distill, augment=params.augment,
+            quantize=params.quantize, evaluate=params.evaluate, mlflow_params=params.mlflow,
+            max_kb=args.max_kb, max_latency_ms=args.max_latency_ms, trials=args.trials,
+            out_dir=args.out, queue=not args.no_queue,
+        )  # fmt: skip
+    except BudgetError as exc:
+        print(f"visionpipe tune: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"visionpipe tune: {exc}", file=sys.stderr)
+        return 2
+    winner = summary["winner"]
+    print(
+        f"{summary['candidates']} int8 students measured in {summary['search_seconds']:.0f} s "
+        f"({len(summary['pruned'])} architectures pruned over budget, "
+        f"{len(summary['failed'])} failed): {args.out / 'pareto.csv'}, {args.out / 'pareto.png'}"
+    )
+    print(f"winner: {winner['candidate']} with {winner['method'].upper()}: val macro-F1 "
+          f"{winner['val_f1_macro_int8']:.4f}, {kb(winner['int8_bytes'])}, "
+          f"{winner['latency_ms_b1']:.3f} ms per image")  # fmt: skip
+    queued = summary["queued"]
+    if queued and queued["queued"]:
+        print(f"queued as DVC experiment {queued['name']!r}: `dvc queue start` runs it (distill, "
+              f"quantize, evaluate: its test score), `dvc exp show` lists it, "
+              f"`dvc exp apply {queued['name']}` makes it the pipeline's student")  # fmt: skip
+    elif queued:
+        print(f"visionpipe tune: could not queue the winner: {queued['error']}", file=sys.stderr)
+        print("run it by hand: " + " ".join(queued["command"]).replace("--queue ", ""))
+        return 1
+    return 0
+
+
+def _kilobytes(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionpipe", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -339,6 +392,27 @@ def main(argv: list[str] | None = None) -> int:
     deploy.add_argument("--pool", required=True, help="work pool (prefect work-pool create)")
     deploy.add_argument("--name", default="nightly", help="deployment name (nightly)")
     deploy.set_defaults(run=_deploy)
+    tune = commands.add_parser(
+        "tune",
+        help="search students within a size and latency budget",
+        description="Sizes up every student of the grid, fits up to --trials of those within "
+        "the budget (distilled from the pipeline's teacher; PTQ and QAT each), times them with "
+        "the teacher, writes the Pareto front to --out, and queues the best int8 val macro-F1 "
+        "within the budget as a DVC experiment. Run after dvc repro. An interrupted search "
+        "resumes. Exit status: 0 done, 1 the winner could not be queued, 2 nothing fits.",
+    )
+    tune.add_argument("--max-kb", type=_kilobytes, help="largest int8 ONNX file, KB of 1000 "
+                      "bytes (default: evaluate.student_budget.max_int8_bytes)")  # fmt: skip
+    tune.add_argument(
+        "--max-latency-ms", type=_kilobytes,
+        help="slowest single-image latency on this machine with evaluate.num_threads threads "
+        "(default: evaluate.student_budget.max_latency_ratio_b1 x the teacher's, timed alongside)",
+    )  # fmt: skip
+    tune.add_argument("--trials", type=_positive, default=12,
+                      help="students to fit, spread over the latency range (12)")  # fmt: skip
+    tune.add_argument("--out", type=Path, default=Path("reports/tune"), help="(reports/tune)")
+    tune.add_argument("--no-queue", action="store_true", help="do not queue the winner")
+    tune.set_defaults(run=_tune)
     args = parser.parse_args(argv)
     return args.run(args)
 

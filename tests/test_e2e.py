@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -579,6 +580,79 @@ def test_students_benchmark_smoke_on_a_copy_of_the_pipeline(pipeline, tmp_path) 
                                 if row["within_budget"] else None)  # fmt: skip
     assert ((repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()) == before
     assert result["server_stopped"]  # the copy's Prefect server, not left running
+
+
+def test_tune_searches_students_within_a_budget_and_queues_the_winner(ops, pipeline, tmp_path):
+    """visionpipe tune on a copy of the pipeline: every architecture sized up, two fitted
+    (PTQ and QAT each), the front written, one MLflow parent with a child per fit; a rerun
+    resumes; a budget nothing meets is a clear error; the winner queued as a DVC experiment."""
+    repo, env, _ = pipeline
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    printed = _visionpipe(copy, env, "tune", "--trials", "2", "--max-kb", "1000",
+                          "--max-latency-ms", "100")  # fmt: skip
+    summary = json.loads((copy / "reports/tune/tune.json").read_text())
+    rows = pd.read_csv(copy / "reports/tune/pareto.csv")
+    assert summary["architectures"] == 11  # 6 trunk depths at one size (8 px stored) + 5 scratch
+    assert summary["fitted"] == 2 and summary["candidates"] == 4 and not summary["failed"]
+    fitted = rows[rows.status == "ok"]
+    assert sorted(fitted.method) == ["ptq", "ptq", "qat", "qat"]
+    assert fitted.candidate.nunique() == 2 and (rows.status == "skipped").sum() == 9
+    assert (fitted.latency_ms_b1 > 0).all() and (fitted.latency_ms_b64 > 0).all()
+    assert fitted.val_f1_macro_int8.between(0, 1).all() and fitted.within_budget.all()
+    (winner,) = fitted[fitted.winner].itertuples()
+    assert winner.val_f1_macro_int8 == fitted.val_f1_macro_int8.max() and winner.on_front
+    assert (copy / "reports/tune/pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = mlflow.MlflowClient(ops["urls"]["mlflow"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(r.data.tags["candidate"] for r in children) == sorted(set(fitted.candidate))
+    assert all(f"{winner.method}.latency_ms_b1" in r.data.metrics for r in children)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "pareto.csv", "pareto.png", "tune.json"}  # fmt: skip
+
+    again = _visionpipe(copy, env, "tune", "--trials", "2", "--max-kb", "1000",
+                        "--max-latency-ms", "100", "--no-queue")  # fmt: skip
+    assert again.count("recorded by an earlier run") == 2  # resumed: nothing refitted
+    rerun = pd.read_csv(copy / "reports/tune/pareto.csv")
+    assert rerun.val_f1_macro_int8.equals(rows.val_f1_macro_int8)
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "tune", "--max-kb", "0.5", "--no-queue"],
+        cwd=copy, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "no student fits the budget of 0.5 KB" in refused.stderr
+    assert "the smallest measured" in refused.stderr and "the fastest" in refused.stderr
+
+    name = summary["queued"]["name"]
+    assert summary["queued"]["queued"] and f"queued as DVC experiment {name!r}" in printed
+    assert re.search(rf"{name}.*Queued", _dvc(copy, env, "exp", "show", "--no-pager"))
+    # running it, applying it and its test score: the tune benchmark's smoke test below
+
+
+def test_tune_benchmark_smoke_runs_and_applies_the_winners_experiment(pipeline, tmp_path) -> None:
+    """benchmarks/tune.py --smoke on a copy: tune fits one student, the experiment it queued
+    runs through the real distill, quantize and evaluate, and dvc exp apply makes it the
+    copy's student; the checkout itself is left as it was."""
+    repo, _, _ = pipeline
+    before = (repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()
+    result = _benchmark_smoke("tune", repo, tmp_path)
+    tune, winner = result["tune"], result["winner_student"]
+    assert tune["fitted"] == 1 and tune["candidates"] == 2  # one fit, PTQ and QAT
+    assert result["experiment"]["stages_ran"] == ["distill", "quantize", "evaluate"]
+    assert winner["student_params"] == tune["winner"]["params"]
+    assert winner["quantize_method_used"] == tune["winner"]["method"]
+    assert winner["teacher_f1_macro"] == result["default_student"]["teacher_f1_macro"]  # reused
+    assert result["winner_minus_default_int8_test_f1"] == pytest.approx(
+        winner["student_int8_f1_macro"] - result["default_student"]["student_int8_f1_macro"]
+    )
+    assert len(result["pareto"]) == tune["architectures"]
+    assert ((repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()) == before
+    assert result["server_stopped"]
 
 
 @pytest.mark.parametrize("server", ["serve-model", "mlflow"])

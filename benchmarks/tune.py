@@ -1,0 +1,158 @@
+"""visionpipe tune on one dataset: its front, how long it took, and its winner's test score
+against the default student's at the same budget.
+
+    python benchmarks/tune.py --dataset NAME [--trials 12] [--max-kb K] [--max-latency-ms L]
+    python benchmarks/tune.py --repo PATH --smoke  # a checkout where dvc repro has run
+
+With ``--dataset`` (one of ``benchmarks/suite.py``'s), runs the whole pipeline once in a
+fresh copy on the committed defaults (``benchmarks/pipeline.py``): the default student
+and its test scores. Then, in that copy, ``visionpipe tune`` with the budget given
+(default: ``evaluate.student_budget``), timed; then ``dvc exp run --run-all`` runs the
+experiment tune queued (distill, quantize and evaluate with the winner as the student),
+and ``dvc exp apply`` brings its metrics into the copy: the winner's test scores, from the
+same evaluate stage that scored the default. Test is read only there; tune chose on val.
+
+``--repo`` works on a copy of an existing checkout instead (so the checkout is left as it
+was); ``--smoke`` fits one candidate (``--trials 1``) with a generous latency limit.
+Writes ``benchmarks/results/tune_<name>_<device>.json`` (with ``pareto.csv``'s rows) and
+prints the front for ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import describe_machine, result_name, results_dir, write_result  # noqa: E402
+from benchmarks.pipeline import STAGES, dvc, stages_ran  # noqa: E402
+from benchmarks.suite import DATASETS, pipeline_copy, summarise  # noqa: E402
+
+
+def metrics_row(repo: Path) -> dict[str, Any]:
+    """The suite's row of the copy's metrics, with the int8 student's val score and latency."""
+    metrics = {
+        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
+    }
+    row = summarise(metrics)
+    ratio = row["student_budget"]["latency_ratio_b1_vs_teacher"]
+    return {
+        **row,
+        "int8_val_f1_macro": metrics["quantize"]["val_f1_macro_int8"],
+        "gap": row["teacher_f1_macro"] - row["student_int8_f1_macro"],
+        "int8_latency_ms_b1": metrics["evaluate"]["student_int8"].get("latency_ms_b1"),
+        "latency_ratio_b1_vs_teacher": ratio and ratio["value"],
+    }
+
+
+def run_tune(repo: Path, env: dict[str, str], args: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "tune", *args],
+        cwd=repo, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"visionpipe tune failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started, done.stdout + done.stderr
+
+
+def front_table(rows: list[dict[str, str]]) -> str:
+    lines = [
+        "| candidate | int8 | params | int8 KB | b1 ms | b64 ms | val F1 fp32 | val F1 int8 "
+        "| fit s | within budget | on front |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        mark = " **(winner)**" if r["winner"] == "True" else ""
+        lines.append(
+            f"| {r['candidate']}{mark} | {r['method'].upper()} | {int(r['params']):,} "
+            f"| {int(r['int8_bytes']) / 1000:.0f} | {float(r['latency_ms_b1']):.3f} "
+            f"| {float(r['latency_ms_b64']):.2f} | {float(r['val_f1_macro_fp32']):.3f} "
+            f"| {float(r['val_f1_macro_int8']):.3f} | {float(r['fit_seconds']):.0f} "
+            f"| {'yes' if r['within_budget'] == 'True' else 'no'} "
+            f"| {'yes' if r['on_front'] == 'True' else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", choices=list(DATASETS), help="a fresh copy on this dataset")
+    where.add_argument("--repo", type=Path, help="a copy of this checkout, where dvc repro ran")
+    parser.add_argument("--trials", type=int, default=12, help="visionpipe tune --trials (12)")
+    parser.add_argument("--max-kb", type=float, help="visionpipe tune --max-kb")
+    parser.add_argument("--max-latency-ms", type=float, help="visionpipe tune --max-latency-ms")
+    parser.add_argument("--out", help="result file name (default tune_<name>_<device>.json)")
+    parser.add_argument("--smoke", action="store_true", help="one fit, a generous latency limit")
+    args = parser.parse_args()
+    tune_args = ["--trials", "1" if args.smoke else str(args.trials)]
+    if args.max_kb is not None:
+        tune_args += ["--max-kb", str(args.max_kb)]
+    if args.max_latency_ms is not None or args.smoke:
+        tune_args += ["--max-latency-ms", str(args.max_latency_ms or 1000.0)]
+
+    device = "gpu" if describe_machine()["gpu"] else "cpu"
+    name = args.dataset or args.repo.resolve().name
+    out = args.out or result_name(f"tune_{name}_{device}.json", args.smoke)
+    with pipeline_copy(args.dataset, args.repo, args.smoke, {}) as copy:
+        default = metrics_row(copy.repo)
+        print(f"visionpipe tune {' '.join(tune_args)} ...", flush=True)
+        tune_seconds, printed = run_tune(copy.repo, copy.env, tune_args)
+        print(printed[-1500:], flush=True)
+        summary = json.loads((copy.repo / "reports/tune/tune.json").read_text())
+        with (copy.repo / "reports/tune/pareto.csv").open() as handle:
+            front = list(csv.DictReader(handle))
+        # the search's own files, kept before the experiment runs (it may fail on its own)
+        figure = results_dir() / out.replace(".json", ".png")
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        figure.write_bytes((copy.repo / "reports/tune/pareto.png").read_bytes())
+        write_result(out, {"tune": summary, "pareto": front, "tune_seconds": tune_seconds})
+        experiment = summary["queued"]["name"]
+        print(f"dvc exp run --run-all ({experiment}) ...", flush=True)
+        exp_seconds, output = dvc(copy.repo, copy.env, "exp", "run", "--run-all")
+        dvc(copy.repo, copy.env, "exp", "apply", experiment)
+        winner = metrics_row(copy.repo)
+    print(front_table(front))
+    result = {
+        "command": " ".join(["python", "benchmarks/tune.py", *sys.argv[1:]]),
+        "machine": describe_machine(),
+        "dataset": copy.name,
+        "first_run": copy.first,
+        "tune_args": tune_args,
+        "tune_seconds": round(tune_seconds, 1),
+        "tune": summary,
+        "pareto": front,
+        "figure": figure.name,
+        "experiment": {
+            "name": experiment,
+            "seconds": round(exp_seconds, 1),
+            "stages_ran": stages_ran(output),
+        },
+        "default_student": default,
+        "winner_student": winner,
+        "winner_minus_default_int8_test_f1": winner["student_int8_f1_macro"]
+        - default["student_int8_f1_macro"],
+        "server_stopped": copy.server_stopped,
+    }
+    for label, row in (("default", default), ("winner", winner)):
+        low, high = row["student_int8_f1_macro_ci"] or (float("nan"),) * 2
+        print(f"{label}: {row['student_params']:,} params, int8 test macro-F1 "
+              f"{row['student_int8_f1_macro']:.3f} [{low:.3f}, {high:.3f}], accuracy "
+              f"{row['student_int8_accuracy']:.3f}, gap {row['gap']:+.3f}, "
+              f"{row['student_int8_bytes'] / 1000:.0f} KB")  # fmt: skip
+    print(f"wrote {write_result(out, result)}")
+
+
+if __name__ == "__main__":
+    main()
