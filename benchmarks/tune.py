@@ -13,7 +13,8 @@ and ``dvc exp apply`` brings its metrics into the copy: the winner's test scores
 same evaluate stage that scored the default. Test is read only there; tune chose on val.
 
 ``--repo`` works on a copy of an existing checkout instead (so the checkout is left as it
-was); ``--smoke`` fits one candidate (``--trials 1``) with a generous latency limit.
+was); ``--smoke`` fits one candidate (``--trials 1``) of the two ``cnn`` ones, with a
+generous latency limit.
 Writes ``benchmarks/results/tune_<name>_<device>.json`` (with ``pareto.csv``'s rows) and
 prints the front for ``benchmarks/README.md``.
 """
@@ -94,11 +95,18 @@ def main() -> None:
     parser.add_argument("--max-kb", type=float, help="visionpipe tune --max-kb")
     parser.add_argument("--max-latency-ms", type=float, help="visionpipe tune --max-latency-ms")
     parser.add_argument("--out", help="result file name (default tune_<name>_<device>.json)")
-    parser.add_argument("--smoke", action="store_true", help="one fit, a generous latency limit")
+    parser.add_argument("--families", nargs="+", help="visionpipe tune --families (all)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one cnn fit (--families cnn), a generous latency limit",
+    )
     args = parser.parse_args()
     tune_args = ["--trials", "1" if args.smoke else str(args.trials)]
     if args.max_kb is not None:
         tune_args += ["--max-kb", str(args.max_kb)]
+    if args.families or args.smoke:
+        tune_args += ["--families", *(args.families or ["cnn"])]
     if args.max_latency_ms is not None or args.smoke:
         tune_args += ["--max-latency-ms", str(args.max_latency_ms or 1000.0)]
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.params import ParamsError, load_params
+from tasks.tuning import FAMILIES
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -269,7 +270,7 @@ def _tune(args: argparse.Namespace) -> int:
             tune_flow, seed=params.seed, distill=params.distill, augment=params.augment,
             quantize=params.quantize, evaluate=params.evaluate, mlflow_params=params.mlflow,
             max_kb=args.max_kb, max_latency_ms=args.max_latency_ms, trials=args.trials,
-            out_dir=args.out, queue=not args.no_queue,
+            families=tuple(args.families), out_dir=args.out, queue=not args.no_queue,
         )  # fmt: skip
     except BudgetError as exc:
         print(f"visionpipe tune: {exc}", file=sys.stderr)
@@ -410,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     tune.add_argument("--trials", type=_positive, default=12,
                       help="students to fit, spread over the latency range (12)")  # fmt: skip
+    tune.add_argument(
+        "--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+        help="student families to search (all): trunk (EfficientNet-Lite0's first blocks, "
+        "ImageNet weights), mobilenet, cnn (from scratch)",
+    )  # fmt: skip
     tune.add_argument("--out", type=Path, default=Path("reports/tune"), help="(reports/tune)")
     tune.add_argument("--no-queue", action="store_true", help="do not queue the winner")
     tune.set_defaults(run=_tune)

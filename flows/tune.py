@@ -272,6 +272,7 @@ def tune_flow(
     max_kb: float | None = None,
     max_latency_ms: float | None = None,
     trials: int = 12,
+    families: tuple[str, ...] = t.FAMILIES,
     out_dir: Path = OUT_DIR,
     queue: bool = True,
 ) -> dict[str, Any]:
@@ -286,7 +287,7 @@ def tune_flow(
     data = load_training_data()
     teacher = d.load_teacher.fn(TEACHER)
     height, _, channels = data.prepared.image_shape
-    space = t.search_space(auto_input_size(height, distill.input_size, channels))
+    space = t.search_space(auto_input_size(height, distill.input_size, channels), families)
     key = tracking_key(seed, data, distill, augment, quantize)
     candidates_dir = fresh_state(out_dir, key)
     folders = {c.name: candidates_dir / c.name for c in space}

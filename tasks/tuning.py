@@ -73,17 +73,27 @@ class Candidate:
         }
 
 
-def search_space(auto_input_size: int) -> list[Candidate]:
-    """The grid (module docstring), for a dataset whose ``input_size: auto`` is this many px."""
+FAMILIES = ("trunk", *SCRATCH_WIDTHS)  # --families: trunk is efficientnet_lite0_trunk
+
+
+def search_space(auto_input_size: int, families: Iterable[str] = FAMILIES) -> list[Candidate]:
+    """The grid (module docstring), for a dataset whose ``input_size: auto`` is this many px,
+    of the ``families`` asked for."""
+    families = tuple(families)
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown student families {sorted(unknown)}: choose from {FAMILIES}")
     smaller = max(32, 8 * round(auto_input_size * 2 / 3 / 8))
     sizes = sorted({auto_input_size, smaller}, reverse=True)
-    trunks = [Candidate(TRUNK, trunk_blocks=b, input_size=s) for b in TRUNK_BLOCKS for s in sizes]
-    scratch = [
-        Candidate(model, width=width)
-        for model, widths in SCRATCH_WIDTHS.items()
-        for width in widths
-    ]
-    return trunks + scratch
+    grid = []
+    if "trunk" in families:
+        grid += [
+            Candidate(TRUNK, trunk_blocks=b, input_size=s) for b in TRUNK_BLOCKS for s in sizes
+        ]
+    for model, widths in SCRATCH_WIDTHS.items():
+        if model in families:
+            grid += [Candidate(model, width=width) for width in widths]
+    return grid
 
 
 @dataclass(frozen=True)

@@ -630,7 +630,7 @@ def test_tune_searches_students_within_a_budget_and_queues_the_winner(ops, pipel
 
     name = summary["queued"]["name"]
     assert summary["queued"]["queued"] and f"queued as DVC experiment {name!r}" in printed
-    assert re.search(rf"{name}.*Queued", _dvc(copy, env, "exp", "show", "--no-pager"))
+    assert re.search(rf"{name}\s.*\bQueued\b", _dvc(copy, env, "queue", "status"))
     # running it, applying it and its test score: the tune benchmark's smoke test below
 
 
@@ -650,7 +650,7 @@ def test_tune_benchmark_smoke_runs_and_applies_the_winners_experiment(pipeline, 
     assert result["winner_minus_default_int8_test_f1"] == pytest.approx(
         winner["student_int8_f1_macro"] - result["default_student"]["student_int8_f1_macro"]
     )
-    assert len(result["pareto"]) == tune["architectures"]
+    assert len({row["candidate"] for row in result["pareto"]}) == tune["architectures"] == 2
     assert ((repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()) == before
     assert result["server_stopped"]
 

@@ -42,6 +42,10 @@ def test_the_grid_is_fixed_and_each_candidate_is_a_valid_distill_section() -> No
     assert len(names) == len(set(names)) == 6 * 2 + 5
     assert {c.input_size for c in space if c.model == t.TRUNK} == {96, 64}
     assert [c.name for c in t.search_space(32)][:2] == ["trunk3-32px", "trunk4-32px"]  # one size
+    assert [c.name for c in t.search_space(96, ["cnn", "mobilenet"])] == [
+        "mobilenet-w16", "mobilenet-w24", "mobilenet-w32", "cnn-w16", "cnn-w32"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown student families \['vit'\]"):
+        t.search_space(96, ["trunk", "vit"])
     params = yaml.safe_load(Path("params.yaml").read_text())["distill"]
     for candidate in space:
         changed = {k.split(".", 1)[1]: v for k, v in candidate.overrides().items()}
