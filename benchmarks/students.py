@@ -35,34 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
-from benchmarks.pipeline import STAGES, apply_overrides, dvc, stages_ran  # noqa: E402
-from benchmarks.suite import DATASETS, parse_settings, pipeline_copy, summarise  # noqa: E402
+from benchmarks.pipeline import apply_overrides, dvc, stages_ran  # noqa: E402
+from benchmarks.suite import copy_arguments, parse_settings, pipeline_copy, student_row  # noqa: E402
 
 
 def measure(repo: Path, env: dict[str, str], blocks: int, input_size: int | str) -> dict[str, Any]:
     """One candidate: its distill params set, ``dvc repro``, then the suite's row of the
-    stages' metrics (``suite.summarise``) and the budget verdict for choosing."""
+    stages' metrics with the budget verdict (``suite.student_row``)."""
     apply_overrides(
         repo,
         {"distill": {"trunk_blocks": blocks, "input_size": input_size, "compare_scratch": False}},
     )
     seconds, output = dvc(repo, env, "repro")
-    metrics = {
-        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
-    }
-    row = summarise(metrics)
-    budget = row["student_budget"]
-    ratio = budget["latency_ratio_b1_vs_teacher"]
     return {
         "trunk_blocks": blocks,
         "input_size": input_size,
         "stages_ran": stages_ran(output),
-        **row,
-        "int8_val_f1_macro": metrics["quantize"]["val_f1_macro_int8"],
-        "gap": row["teacher_f1_macro"] - row["student_int8_f1_macro"],
-        "int8_latency_ms_b1": metrics["evaluate"]["student_int8"].get("latency_ms_b1"),
-        "latency_ratio_b1_vs_teacher": ratio and ratio["value"],
-        "within_budget": all(target and target["met"] for target in budget.values()),
+        **student_row(repo),
         "repro_seconds": round(seconds, 1),
     }
 
@@ -97,9 +86,7 @@ def table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--dataset", choices=list(DATASETS), help="a fresh copy on this dataset")
-    where.add_argument("--repo", type=Path, help="a copy of this checkout, where dvc repro ran")
+    copy_arguments(parser)
     parser.add_argument("--blocks", nargs="+", type=int, default=[4, 5, 6, 7, 8])
     parser.add_argument("--input-sizes", nargs="+", default=["auto"], help="px, or auto")
     parser.add_argument(

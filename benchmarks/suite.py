@@ -34,6 +34,7 @@ see 32 px), into ``suite_<device>_smoke.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -51,7 +52,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, result_name, write_result  # noqa: E402
 from benchmarks.messy_folder import build as build_messy_folder  # noqa: E402
-from benchmarks.pipeline import SMOKE, StageFailed, merge_overrides, run_pipeline  # noqa: E402
+from benchmarks.pipeline import (  # noqa: E402
+    SMOKE,
+    STAGES,
+    StageFailed,
+    merge_overrides,
+    run_pipeline,
+)
 from benchmarks.wesnoth_units import build as build_wesnoth_units  # noqa: E402
 from benchmarks.workspace import copy_env  # noqa: E402
 from tasks.servers import stop_local_server  # noqa: E402
@@ -182,6 +189,33 @@ def run_one(
         "noop_repro_seconds": run["noop_repro_seconds"],
         "overrides": overrides,
         **({"kept": run["kept"]} if keep else {}),
+    }
+
+
+def copy_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dataset NAME`` or ``--repo PATH``: where ``pipeline_copy`` gets its pipeline."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", choices=list(DATASETS), help="a fresh copy on this dataset")
+    where.add_argument("--repo", type=Path, help="a copy of this checkout, where dvc repro ran")
+
+
+def student_row(repo: Path) -> dict[str, Any]:
+    """The suite's row of a pipeline's metrics (``summarise``), with what choosing a student
+    needs: the int8 student's val score (the quantize stage's), its gap to the teacher on
+    test, its single-image latency and ratio to the teacher's, and the budget verdict."""
+    metrics = {
+        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
+    }
+    row = summarise(metrics)
+    budget = row["student_budget"]
+    ratio = budget["latency_ratio_b1_vs_teacher"]
+    return {
+        **row,
+        "int8_val_f1_macro": metrics["quantize"]["val_f1_macro_int8"],
+        "gap": row["teacher_f1_macro"] - row["student_int8_f1_macro"],
+        "int8_latency_ms_b1": metrics["evaluate"]["student_int8"].get("latency_ms_b1"),
+        "latency_ratio_b1_vs_teacher": ratio and ratio["value"],
+        "within_budget": all(target and target["met"] for target in budget.values()),
     }
 
 

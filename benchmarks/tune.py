@@ -28,30 +28,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, result_name, results_dir, write_result  # noqa: E402
-from benchmarks.pipeline import STAGES, dvc, stages_ran  # noqa: E402
-from benchmarks.suite import DATASETS, pipeline_copy, summarise  # noqa: E402
-
-
-def metrics_row(repo: Path) -> dict[str, Any]:
-    """The suite's row of the copy's metrics, with the int8 student's val score and latency."""
-    metrics = {
-        stage: json.loads((repo / "metrics" / f"{stage}.json").read_text()) for stage in STAGES
-    }
-    row = summarise(metrics)
-    ratio = row["student_budget"]["latency_ratio_b1_vs_teacher"]
-    return {
-        **row,
-        "int8_val_f1_macro": metrics["quantize"]["val_f1_macro_int8"],
-        "gap": row["teacher_f1_macro"] - row["student_int8_f1_macro"],
-        "int8_latency_ms_b1": metrics["evaluate"]["student_int8"].get("latency_ms_b1"),
-        "latency_ratio_b1_vs_teacher": ratio and ratio["value"],
-    }
+from benchmarks.pipeline import dvc, stages_ran  # noqa: E402
+from benchmarks.suite import copy_arguments, pipeline_copy, student_row  # noqa: E402
 
 
 def run_tune(repo: Path, env: dict[str, str], args: list[str]) -> tuple[float, str]:
@@ -88,9 +71,7 @@ def front_table(rows: list[dict[str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--dataset", choices=list(DATASETS), help="a fresh copy on this dataset")
-    where.add_argument("--repo", type=Path, help="a copy of this checkout, where dvc repro ran")
+    copy_arguments(parser)
     parser.add_argument("--trials", type=int, default=12, help="visionpipe tune --trials (12)")
     parser.add_argument("--max-kb", type=float, help="visionpipe tune --max-kb")
     parser.add_argument("--max-latency-ms", type=float, help="visionpipe tune --max-latency-ms")
@@ -114,7 +95,7 @@ def main() -> None:
     name = args.dataset or args.repo.resolve().name
     out = args.out or result_name(f"tune_{name}_{device}.json", args.smoke)
     with pipeline_copy(args.dataset, args.repo, args.smoke, {}) as copy:
-        default = metrics_row(copy.repo)
+        default = student_row(copy.repo)
         print(f"visionpipe tune {' '.join(tune_args)} ...", flush=True)
         tune_seconds, printed = run_tune(copy.repo, copy.env, tune_args)
         print(printed[-1500:], flush=True)
@@ -130,7 +111,7 @@ def main() -> None:
         print(f"dvc exp run --run-all ({experiment}) ...", flush=True)
         exp_seconds, output = dvc(copy.repo, copy.env, "exp", "run", "--run-all")
         dvc(copy.repo, copy.env, "exp", "apply", experiment)
-        winner = metrics_row(copy.repo)
+        winner = student_row(copy.repo)
     print(front_table(front))
     result = {
         "command": " ".join(["python", "benchmarks/tune.py", *sys.argv[1:]]),
