@@ -191,21 +191,16 @@ def kb(size: float) -> str:
 
 def mark_front(rows: list[Row]) -> None:
     """``on_front``: no other fitted row is at least as good in val macro-F1, latency and size,
-    and better in one of them."""
+    and better in one of them. Sizes count in whole KB: the same network's PTQ and QAT files
+    differ by a few bytes of metadata, which is no trade-off."""
     fitted = [r for r in rows if r.status == "ok"]
 
+    def scores(row: Row) -> tuple[float, float, int]:  # each: lower is better
+        return (-row.val_f1_macro_int8, row.latency_ms_b1, round(row.int8_bytes / 1000))
+
     def dominates(a: Row, b: Row) -> bool:
-        at_least = (
-            a.val_f1_macro_int8 >= b.val_f1_macro_int8
-            and a.latency_ms_b1 <= b.latency_ms_b1
-            and a.int8_bytes <= b.int8_bytes
-        )
-        better = (
-            a.val_f1_macro_int8 > b.val_f1_macro_int8
-            or a.latency_ms_b1 < b.latency_ms_b1
-            or a.int8_bytes < b.int8_bytes
-        )
-        return at_least and better
+        pairs = list(zip(scores(a), scores(b), strict=True))
+        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
 
     for row in fitted:
         row.on_front = not any(dominates(other, row) for other in fitted if other is not row)

@@ -17,6 +17,7 @@ ROWS = {  # name: (val macro-F1 int8, latency ms b1, int8 bytes)
     "b": (0.85, 0.5, 100_000),
     "c": (0.80, 0.6, 120_000),  # dominated by b: worse, slower, larger
     "d": (0.95, 3.0, 900_000),
+    "e": (0.90, 1.1, 199_998),  # a's network quantized otherwise: 2 bytes smaller, no better
 }
 
 
@@ -58,10 +59,10 @@ def test_the_grid_is_fixed_and_each_candidate_is_a_valid_distill_section() -> No
 def test_the_front_keeps_only_the_undominated_and_the_winner_is_the_best_within_budget() -> None:
     made = rows()
     t.mark_front(made)
-    assert {n for n, r in by_name(made).items() if r.on_front} == {"a", "b", "d"}
+    assert {n for n, r in by_name(made).items() if r.on_front} == {"a", "b", "d"}  # e: same KB
     budget = t.Budget(max_bytes=500_000, max_latency_ms_b1=2.0, latency_from="test")
     assert t.choose(made, budget).candidate == "a"  # d scores more but is over both limits
-    assert {n for n, r in by_name(made).items() if r.within_budget} == {"a", "b", "c"}
+    assert {n for n, r in by_name(made).items() if r.within_budget} == {"a", "b", "c", "e"}
     assert [r.candidate for r in made if r.winner] == ["a"]
 
     tight = rows()
@@ -118,9 +119,9 @@ def test_the_csv_and_the_plot_are_written(tmp_path) -> None:
     budget = t.Budget(500_000, 2.0, "test")
     t.choose(made, budget)
     written = list(csv.DictReader(t.write_csv(tmp_path / "pareto.csv", made).open()))
-    assert [r["candidate"] for r in written] == ["a", "b", "c", "d", "mobilenet-w32"]
-    assert written[0]["winner"] == "True" and written[4]["status"] == "pruned"
-    assert written[4]["val_f1_macro_int8"] == ""  # never measured, not a zero
+    assert [r["candidate"] for r in written] == ["a", "b", "c", "d", "e", "mobilenet-w32"]
+    assert written[0]["winner"] == "True" and written[5]["status"] == "pruned"
+    assert written[5]["val_f1_macro_int8"] == ""  # never measured, not a zero
     png = t.plot_front(tmp_path / "pareto.png", made, budget, "test")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
