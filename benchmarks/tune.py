@@ -3,6 +3,7 @@ against the default student's at the same budget.
 
     python benchmarks/tune.py --dataset NAME [--trials 12] [--max-kb K] [--max-latency-ms L]
     python benchmarks/tune.py --repo PATH --smoke  # a checkout where dvc repro has run
+    python benchmarks/tune.py --replot benchmarks/results/tune_NAME_cpu.json  # the front again
 
 With ``--dataset`` (one of ``benchmarks/suite.py``'s), runs the whole pipeline once in a
 fresh copy on the committed defaults (``benchmarks/pipeline.py``): the default student
@@ -27,7 +28,9 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe_machine, result_name, results_dir, write_result  # noqa: E402
 from benchmarks.pipeline import dvc, stages_ran  # noqa: E402
 from benchmarks.suite import copy_arguments, pipeline_copy, student_row  # noqa: E402
+from tasks import tuning  # noqa: E402
 
 
 def run_tune(repo: Path, env: dict[str, str], args: list[str]) -> tuple[float, str]:
@@ -69,14 +73,55 @@ def front_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def replot(result_file: Path) -> None:
+    """A result's front again, by the current rules of ``tasks/tuning.py``: the table and the
+    figure beside the result file, from its rows (nothing is rerun)."""
+    result = json.loads(result_file.read_text())
+    rows = [tuning.Row(**_typed(row)) for row in result["pareto"]]
+    budget = tuning.Budget(**result["tune"]["budget"])
+    tuning.mark_front(rows)
+    tuning.choose(rows, budget)
+    fitted = sum(row.status == "ok" for row in rows)
+    figure = result_file.with_suffix(".png")
+    tuning.plot_front(figure, rows, budget, f"visionpipe tune: {fitted} int8 students")
+    print(front_table([{k: str(v) for k, v in asdict(row).items()} for row in rows]))
+    print(f"wrote {figure}")
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    """A pareto.csv row (all text) as ``tasks.tuning.Row``'s fields."""
+    counts = ("trunk_blocks", "width", "input_size", "params", "int8_bytes")
+    measures = ("latency_ms_b1", "latency_ms_b64", "val_f1_macro_fp32", "val_f1_macro_int8",
+                "fit_seconds")  # fmt: skip
+    numbers = {key: int for key in counts} | {key: float for key in measures}
+    typed: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in numbers:
+            typed[key] = numbers[key](value) if value != "" else None
+        elif key in ("within_budget", "on_front", "winner"):
+            typed[key] = value == "True"
+        else:
+            typed[key] = value
+    return typed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if "--replot" in sys.argv:
+        replot_parser = argparse.ArgumentParser()
+        replot_parser.add_argument("--replot", type=Path, required=True)
+        replot(replot_parser.parse_args().replot)
+        return
     copy_arguments(parser)
     parser.add_argument("--trials", type=int, default=12, help="visionpipe tune --trials (12)")
     parser.add_argument("--max-kb", type=float, help="visionpipe tune --max-kb")
     parser.add_argument("--max-latency-ms", type=float, help="visionpipe tune --max-latency-ms")
     parser.add_argument("--out", help="result file name (default tune_<name>_<device>.json)")
     parser.add_argument("--families", nargs="+", help="visionpipe tune --families (all)")
+    parser.add_argument(
+        "--replot", type=Path, metavar="RESULT",
+        help="redraw a result's front (table and .png) by the current rules",
+    )  # fmt: skip
     parser.add_argument(
         "--smoke",
         action="store_true",
