@@ -63,15 +63,20 @@ SMOKE: dict[str, Any] = {
 }
 
 
-def dvc(repo: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
+def timed(repo: Path, env: dict[str, str], module: str, *args: str) -> tuple[float, str]:
+    """``python -m module args`` in ``repo``: its seconds and output; a failure ends the run."""
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
+        [sys.executable, "-m", module, *args], cwd=repo, env=env, capture_output=True, text=True
     )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        raise SystemExit(f"{module} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return seconds, result.stdout + result.stderr
+
+
+def dvc(repo: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
+    return timed(repo, env, "dvc", *args)
 
 
 def stages_ran(output: str) -> list[str]:

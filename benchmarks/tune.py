@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,20 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe_machine, result_name, results_dir, write_result  # noqa: E402
-from benchmarks.pipeline import dvc, stages_ran  # noqa: E402
+from benchmarks.pipeline import dvc, stages_ran, timed  # noqa: E402
 from benchmarks.suite import copy_arguments, pipeline_copy, student_row  # noqa: E402
 from tasks import tuning  # noqa: E402
-
-
-def run_tune(repo: Path, env: dict[str, str], args: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "tune", *args],
-        cwd=repo, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise SystemExit(f"visionpipe tune failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started, done.stdout + done.stderr
 
 
 def front_table(rows: list[dict[str, str]]) -> str:
@@ -142,7 +129,7 @@ def main() -> None:
     with pipeline_copy(args.dataset, args.repo, args.smoke, {}) as copy:
         default = student_row(copy.repo)
         print(f"visionpipe tune {' '.join(tune_args)} ...", flush=True)
-        tune_seconds, printed = run_tune(copy.repo, copy.env, tune_args)
+        tune_seconds, printed = timed(copy.repo, copy.env, "flows.cli", "tune", *tune_args)
         print(printed[-1500:], flush=True)
         summary = json.loads((copy.repo / "reports/tune/tune.json").read_text())
         with (copy.repo / "reports/tune/pareto.csv").open() as handle:

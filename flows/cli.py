@@ -272,10 +272,7 @@ def _tune(args: argparse.Namespace) -> int:
             max_kb=args.max_kb, max_latency_ms=args.max_latency_ms, trials=args.trials,
             families=tuple(args.families), out_dir=args.out, queue=not args.no_queue,
         )  # fmt: skip
-    except BudgetError as exc:
-        print(f"visionpipe tune: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (BudgetError, FileNotFoundError) as exc:  # nothing fits; no pipeline to tune
         print(f"visionpipe tune: {exc}", file=sys.stderr)
         return 2
     winner = summary["winner"]
@@ -299,7 +296,7 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kilobytes(text: str) -> float:
+def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be above 0")
@@ -402,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         "within the budget as a DVC experiment. Run after dvc repro. An interrupted search "
         "resumes. Exit status: 0 done, 1 the winner could not be queued, 2 nothing fits.",
     )
-    tune.add_argument("--max-kb", type=_kilobytes, help="largest int8 ONNX file, KB of 1000 "
+    tune.add_argument("--max-kb", type=_positive_float, help="largest int8 ONNX file, KB of 1000 "
                       "bytes (default: evaluate.student_budget.max_int8_bytes)")  # fmt: skip
     tune.add_argument(
-        "--max-latency-ms", type=_kilobytes,
+        "--max-latency-ms", type=_positive_float,
         help="slowest single-image latency on this machine with evaluate.num_threads threads "
         "(default: evaluate.student_budget.max_latency_ratio_b1 x the teacher's, timed alongside)",
     )  # fmt: skip

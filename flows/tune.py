@@ -68,6 +68,7 @@ from tasks.serving.predict import file_md5
 from tasks.training import distill as d
 from tasks.training.inputs import TrainingData, load_training_data, network_for
 from tasks.training.outputs import write_model
+from tasks.training.resume import fingerprint
 
 OUT_DIR = Path("reports/tune")
 PRECHECK_CALIBRATION = 64  # train images calibrating an untrained network's int8 export
@@ -197,10 +198,11 @@ def fit_candidate(
                     fit_seconds=round(seconds, 1),
                 )
             )
-            mlflow.log_metrics({f"{method}.val_f1_macro_int8": check.val_f1_macro_int8,
-                                f"{method}.int8_bytes": path.stat().st_size})  # fmt: skip
-        mlflow.log_metrics({"val_f1_macro_fp32": rows[0].val_f1_macro_fp32,
-                            "fit_seconds": seconds})  # fmt: skip
+        mlflow.log_metrics(
+            {"val_f1_macro_fp32": rows[0].val_f1_macro_fp32, "fit_seconds": seconds}
+            | {f"{row.method}.val_f1_macro_int8": row.val_f1_macro_int8 for row in rows}
+            | {f"{row.method}.int8_bytes": row.int8_bytes for row in rows}
+        )
     write_json(folder / "record.json", {"rows": [asdict(row) for row in rows], "run_id": run_id})
     return rows
 
@@ -440,8 +442,6 @@ def tracking_key(
     quantize: QuantizeParams,
 ) -> str:
     """What a candidate's record depends on: the teacher, the data and the params."""
-    from tasks.training.resume import fingerprint
-
     return fingerprint(
         file_md5(TEACHER), data.describe(), run_parameters(seed, distill, augment),
         quantize.model_dump(mode="json"),

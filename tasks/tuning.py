@@ -20,7 +20,6 @@ and every fitted student is quantized both ways, PTQ and QAT, each a row of the 
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,8 +293,4 @@ def set_args(row: Row) -> list[str]:
 
 
 def _yaml(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
-    return str(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
