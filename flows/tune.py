@@ -144,10 +144,10 @@ def fit_candidate(
     params: tuple[int, DistillParams, AugmentParams, QuantizeParams],
     folder: Path,
     parent: tuple[str, str],
-) -> list[t.Row]:
+) -> tuple[list[t.Row], str]:
     """Distil the candidate from the teacher (an MLflow child run of ``parent``, its experiment
-    and run ids), quantize it with PTQ and with QAT, and score each on val. Its rows are saved,
-    so a resumed search skips it."""
+    and run ids), quantize it with PTQ and with QAT, and score each on val: its rows and its
+    run's id, saved, so a resumed search skips it."""
     seed, distill, augment, quantize = params
     logger = get_run_logger()
     student = candidate_params(distill, candidate)
@@ -204,7 +204,7 @@ def fit_candidate(
             | {f"{row.method}.int8_bytes": row.int8_bytes for row in rows}
         )
     write_json(folder / "record.json", {"rows": [asdict(row) for row in rows], "run_id": run_id})
-    return rows
+    return rows, run_id
 
 
 def size_and_speed(
@@ -228,11 +228,13 @@ def size_and_speed(
     return teacher_b1.latency_ms_b1, sized
 
 
-def _saved_rows(folder: Path) -> list[t.Row] | None:
+def _saved(folder: Path) -> tuple[list[t.Row], str] | None:
+    """What ``fit_candidate`` returned for this candidate in an earlier run, if it finished."""
     record = folder / "record.json"
     if not record.exists():
         return None
-    return [t.Row(**row) for row in json.loads(record.read_text())["rows"]]
+    saved = json.loads(record.read_text())
+    return [t.Row(**row) for row in saved["rows"]], saved["run_id"]
 
 
 def _failed(candidate: t.Candidate, exc: BaseException) -> t.Row:
@@ -336,17 +338,18 @@ def tune_flow(
     with tracking.start_run(mlflow_params.experiment, "tune", stage="tune", variant="search",
                             params=parent_params) as parent:  # fmt: skip
         # 2. fit the chosen ones (a resumed search skips those already recorded)
+        run_ids: dict[str, str] = {}  # each fit's MLflow child run
         for number, candidate in enumerate(chosen, 1):
             folder = folders[candidate.name]
-            saved = _saved_rows(folder)
+            saved = _saved(folder)
             if saved is not None:
                 logger.info("tune: %s (%d/%d) recorded by an earlier run", candidate.name,
                             number, len(chosen))  # fmt: skip
-                rows[candidate.name] = saved
+                rows[candidate.name], run_ids[candidate.name] = saved
                 continue
             logger.info("tune: fitting %s (%d/%d)", candidate.name, number, len(chosen))
             try:
-                rows[candidate.name] = fit_candidate(
+                rows[candidate.name], run_ids[candidate.name] = fit_candidate(
                     candidate, data, teacher, (seed, distill, augment, quantize), folder,
                     (parent.info.experiment_id, parent.info.run_id),
                 )  # fmt: skip
@@ -393,7 +396,7 @@ def tune_flow(
         json_path = write_json(out_dir / "tune.json", summary)
         numbers = {"search_seconds": seconds, "candidates": len(fitted)}
         tracking.log_results(parent.info.run_id, numbers, [csv_path, png_path, json_path])
-        _log_children(parent.info.run_id, flat)
+        _log_children(run_ids, flat)
     if winner is None:
         raise t.BudgetError(t.impossible_budget(flat, budget))
     return summary
@@ -415,23 +418,18 @@ def make_budget(
     )
 
 
-def _log_children(parent_id: str, rows: list[t.Row]) -> None:
-    """Each fitted candidate's final latency and verdicts, on its own child run."""
-    client = mlflow.MlflowClient()
-    children = client.search_runs(
-        [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-    )
-    by_name = {run.data.tags.get("candidate"): run.info.run_id for run in children}
+def _log_children(run_ids: dict[str, str], rows: list[t.Row]) -> None:
+    """Each fitted candidate's final latency and verdicts, on the child run of its fit (that of
+    an earlier search, for a candidate a resumed search read back)."""
     for row in rows:
-        run_id = by_name.get(row.candidate)
-        if run_id is None or row.status != "ok":
+        if row.status != "ok":
             continue
         values = {
             "latency_ms_b1": row.latency_ms_b1, "latency_ms_b64": row.latency_ms_b64,
             "within_budget": row.within_budget, "on_front": row.on_front, "winner": row.winner,
         }  # fmt: skip
-        tracking.log_results(run_id, {f"{row.method}.{k}": v for k, v in values.items()}, [])
+        metrics = {f"{row.method}.{k}": v for k, v in values.items()}
+        tracking.log_results(run_ids[row.candidate], metrics, [])
 
 
 def tracking_key(
